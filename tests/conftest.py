@@ -1,0 +1,39 @@
+"""Shared fixtures. Nothing here reaches the network: the hub is put offline first."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported anywhere
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REQUIRE_SHARED = os.environ.get("VIT_RERANK_REQUIRE_SHARED") == "1"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``: skipped in a user's clone, a failure in CI (``.ci/run``)."""
+    if not SHARED_DATA.is_dir():
+        if REQUIRE_SHARED:
+            pytest.fail(f"{SHARED_DATA} is missing, and VIT_RERANK_REQUIRE_SHARED=1 forbids skipping")
+        pytest.skip("../shared/data is not present in this checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_vit_kwargs() -> dict:
+    """A 14x14-patch random ViT that runs in milliseconds: 112 px input, 8 px patches."""
+    return dict(img_size=112, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+
+
+def tiny_swin_kwargs() -> dict:
+    return dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))

@@ -1,0 +1,144 @@
+"""The batched Sinkhorn solver against POT and against the definition of partial transport."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from helpers import patch_problem
+from reranker.ot import sinkhorn
+
+
+def pot_reference_sigma(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> np.ndarray:
+    """sigma from POT's batched log-domain Sinkhorn, run to a tight tolerance in float64."""
+    K = S.shape[0]
+    M = (1.0 - S).double()
+    res = ot.solve_batch(M, reg=eps, a=a.expand(K, -1).double(), b=b.double(),
+                         max_iter=5000, tol=1e-7, method="log_sinkhorn")
+    assert res.log["n_iter"] < 4999, "the reference did not converge"
+    return (res.plan * S.double()).sum(dim=(1, 2)).numpy()
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_sigma_matches_pot_solve_batch(eps):
+    S, a, b = patch_problem(1, 20)
+    ours = sinkhorn(S, a, b, eps=eps, tol=1e-6, max_iter=5000)
+    ref = pot_reference_sigma(S[0], a[0], b[0], eps)
+    assert np.abs(ours.sigma[0].double().numpy() - ref).max() <= 1e-5
+
+
+def test_plan_meets_both_marginals():
+    S, a, b = patch_problem(2, 10)
+    res = sinkhorn(S, a, b, tol=1e-6, max_iter=5000)
+    torch.testing.assert_close(res.plan.sum(-1), a.expand(2, 10, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.plan.sum(-2), b, atol=1e-5, rtol=0)
+    assert float(res.marginal_error.max()) < 1e-6
+    direct_sigma = (res.plan * S).sum((-2, -1))
+    torch.testing.assert_close(res.sigma, direct_sigma, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("s", [0.3, 0.7, 0.9])
+def test_partial_transports_exactly_s(s):
+    S, a, b = patch_problem(1, 16)
+    res = sinkhorn(S, a, b, s=s, tol=1e-5, max_iter=5000)
+    assert torch.allclose(res.transported_mass, torch.full_like(res.transported_mass, s), atol=1e-3)
+    # Real points never send or receive more than their mass.
+    assert bool((res.plan.sum(-1) <= a + 1e-5).all()) and bool((res.plan.sum(-2) <= b + 1e-5).all())
+
+
+def test_partial_matches_pot_exact_partial_at_small_eps():
+    S, a, b = patch_problem(1, 4, n=12, m=12, spread=1.0, seed=3)
+    s = 0.6
+    res = sinkhorn(S, a, b, s=s, eps=0.002, tol=1e-7, max_iter=50000, check_every=50)
+    for k in range(4):
+        M = (1.0 - S[0, k]).double().numpy()
+        exact = ot.partial.partial_wasserstein(a[0, 0].double().numpy(), b[0, k].double().numpy(), M, m=s)
+        plan = res.plan[0, k].double().numpy()
+        assert abs(plan.sum() - exact.sum()) < 1e-3
+        assert abs((plan * M).sum() - (exact * M).sum()) < 5e-3
+        assert np.abs(plan - exact).sum() < 0.05
+
+
+def test_s_one_is_plain_ot_and_the_limit_of_partial():
+    S, a, b = patch_problem(1, 8)
+    plain = sinkhorn(S, a, b, s=1.0, tol=1e-6, max_iter=5000)
+    near = sinkhorn(S, a, b, s=1.0 - 1e-6, tol=1e-6, max_iter=5000)
+    ref = pot_reference_sigma(S[0], a[0], b[0], 0.05)
+    assert np.abs(plain.sigma[0].double().numpy() - ref).max() <= 1e-5
+    torch.testing.assert_close(near.sigma, plain.sigma, atol=1e-4, rtol=0)
+
+
+def test_scores_do_not_depend_on_candidate_order():
+    S, a, b = patch_problem(1, 12)
+    perm = torch.randperm(12)
+    base = sinkhorn(S, a, b, s=0.9)
+    shuffled = sinkhorn(S[:, perm], a, b[:, perm], s=0.9)
+    torch.testing.assert_close(shuffled.sigma, base.sigma[:, perm], atol=1e-6, rtol=0)
+
+
+def test_log_domain_agrees_with_plain_domain():
+    S, a, b = patch_problem(2, 6)
+    for s in (1.0, 0.8):
+        plain = sinkhorn(S, a, b, s=s, tol=1e-6, max_iter=5000, log_domain=False)
+        logd = sinkhorn(S, a, b, s=s, tol=1e-6, max_iter=5000, log_domain=True)
+        torch.testing.assert_close(plain.sigma, logd.sigma, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain.plan, logd.plan, atol=1e-5, rtol=0)
+
+
+def test_small_eps_switches_to_log_domain_and_stays_finite():
+    S, a, b = patch_problem(1, 4)
+    res = sinkhorn(S, a, b, eps=0.005, max_iter=2000)
+    assert torch.isfinite(res.plan).all() and torch.isfinite(res.sigma).all()
+    assert torch.allclose(res.transported_mass, torch.ones(1, 4), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_iterate_in_fp32(dtype):
+    S, a, b = patch_problem(1, 8)
+    full = sinkhorn(S, a, b, tol=1e-5, max_iter=2000)
+    half = sinkhorn(S.to(dtype), a.to(dtype), b.to(dtype), tol=1e-5, max_iter=2000)
+    assert half.sigma.dtype == torch.float32
+    tol = 5e-3 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(half.sigma, full.sigma, atol=tol, rtol=0)
+
+
+def test_broadcast_batch_shapes():
+    S, a, b = patch_problem(3, 5)
+    res = sinkhorn(S, a, b)
+    assert res.plan.shape == (3, 5, 49, 49) and res.sigma.shape == (3, 5)
+    single = sinkhorn(S[1, 2], a[1, 0], b[1, 2])
+    assert single.sigma.shape == ()
+    torch.testing.assert_close(single.sigma, res.sigma[1, 2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(s=0.0), "s "),
+        (dict(s=1.5), "s "),
+        (dict(s=float("nan")), "s "),
+        (dict(eps=0.0), "eps"),
+        (dict(eps=-1.0), "eps"),
+        (dict(max_iter=0), "max_iter"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, message):
+    S, a, b = patch_problem(1, 2)
+    with pytest.raises(ValueError, match=message):
+        sinkhorn(S, a, b, **kwargs)
+
+
+def test_invalid_inputs_raise():
+    S, a, b = patch_problem(1, 2)
+    with pytest.raises(ValueError, match="marginals do not match"):
+        sinkhorn(S, a[..., :10], b)
+    bad = S.clone()
+    bad[0, 1, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sinkhorn(bad, a, b)
+    with pytest.raises(ValueError, match="non-negative"):
+        sinkhorn(S, -a, b)
+    with pytest.raises(ValueError, match="shape"):
+        sinkhorn(torch.ones(3), a, b)
