@@ -1,0 +1,196 @@
+"""Hugging Face CvT (``microsoft/cvt-13``): the normed stage-3 CLS token is global; stage-3 tokens are the grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from timm.data import create_transform
+from torch import nn
+
+from .base import DEFAULT_GRID, Backbone, pool_tokens
+
+INSTALL_HINT = "pip install 'vit-rerank[cvt]'"
+
+#: CvT-13's published preprocessing (microsoft/cvt-13 preprocessor_config.json), used when it cannot be read.
+CVT_PREPROCESSING: dict[str, Any] = {
+    "size": 224,
+    "crop_pct": 0.875,
+    "resample": 3,  # PIL bicubic
+    "image_mean": (0.485, 0.456, 0.406),
+    "image_std": (0.229, 0.224, 0.225),
+}
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def cvt_data_config(preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm ``create_transform`` arguments equivalent to HF's CvT (ConvNext) image processor."""
+    cfg = {**CVT_PREPROCESSING, **(preprocessing or {})}
+    size = cfg["size"]
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size["height"]
+    size = int(size)
+    if size < 384:  # HF: resize the short side to size / crop_pct, then centre-crop size x size
+        crop = dict(crop_pct=float(cfg["crop_pct"] or CVT_PREPROCESSING["crop_pct"]), crop_mode="center")
+    else:  # HF: warp straight to size x size
+        crop = dict(crop_pct=1.0, crop_mode="squash")
+    return dict(
+        input_size=(3, size, size),
+        interpolation=_RESAMPLE.get(cfg["resample"], "bicubic"),
+        mean=tuple(cfg["image_mean"]),
+        std=tuple(cfg["image_std"]),
+        **crop,
+    )
+
+
+class HfCvt(Backbone):
+    """A ``CvtForImageClassification`` minus its head: the final LayerNorm of the stage-3 CLS token
+    is global; the stage-3 tokens (14 x 14 at 224), through the same LayerNorm, pool to G x G."""
+
+    supports_rollout = False  # convolutional projections, no global rollout here
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        weights_id: str,
+        grid: int = DEFAULT_GRID,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, weights_id, grid)
+        self.model = model.eval()
+        self._data_config = cvt_data_config(preprocessing)
+        self._transform = create_transform(**self._data_config, is_training=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.embed_dim[-1])
+
+    @property
+    def transform(self) -> Callable:
+        return self._transform
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self._data_config["input_size"])
+
+    def _features(self, images, with_attention):
+        out = self.model.cvt(images, return_dict=True)
+        _, _, h, w = out.last_hidden_state.shape  # (B, C, h, w)
+        norm = self.model.layernorm
+        tokens = norm(out.last_hidden_state.flatten(2).transpose(1, 2))  # (B, h*w, C)
+        if out.cls_token_value is not None:
+            global_vec, num_prefix = norm(out.cls_token_value)[:, 0], 1
+        else:  # no stage-3 CLS token: mean of the normed tokens, as HF's classifier does
+            global_vec, num_prefix = tokens.mean(dim=1), 0
+        return global_vec, pool_tokens(tokens, (h, w), self.grid), None, (h, w), num_prefix
+
+
+def _check_keys(missing: Any, unexpected: Any, source: str) -> None:
+    """Raise ValueError unless every backbone weight (head and BatchNorm counters aside) was loaded."""
+    missing = sorted(k for k in missing if not k.startswith("classifier.") and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in unexpected if not k.startswith("classifier."))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source!r} does not match the CvT model: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}. Expected a Hugging Face "
+            "CvtForImageClassification checkpoint ('cvt.encoder.*' and the final 'layernorm.*') "
+            "whose sizes match the config (pass model_kwargs for a non-CvT-13 state dict)."
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _hub_preprocessing(repo: str) -> dict[str, Any] | None:
+    """The repository's ``preprocessor_config.json`` (downloaded or cached), or None."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _read_json(Path(hf_hub_download(repo, "preprocessor_config.json")))
+    except Exception:  # offline, not cached, no such file: fall back to the CvT-13 defaults
+        return None
+
+
+def _load_state_dict_file(model: nn.Module, path: Path) -> None:
+    """Load a single ``.safetensors`` / ``.bin`` / ``.pth`` state dict into ``model``, strictly."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch, pickle and safetensors raise different types
+        raise ValueError(f"could not read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
+    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    expected = model.state_dict()
+    _check_keys(expected.keys() - state.keys(), state.keys() - expected.keys(), str(path))
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise ValueError(f"{str(path)!r} does not fit the CvT config: {err}") from err
+
+
+def create_hf_cvt(
+    name: str = "microsoft/cvt-13",
+    weights: str = "pretrained",
+    *,
+    grid: int = DEFAULT_GRID,
+    model_kwargs: dict[str, Any] | None = None,
+) -> HfCvt:
+    """Create a CvT backbone in eval mode on the CPU.
+
+    Args:
+        name: Hugging Face repository id, e.g. ``microsoft/cvt-13``.
+        weights: ``"pretrained"`` (hub or local cache), a directory written by ``save_pretrained``,
+            a single state-dict file (``.safetensors``/``.bin``/``.pth``) for the ``CvtConfig(**model_kwargs)``
+            model (CvT-13 by default), or ``"random"``.
+        grid: side ``G`` of the patch grid.
+        model_kwargs: ``CvtConfig`` fields (overrides for ``from_pretrained``).
+
+    Raises:
+        ImportError: transformers is not installed.
+        FileNotFoundError: a weights path that does not exist.
+        ValueError: a local checkpoint that does not match the model.
+        WeightsUnavailableError: pretrained weights cannot be downloaded or found.
+    """
+    from .factory import _check_weights_arg, _unavailable, weights_identity
+
+    try:
+        from transformers import CvtConfig, CvtForImageClassification
+    except ImportError as err:
+        raise ImportError(f"{name} needs Hugging Face transformers: {INSTALL_HINT}") from err
+    _check_weights_arg(weights, allow_dir=True)
+    kwargs = dict(model_kwargs or {})
+    preprocessing = None
+    if weights == "random":
+        model = CvtForImageClassification(CvtConfig(**kwargs))
+    elif weights == "pretrained" or Path(weights).is_dir():
+        source = name if weights == "pretrained" else weights
+        try:
+            model, info = CvtForImageClassification.from_pretrained(source, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            if weights == "pretrained":
+                raise _unavailable(name, err) from err
+            raise ValueError(f"could not load the CvT model saved in {weights!r}: {err}") from err
+        _check_keys(info["missing_keys"], info["unexpected_keys"], source)
+        if weights == "pretrained":
+            preprocessing = _hub_preprocessing(name)
+        else:
+            preprocessing = _read_json(Path(weights) / "preprocessor_config.json")
+    else:
+        model = CvtForImageClassification(CvtConfig(**kwargs))
+        _load_state_dict_file(model, Path(weights))
+    return HfCvt(model, name, weights_identity(weights), grid, preprocessing)

@@ -1,0 +1,117 @@
+"""timm backbones: plain ViTs (DeiT, DINO, ViT-S/B ...) and Swin transformers."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import timm
+import torch
+from timm.data import create_transform, resolve_model_data_config
+from torch import nn
+
+from .base import DEFAULT_GRID, Backbone, pool_tokens
+
+
+class TimmBackbone(Backbone):
+    """Common part of the timm wrappers: the model, its preprocessing and its width."""
+
+    def __init__(self, model: nn.Module, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
+        super().__init__(name, weights_id, grid)
+        self.model = model.eval()
+        self._transform = create_transform(**resolve_model_data_config(model), is_training=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def transform(self) -> Callable:
+        return self._transform
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(resolve_model_data_config(self.model)["input_size"])
+
+
+class TimmViT(TimmBackbone):
+    """A plain timm ViT: the CLS token (or the model's own pooling) is global; patch tokens pool to G x G."""
+
+    supports_rollout = True
+
+    def _attention_modules(self) -> list[nn.Module]:
+        return [blk.attn for blk in self.model.blocks]
+
+    @contextmanager
+    def _capture_attention(self) -> Iterator[list[torch.Tensor]]:
+        """Record each block's post-softmax attention, for this model only.
+
+        Fused attention never materialises the matrix, so it is switched off on this
+        model's attention modules for the duration and restored after; other models
+        and timm's global setting are untouched.
+        """
+        captured: list[torch.Tensor] = []
+        modules = self._attention_modules()
+        for m in modules:
+            if not hasattr(m, "fused_attn") or not hasattr(m, "attn_drop"):
+                raise ValueError(f"{self.name}: attention module {type(m).__name__} cannot be captured")
+        saved = [m.fused_attn for m in modules]
+        hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out)) for m in modules]
+        try:
+            for m in modules:
+                m.fused_attn = False
+            yield captured
+        finally:
+            for m, fused in zip(modules, saved):
+                m.fused_attn = fused
+            for h in hooks:
+                h.remove()
+
+    def _features(self, images, with_attention):
+        model = self.model
+        token_grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+        num_prefix = int(model.num_prefix_tokens)
+        if with_attention:
+            with self._capture_attention() as captured:
+                tokens = model.forward_features(images)
+            attentions = tuple(captured)
+        else:
+            tokens = model.forward_features(images)
+            attentions = None
+        global_vec = model.forward_head(tokens, pre_logits=True)
+        patches = pool_tokens(tokens[:, num_prefix:], token_grid, self.grid)
+        return global_vec, patches, attentions, token_grid, num_prefix
+
+
+class TimmSwin(TimmBackbone):
+    """A timm Swin transformer: average-pooled final tokens are global; the final 7x7 tokens are the grid."""
+
+    supports_rollout = False  # windowed attention has no global rollout
+
+    def _features(self, images, with_attention):
+        tokens = self.model.forward_features(images)  # (B, h, w, C), after the final norm
+        B, h, w, C = tokens.shape
+        global_vec = self.model.forward_head(tokens, pre_logits=True)
+        patches = pool_tokens(tokens.reshape(B, h * w, C), (h, w), self.grid)
+        return global_vec, patches, None, (h, w), 0
+
+
+def is_plain_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def is_swin(model: nn.Module) -> bool:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
+def create_timm_model(name: str, pretrained: bool, weights_file: str | None, **kwargs) -> nn.Module:
+    """Create a timm model, optionally with weights from a local file (original checkpoints too)."""
+    if weights_file is not None:
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=weights_file), **kwargs
+        )
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
