@@ -1,0 +1,64 @@
+"""Patch weights (the OT marginals): rollout, cross-correlation and uniform."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .backbones.base import BackboneOutput
+from .rollout import HeadFusion, attention_rollout, cls_attention_rollout
+
+Marginals = Literal["rollout", "crosscorr", "uniform"]
+PerImageWeights = Literal["rollout", "cls_rollout", "uniform"]
+MARGINALS: tuple[str, ...] = ("rollout", "crosscorr", "uniform")
+
+_DIML_EPS = 1e-5
+
+
+def uniform_weights(batch_shape: tuple[int, ...], num_patches: int, device=None) -> torch.Tensor:
+    """``1 / G^2`` for every patch."""
+    return torch.full((*batch_shape, num_patches), 1.0 / num_patches, device=device)
+
+
+def image_patch_weights(
+    output: BackboneOutput,
+    kind: PerImageWeights = "rollout",
+    head_fusion: HeadFusion = "min",
+    discard_ratio: float = 0.1,
+) -> torch.Tensor:
+    """Per-image patch weights ``(B, G*G)`` from a backbone output (stored at index time)."""
+    B, n = output.patch_features.shape[:2]
+    if kind == "uniform":
+        return uniform_weights((B,), n, output.patch_features.device)
+    if kind not in ("rollout", "cls_rollout"):
+        raise ValueError(f"unknown patch weights {kind!r}: use rollout, cls_rollout or uniform")
+    if output.attentions is None:
+        raise ValueError(f"{kind} weights need the attention: embed with with_attention=True")
+    fn = attention_rollout if kind == "rollout" else cls_attention_rollout
+    return fn(
+        output.attentions,
+        output.token_grid,
+        output.num_prefix_tokens,
+        grid=output.grid,
+        head_fusion=head_fusion,
+        discard_ratio=discard_ratio,
+    )
+
+
+def cross_correlation_weights(
+    query_global: torch.Tensor,
+    query_patches: torch.Tensor,
+    cand_global: torch.Tensor,
+    cand_patches: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIML's pair-wise weights for queries ``(Q, D), (Q, n, D)`` and candidates ``(Q, K, D), (Q, K, m, D)``.
+
+    ``mu_x[i] ~ relu(g_q . f_x[i])`` and ``mu_q[j] ~ relu(f_q[j] . g_x)``, each divided by
+    its sum + 1e-5. Returns ``(mu_q (Q, K, n), mu_x (Q, K, m))``.
+    """
+    mu_x = torch.relu(torch.einsum("qd,qkmd->qkm", query_global, cand_patches))
+    mu_q = torch.relu(torch.einsum("qnd,qkd->qkn", query_patches, cand_global))
+    mu_x = mu_x / (mu_x.sum(-1, keepdim=True) + _DIML_EPS)
+    mu_q = mu_q / (mu_q.sum(-1, keepdim=True) + _DIML_EPS)
+    return mu_q, mu_x

@@ -1,0 +1,182 @@
+"""Structural reranking: reorder global-retrieval candidates by partial OT over patch grids."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .marginals import MARGINALS, Marginals, cross_correlation_weights, uniform_weights
+from .ot import sinkhorn
+
+
+@dataclass
+class Features:
+    """Features of one or more images, as stored in the index.
+
+    Attributes:
+        global_features: ``(..., D)``, L2-normalised.
+        patch_features: ``(..., G*G, D)``, L2-normalised (any float dtype).
+        patch_weights: ``(..., G*G)`` per-image weights (rollout), or None.
+    """
+
+    global_features: torch.Tensor
+    patch_features: torch.Tensor
+    patch_weights: torch.Tensor | None = None
+
+
+@dataclass
+class RerankResult:
+    """Scores of ``Q`` queries' ``K`` candidates, in the candidates' given order.
+
+    ``order[q]`` lists candidate positions by decreasing final score (ties keep the given order).
+    """
+
+    order: torch.Tensor  # (Q, K) int64
+    global_scores: torch.Tensor  # (Q, K)
+    structural_scores: torch.Tensor  # (Q, K): sigma
+    final_scores: torch.Tensor  # (Q, K): global + lambda * sigma
+    plans: torch.Tensor  # (Q, K, n, m)
+    marginal_error: torch.Tensor  # (Q, K)
+    n_iter: int
+
+
+def _check_finite(name: str, t: torch.Tensor | None) -> None:
+    if t is not None and not torch.isfinite(t.float().sum()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _normalised(weights: torch.Tensor) -> torch.Tensor:
+    """Rescale to unit mass; an all-zero vector becomes uniform."""
+    weights = weights.float()
+    if float(weights.min()) < 0:
+        raise ValueError("patch weights must be non-negative")
+    total = weights.sum(-1, keepdim=True)
+    uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
+    return torch.where(total > 0, weights / total.clamp_min(1e-30), uniform)
+
+
+def _validate(query: Features, cands: Features, global_scores: torch.Tensor | None) -> None:
+    gq, fq = query.global_features, query.patch_features
+    gx, fx = cands.global_features, cands.patch_features
+    if gq.dim() != 2 or fq.dim() != 3:
+        raise ValueError(f"query features must be (Q, D) and (Q, n, D), got {tuple(gq.shape)}, {tuple(fq.shape)}")
+    if gx.dim() != 3 or fx.dim() != 4:
+        raise ValueError(
+            f"candidate features must be (Q, K, D) and (Q, K, m, D), got {tuple(gx.shape)}, {tuple(fx.shape)}"
+        )
+    Q, K = gx.shape[:2]
+    if K == 0:
+        raise ValueError("the candidate list is empty")
+    if gq.shape[0] != Q or fq.shape[0] != Q or fx.shape[:2] != (Q, K):
+        raise ValueError("queries and candidates disagree on the number of queries or candidates")
+    D = gq.shape[-1]
+    if fq.shape[-1] != D or gx.shape[-1] != D or fx.shape[-1] != D:
+        raise ValueError(f"feature dimensions differ: {D}, {fq.shape[-1]}, {gx.shape[-1]}, {fx.shape[-1]}")
+    if global_scores is not None and tuple(global_scores.shape) != (Q, K):
+        raise ValueError(f"global_scores must be ({Q}, {K}), got {tuple(global_scores.shape)}")
+    if query.patch_weights is not None and query.patch_weights.shape != fq.shape[:-1]:
+        raise ValueError(f"query patch weights must be {tuple(fq.shape[:-1])}")
+    if cands.patch_weights is not None and cands.patch_weights.shape != fx.shape[:-1]:
+        raise ValueError(f"candidate patch weights must be {tuple(fx.shape[:-1])}")
+    for name, t in (
+        ("query global features", gq), ("query patch features", fq),
+        ("candidate global features", gx), ("candidate patch features", fx),
+        ("query patch weights", query.patch_weights), ("candidate patch weights", cands.patch_weights),
+        ("global scores", global_scores),
+    ):
+        _check_finite(name, t)
+
+
+def _marginals(query: Features, cands: Features, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    Q, K, m = cands.patch_features.shape[:3]
+    n = query.patch_features.shape[1]
+    device = cands.patch_features.device
+    if kind == "uniform":
+        return uniform_weights((Q, 1), n, device), uniform_weights((Q, K), m, device)
+    if kind == "crosscorr":
+        return cross_correlation_weights(
+            query.global_features.float(), query.patch_features.float(),
+            cands.global_features.float(), cands.patch_features.float(),
+        )
+    if query.patch_weights is None or cands.patch_weights is None:
+        raise ValueError("rollout marginals need the patch weights of the query and of every candidate")
+    return query.patch_weights.unsqueeze(1), cands.patch_weights
+
+
+def rerank_batch(
+    query: Features,
+    candidates: Features,
+    global_scores: torch.Tensor | None = None,
+    *,
+    marginals: Marginals = "rollout",
+    s: float = 1.0,
+    lam: float = 1.0,
+    eps: float = 0.05,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+) -> RerankResult:
+    """Rerank ``K`` candidates for each of ``Q`` queries by ``global + lam * sigma``.
+
+    Args:
+        query: features with shapes ``(Q, D)``, ``(Q, n, D)``, ``(Q, n)``.
+        candidates: features with shapes ``(Q, K, D)``, ``(Q, K, m, D)``, ``(Q, K, m)``.
+        global_scores: ``(Q, K)`` first-stage cosines; computed from the global vectors if None.
+        marginals: ``rollout`` (stored per-image weights), ``crosscorr`` (DIML, per pair) or ``uniform``.
+        s: fraction of mass matched by partial OT, in ``(0, 1]``.
+        lam: weight of the structural score.
+        eps, max_iter, tol: Sinkhorn settings (see :func:`reranker.ot.sinkhorn`).
+    """
+    if marginals not in MARGINALS:
+        raise ValueError(f"marginals must be one of {', '.join(MARGINALS)}, got {marginals!r}")
+    if not (0.0 < s <= 1.0) or math.isnan(s):
+        raise ValueError(f"s must be in (0, 1], got {s}")
+    if not math.isfinite(lam):
+        raise ValueError(f"lambda must be finite, got {lam}")
+    _validate(query, candidates, global_scores)
+
+    gq = query.global_features.float()
+    gx = candidates.global_features.float()
+    if global_scores is None:
+        global_scores = torch.einsum("qd,qkd->qk", gq, gx)
+    global_scores = global_scores.float().to(gx.device)
+    fq = query.patch_features.float().unsqueeze(1)  # (Q, 1, n, D)
+    fx = candidates.patch_features.float()  # (Q, K, m, D)
+    similarity = torch.matmul(fq, fx.transpose(-1, -2))  # (Q, K, n, m)
+    mu_q, mu_x = _marginals(query, candidates, marginals)
+    result = sinkhorn(
+        similarity, _normalised(mu_q), _normalised(mu_x), eps=eps, s=s, max_iter=max_iter, tol=tol
+    )
+    final = global_scores + lam * result.sigma
+    order = torch.sort(final, dim=1, descending=True, stable=True).indices
+    return RerankResult(
+        order=order,
+        global_scores=global_scores,
+        structural_scores=result.sigma,
+        final_scores=final,
+        plans=result.plan,
+        marginal_error=result.marginal_error,
+        n_iter=result.n_iter,
+    )
+
+
+def rerank(
+    query: Features,
+    candidates: Features,
+    global_scores: torch.Tensor | None = None,
+    **kwargs,
+) -> RerankResult:
+    """Rerank one query's candidates: ``(D), (n, D), (n)`` against ``(K, D), (K, m, D), (K, m)``.
+
+    Same keyword arguments as :func:`rerank_batch`; the result keeps a leading query axis of 1.
+    """
+    def add_axis(f: Features) -> Features:
+        w = f.patch_weights
+        return Features(f.global_features.unsqueeze(0), f.patch_features.unsqueeze(0),
+                        None if w is None else w.unsqueeze(0))
+
+    if query.global_features.dim() != 1:
+        raise ValueError("rerank takes one query: global features (D,); use rerank_batch for several")
+    scores = None if global_scores is None else global_scores.unsqueeze(0)
+    return rerank_batch(add_axis(query), add_axis(candidates), scores, **kwargs)
