@@ -14,6 +14,11 @@ Iterations run in fp32 (inputs may be fp16/bf16), in the plain domain by default
 fp32 underflow) and in the log domain when ``eps`` is too small for that. They
 stop when the row-marginal error (L1, per problem) of every problem in the batch
 is below ``tol``, checked every ``check_every`` iterations, or at ``max_iter``.
+
+Defaults: ``tol = 2e-4`` keeps sigma within 1e-4 of the converged value on hard,
+clustered problems (``vit-rerank bench ot`` measures it); the reference code's
+fixed 100 iterations do not reach that on such problems, so the cap is a safety
+net (1000), not the stopping rule.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class OTResult:
         plan: transport plans between the real points, ``(..., n, m)``, fp32.
         sigma: structural similarity ``sum(plan * S)``, ``(...)``, fp32.
         marginal_error: L1 error of the row marginals of the full problem, ``(...)``.
-        n_iter: iterations run (the same for the whole batch).
+        n_iter: the most iterations any problem of the batch took.
     """
 
     plan: torch.Tensor
@@ -84,52 +89,118 @@ def _add_dummy(
     return full, torch.cat([a, mass], dim=1), torch.cat([b, mass], dim=1)
 
 
-def _sinkhorn_plain(K, a, b, s, max_iter, tol, check_every):
-    """Plain-domain Sinkhorn with the dummy points handled in closed form.
+class _PlainState:
+    """Scalings of the problems still iterating (the active set), in the plain domain.
 
-    The full kernel is ``[[K, c], [c, 0]]`` with ``c = 1 - s`` and both dummy masses
-    are ``c``, so the dummy scalings are ``u_d = 1 / sum(v)``, ``v_d = 1 / sum(u)``
-    and the real updates only gain the terms ``c * v_d`` and ``c * u_d``. Vectors are
-    kept as rows ``(B, 1, n)``: ``v K^T`` and ``u K`` are the fast forms of ``bmm``.
-    Returns the real scalings ``u, v`` (as rows), the L1 row error and the iterations.
+    Vectors are rows ``(B, 1, n)``: ``v K^T`` and ``u K`` are the fast forms of ``bmm``.
+    Updates are over-relaxed: ``u <- u * (a / (u * K v))^omega``, which is plain Sinkhorn
+    at ``omega = 1`` and needs about half the iterations at ``omega = 1.5`` (Thibault et
+    al., "Overrelaxed Sinkhorn-Knopp", 2017). Should the error ever grow or stop being
+    finite, the state falls back to plain Sinkhorn, which converges from any positive start.
     """
-    B, n, m = K.shape
-    c = 1.0 - s
-    Kt = K.transpose(1, 2)
-    a = a.unsqueeze(1)
-    b = b.unsqueeze(1)
-    u = torch.ones_like(a)
-    v = torch.ones_like(b)
-    v_d = torch.ones(B, 1, 1, dtype=K.dtype, device=K.device)
-    u_d = v_d
-    Kv = torch.empty_like(a)
-    Ktu = torch.empty_like(b)
-    err = torch.full((B,), math.inf, dtype=K.dtype, device=K.device)
+
+    def __init__(self, K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, omega: float) -> None:
+        self.index = torch.arange(K.shape[0], device=K.device)
+        self.K, self.Kt = K, K.transpose(1, 2).contiguous()
+        self.a, self.b = a.unsqueeze(1), b.unsqueeze(1)
+        self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
+        self.omega = omega
+        self.last_error = math.inf
+        # 0/0 can only arise where a marginal entry is 0; skip the guard when none is.
+        self.has_zero_mass = bool((a == 0).any() or (b == 0).any())
+
+    def _update(self, scaling, marginal, product, omega):
+        if omega == 1.0:
+            return torch.div(marginal, product, out=product)
+        ratio = torch.div(marginal, product.mul_(scaling), out=product)  # mass / current sums
+        if self.has_zero_mass:
+            ratio.nan_to_num_(nan=1.0)  # 0/0 where both the mass and the scaling are 0
+        return ratio.pow_(omega).mul_(scaling)
+
+    def step(self, measure: bool, exact_columns: bool) -> torch.Tensor | None:
+        """One iteration. With ``measure``, first compute the L1 row error of the current
+        scalings from the ``K v`` the iteration needs anyway; it is the whole marginal error
+        because the previous iteration was asked for ``exact_columns`` (a plain v update)."""
+        Kv = torch.bmm(self.v, self.Kt)
+        err = None
+        if measure:
+            err = (self.u * Kv - self.a).abs_().sum(-1).squeeze(-1)
+            if self.omega != 1.0:
+                self._guard(err)
+        self.u = self._update(self.u, self.a, Kv, self.omega)
+        v_omega = 1.0 if exact_columns else self.omega
+        self.v = self._update(self.v, self.b, torch.bmm(self.u, self.K), v_omega)
+        return err
+
+    def _guard(self, err: torch.Tensor) -> None:
+        worst = float(err.max()) if err.numel() else 0.0
+        if not math.isfinite(worst) or worst > self.last_error:
+            self.omega = 1.0
+            if not math.isfinite(worst):
+                self.u, self.v = torch.ones_like(self.u), torch.ones_like(self.v)
+        self.last_error = worst
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Restrict the active set to ``mask``."""
+        for name in ("index", "K", "Kt", "a", "b", "u", "v"):
+            setattr(self, name, getattr(self, name)[mask])
+
+
+def _sinkhorn_plain(K, a, b, max_iter, tol, check_every, omega):
+    """Plain-domain Sinkhorn on ``(B, n, m)``; each problem stops at its own tolerance.
+
+    Problems that have converged are dropped from the batch (once at least a quarter
+    of those still running have), so the hard ones do not make the easy ones iterate.
+    Returns the scalings ``u (B, 1, n)``, ``v (B, 1, m)``, the L1 marginal errors and
+    the largest iteration count.
+    """
+    state = _PlainState(K, a, b, omega)
+    u, v = torch.empty_like(state.u), torch.empty_like(state.v)
+    err = torch.full((K.shape[0],), math.inf, dtype=K.dtype, device=K.device)
+    saved_u, saved_v = state.u, state.v
     it = 0
-    while it < max_iter:
+    while True:
+        measure = it > 0 and (it % check_every == 0 or it == max_iter)
+        if measure:
+            saved_u, saved_v = state.u, state.v
+        next_measures = (it + 1) % check_every == 0 or it + 1 >= max_iter
+        errors = state.step(measure, exact_columns=next_measures)
+        if errors is None:
+            it += 1
+            continue
+        # `errors` belong to (saved_u, saved_v), the scalings after `it` iterations.
+        done = errors < tol
+        n_done = int(done.sum())
+        if n_done == len(done) or it >= max_iter:
+            idx = state.index
+            u[idx], v[idx], err[idx] = saved_u, saved_v, errors
+            return u, v, err, it
+        if n_done * 4 >= len(done):
+            idx = state.index[done]
+            u[idx], v[idx], err[idx] = saved_u[done], saved_v[done], errors[done]
+            state.keep(~done)
         it += 1
-        torch.bmm(v, Kt, out=Kv)
-        if c:
-            Kv.add_(v_d, alpha=c)
-        torch.div(a, Kv, out=u)
-        torch.bmm(u, K, out=Ktu)
-        if c:
-            u_d = 1.0 / v.sum(-1, keepdim=True)
-            Ktu.add_(u_d, alpha=c)
-        torch.div(b, Ktu, out=v)
-        if c:
-            v_d = 1.0 / u.sum(-1, keepdim=True)
-        if it % check_every == 0 or it == max_iter:
-            # Columns are exact after the v update; measure the rows (dummy row included).
-            torch.bmm(v, Kt, out=Kv)
-            if c:
-                Kv.add_(v_d, alpha=c)
-            err = (u * Kv - a).abs().sum(-1).squeeze(-1)
-            if c:
-                err = err + (c * u_d * v.sum(-1, keepdim=True) - c).abs().view(B)
-            if float(err.max()) < tol:
-                break
-    return u, v, err, it
+
+
+def _plain_kernel(S, a, b, eps, s):
+    """Gibbs kernel ``exp((S - 1) / eps)``, with the dummy row and column when ``s < 1``."""
+    if s == 1.0:
+        return torch.sub(S, 1.0).div_(eps).exp_(), a, b
+    B, n, m = S.shape
+    kernel = S.new_full((B, n + 1, m + 1), 1.0 - s)
+    core = kernel[:, :n, :m]
+    torch.sub(S, 1.0, out=core)
+    core.div_(eps).exp_()
+    kernel[:, n, m] = 0.0
+    mass = a.new_full((B, 1), 1.0 - s)
+    return kernel, torch.cat([a, mass], 1), torch.cat([b, mass], 1)
+
+
+def _chunk_size(n: int, m: int, device: torch.device) -> int:
+    """Problems per chunk on the CPU: ~4 MB of kernel, so iterations run in cache."""
+    if device.type != "cpu":
+        return 1 << 62
+    return max(64, (4 << 20) // (4 * n * m))
 
 
 def _sinkhorn_log(logK, a, b, max_iter, tol, check_every):
@@ -160,10 +231,11 @@ def sinkhorn(
     *,
     eps: float = 0.05,
     s: float = 1.0,
-    max_iter: int = 100,
-    tol: float = 1e-5,
+    max_iter: int = 1000,
+    tol: float = 2e-4,
     check_every: int = 5,
     log_domain: bool | None = None,
+    omega: float = 1.5,
 ) -> OTResult:
     """Solve a batch of (partial) entropic OT problems between patch grids.
 
@@ -178,12 +250,17 @@ def sinkhorn(
         check_every: measure the error every this many iterations.
         log_domain: force (True) or forbid (False) log-domain iterations; by default
             they are used only when the plain kernel could underflow in fp32.
+        omega: over-relaxation of the plain-domain updates, in ``[1, 2)``; 1 is classic
+            Sinkhorn. The update before each error check is a plain one, so the columns
+            are exact whenever the (row) error is measured, as in classic Sinkhorn.
 
     Returns:
         An :class:`OTResult` whose tensors have the batch shape of the inputs.
     """
     if max_iter < 1 or check_every < 1:
         raise ValueError("max_iter and check_every must be at least 1")
+    if not 1.0 <= omega < 2.0:
+        raise ValueError(f"omega must be in [1, 2), got {omega}")
     _check_inputs(similarity, a, b, eps, s)
     n, m = similarity.shape[-2:]
     batch_shape = torch.broadcast_shapes(similarity.shape[:-2], a.shape[:-1], b.shape[:-1])
@@ -203,9 +280,19 @@ def sinkhorn(
         f, g, err, n_iter = _sinkhorn_log(log_kernel, a_full, b_full, max_iter, tol, check_every)
         plan = (log_kernel + f.unsqueeze(2) + g.unsqueeze(1)).exp()[:, :n, :m]
     else:
-        kernel = torch.sub(S, 1.0).div_(eps).exp_()
-        u, v, err, n_iter = _sinkhorn_plain(kernel, a, b, s, max_iter, tol, check_every)
-        plan = kernel.mul_(u.transpose(1, 2)).mul_(v)
+        kernel, a_full, b_full = _plain_kernel(S, a, b, eps, s)
+        step = _chunk_size(n, m, kernel.device)
+        errors, n_iter = [], 0
+        for start in range(0, kernel.shape[0], step):
+            chunk = slice(start, start + step)
+            u, v, e, iters = _sinkhorn_plain(
+                kernel[chunk], a_full[chunk], b_full[chunk], max_iter, tol, check_every, omega
+            )
+            kernel[chunk].mul_(u.transpose(1, 2)).mul_(v)  # the plan, in place
+            errors.append(e)
+            n_iter = max(n_iter, iters)
+        err = torch.cat(errors)
+        plan = kernel[:, :n, :m]
     B = plan.shape[0]
     sigma = torch.bmm(plan.reshape(B, 1, n * m), S.reshape(B, n * m, 1)).view(B)
     return OTResult(

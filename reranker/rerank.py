@@ -114,8 +114,8 @@ def rerank_batch(
     s: float = 1.0,
     lam: float = 1.0,
     eps: float = 0.05,
-    max_iter: int = 100,
-    tol: float = 1e-3,
+    max_iter: int = 1000,
+    tol: float = 2e-4,
 ) -> RerankResult:
     """Rerank ``K`` candidates for each of ``Q`` queries by ``global + lam * sigma``.
 
