@@ -1,0 +1,39 @@
+"""Wall-clock timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], T], device: torch.device, repeats: int, warmup: int = 1) -> tuple[T, float]:
+    """``fn()``'s last result and its median wall time in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return result, statistics.median(times)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when torch sees a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no GPU")
+    return torch.device(name)

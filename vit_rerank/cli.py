@@ -1,0 +1,62 @@
+"""``vit-rerank``: one command with subcommands for every user-facing job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks beside their named peers")
+    which = bench.add_subparsers(dest="bench", required=True)
+    ot_parser = which.add_parser("ot", help="batched Sinkhorn vs POT (solve_batch and per-pair sinkhorn)")
+    ot_parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ot_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ot_parser.add_argument("--repeats", type=int, default=20, help="timed repeats per solver (median reported)")
+    ot_parser.add_argument("--no-per-pair", action="store_true", help="skip the slow one-pair-at-a-time POT run")
+    ot_parser.add_argument("--candidates", type=int, default=100, help="candidates per query")
+    ot_parser.add_argument("--batch-queries", type=int, default=64, help="queries in the batched case")
+    ot_parser.set_defaults(handler=_run_bench_ot)
+
+
+def _run_bench_ot(args: argparse.Namespace) -> int:
+    from .bench.ot import run
+
+    run(args.device, args.repeats, args.json, per_pair=not args.no_per_pair,
+        candidates=args.candidates, batch_queries=args.batch_queries)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--demo", action="store_true", help="serve the built-in demo gallery")
+    serve.add_argument("--index", help="index directory to serve")
+    serve.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    print("vit-rerank serve: the HTTP service is not built yet (see the open service issue).", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vit-rerank",
+        description="Image retrieval with ViT global vectors, reranked by partial OT over patch tokens.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_bench(sub)
+    _add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
