@@ -1,0 +1,30 @@
+# The two commands that matter on a fresh machine:
+#   make demo   installs everything and runs the service on the built-in demo gallery
+#   make test   installs everything and runs the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench-ot clean
+
+install: $(STAMP)
+
+# Plain `torch`/`torchvision` from the registry (the CUDA builds also run on the CPU);
+# pyproject.toml excludes the CPU-only wheel that does not work with torchvision.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test,cvt]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/vit-rerank serve --demo
+
+test: install
+	$(PY) -m pytest
+
+bench-ot: install
+	$(VENV)/bin/vit-rerank bench ot
+
+clean:
+	rm -rf $(VENV) .pytest_cache
