@@ -1,0 +1,1 @@
+"""Gallery indexing: where the images come from, and decoding them robustly."""
