@@ -146,3 +146,15 @@ def test_bad_names_and_paths():
 def test_bad_image_batches(vit):
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         vit(torch.randn(3, 112, 112))
+
+
+def test_random_weights_are_reproducible_and_leave_the_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream is untouched
+    b = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).global_features, b(x).global_features, atol=0, rtol=0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 import timm
 from torch import nn
@@ -40,6 +43,22 @@ def weights_identity(weights: str) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return f"{'dir' if is_dir else 'file'}:{path.name}:{digest.hexdigest()[:16]}"
+
+
+RANDOM_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded_if_random(weights: str) -> Iterator[None]:
+    """Random initialisation is seeded (without touching the caller's RNG state), so that
+    the same name and ``weights="random"`` always give the same model: an index built with
+    random weights can then be searched with them."""
+    if weights != "random":
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        yield
 
 
 def _check_weights_arg(weights: str, allow_dir: bool = False) -> None:
@@ -108,7 +127,8 @@ def create_backbone(
         raise _unknown_model(name)
     weights_file = None if weights in ("random", "pretrained") else weights
     try:
-        model = create_timm_model(name, weights == "pretrained", weights_file, **kwargs)
+        with seeded_if_random(weights):
+            model = create_timm_model(name, weights == "pretrained", weights_file, **kwargs)
     except (RuntimeError, OSError, ValueError) as err:
         if weights == "random":
             raise

@@ -166,7 +166,7 @@ def create_hf_cvt(
         ValueError: a local checkpoint that does not match the model.
         WeightsUnavailableError: pretrained weights cannot be downloaded or found.
     """
-    from .factory import _check_weights_arg, _unavailable, weights_identity
+    from .factory import _check_weights_arg, _unavailable, seeded_if_random, weights_identity
 
     try:
         from transformers import CvtConfig, CvtForImageClassification
@@ -176,7 +176,8 @@ def create_hf_cvt(
     kwargs = dict(model_kwargs or {})
     preprocessing = None
     if weights == "random":
-        model = CvtForImageClassification(CvtConfig(**kwargs))
+        with seeded_if_random(weights):
+            model = CvtForImageClassification(CvtConfig(**kwargs))
     elif weights == "pretrained" or Path(weights).is_dir():
         source = name if weights == "pretrained" else weights
         try:
