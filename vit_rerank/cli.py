@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from indexer.cli import add_commands as add_index_commands
+
+    add_index_commands(sub)
     _add_bench(sub)
     _add_serve(sub)
     return parser

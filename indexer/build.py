@@ -1,0 +1,154 @@
+"""Turn image records into committed index entries: embed, dedupe, store, commit in chunks.
+
+A build that is interrupted resumes where it stopped: rerunning it skips every id that a
+previous run already committed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from reranker.backbones import Backbone, create_backbone, weights_identity
+
+from .atomic import write_json
+from .embedding import Failure, embed_records
+from .gallery import Gallery, NewImages
+from .loading import LoadLimits
+from .manifest import IndexMismatchError, Manifest
+from .metadata import ImageRow, now_iso
+from .pca import PatchPCA
+from .sources import ImageRecord
+
+
+@dataclass
+class BuildReport:
+    """What a build or an add did."""
+
+    added: int = 0
+    already_indexed: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (id, id of the first copy)
+    duplicates_skipped: bool = False
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
+def new_manifest(
+    backbone: Backbone,
+    *,
+    weights_source: str,
+    patch_weights: str,
+    factory: str = "Flat",
+    pca_dim: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Manifest:
+    return Manifest(
+        model=backbone.name,
+        weights=backbone.weights_id,
+        weights_source=weights_source,
+        grid=backbone.grid,
+        global_dim=backbone.output_dim,
+        patch_dim=pca_dim or backbone.output_dim,
+        patch_weights=patch_weights,
+        factory=factory,
+        model_kwargs=dict(model_kwargs or {}),
+        preprocessing=repr(backbone.transform),
+        pca_dim=pca_dim,
+    )
+
+
+def backbone_for(manifest: Manifest, device: torch.device, weights: str | None = None) -> Backbone:
+    """The backbone that made the index, checked against the manifest's weights identity."""
+    source = weights or manifest.weights_source
+    if source not in ("pretrained", "random") and weights_identity(source) != manifest.weights:
+        raise IndexMismatchError(
+            f"weights file {source!r} is not the one the index was built with ({manifest.weights})"
+        )
+    backbone = create_backbone(manifest.model, source, grid=manifest.grid, model_kwargs=manifest.model_kwargs)
+    if backbone.weights_id != manifest.weights:
+        raise IndexMismatchError(f"weights {backbone.weights_id!r} differ from the index's {manifest.weights!r}")
+    return backbone.to(device)
+
+
+def add_records(
+    gallery: Gallery,
+    backbone: Backbone,
+    records: Sequence[ImageRecord],
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    commit_every: int = 1024,
+    skip_duplicates: bool = False,
+    limits: LoadLimits = LoadLimits(),
+    progress: bool = True,
+) -> BuildReport:
+    """Embed and commit every record whose id the index does not hold yet."""
+    start = time.perf_counter()
+    report = BuildReport(duplicates_skipped=skip_duplicates)
+    existing = gallery.ids()
+    todo = [r for r in records if r.id not in existing]
+    report.already_indexed = len(records) - len(todo)
+    seen = gallery.db.hashes()
+    pending: list[tuple[ImageRow, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        patches = np.stack([p for _, _, p, _ in pending])
+        if gallery.manifest.pca_dim and gallery.pca is None:
+            gallery.pca = PatchPCA.fit(patches, gallery.manifest.pca_dim)
+            gallery.pca.save(gallery.folder)
+        gallery.commit_new(
+            NewImages(
+                rows=[row for row, *_ in pending],
+                global_features=np.stack([g for _, g, _, _ in pending]),
+                patch_features=gallery.reduce_patches(patches),
+                patch_weights=np.stack([w for *_, w in pending]),
+            )
+        )
+        report.added += len(pending)
+        pending.clear()
+
+    for batch in embed_records(
+        backbone, todo, weights=gallery.manifest.patch_weights, batch_size=batch_size,
+        workers=workers, limits=limits, progress=progress,
+    ):
+        report.failures += batch.failures
+        for k, pos in enumerate(batch.positions):
+            rec, digest = todo[pos], batch.hashes[k]
+            if digest in seen:
+                report.duplicates.append((rec.id, seen[digest]))
+                if skip_duplicates:
+                    continue
+            else:
+                seen[digest] = rec.id
+            row = ImageRow(
+                id=rec.id, path=rec.path, label=rec.label, content_hash=digest,
+                width=batch.sizes[k][0], height=batch.sizes[k][1], bytes=batch.nbytes[k],
+                metadata=rec.metadata, added_at=now_iso(),
+            )
+            pending.append((row, batch.global_features[k], batch.patch_features[k], batch.patch_weights[k]))
+        if len(pending) >= commit_every:
+            flush()
+    flush()
+    if not gallery.trained and len(gallery):
+        gallery.train()
+    report.seconds = time.perf_counter() - start
+    reports = gallery.folder / "reports"
+    reports.mkdir(exist_ok=True)
+    write_json(reports / f"build-{now_iso().replace(':', '')}-{gallery.generation:08d}.json", report.to_dict())
+    return report

@@ -1,0 +1,241 @@
+"""``vit-rerank index ...`` and ``vit-rerank search``: the indexer's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "vit_small_patch16_224.dino"
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no GPU")
+    return torch.device(name)
+
+
+def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
+        p.add_argument("--model-kwargs", default="{}", help="JSON of extra model constructor arguments")
+        p.add_argument("--grid", type=int, default=7, help="patch grid side G")
+    p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, help="image folder, or a CSV / JSON-lines manifest")
+    p.add_argument("--label-from-parent", action="store_true", help="use each image's parent folder as its label")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    p.add_argument("--commit-every", type=int, default=1024, help="images per atomic commit")
+    p.add_argument("--skip-duplicates", action="store_true", help="skip images whose content is already indexed")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="build and manage an index directory")
+    which = index.add_subparsers(dest="index_command", required=True)
+
+    build = which.add_parser("build", help="index a gallery (resumes an interrupted build)")
+    build.add_argument("dir", type=Path)
+    _source_options(build)
+    _embed_options(build)
+    build.add_argument("--patch-weights", default=None, choices=["rollout", "cls_rollout", "uniform"],
+                       help="per-image patch weights (default: rollout where the backbone has global attention)")
+    build.add_argument("--factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...)")
+    build.add_argument("--pca-dim", type=int, default=None, help="reduce stored patch vectors to this size")
+    build.set_defaults(handler=_build)
+
+    add = which.add_parser("add", help="add images to an existing index")
+    add.add_argument("dir", type=Path)
+    _source_options(add)
+    _embed_options(add, with_model=False)
+    add.set_defaults(handler=_add)
+
+    remove = which.add_parser("remove", help="remove images by id")
+    remove.add_argument("dir", type=Path)
+    remove.add_argument("ids", nargs="+")
+    remove.set_defaults(handler=_remove)
+
+    info = which.add_parser("info", help="counts, model, sizes, bytes per image")
+    info.add_argument("dir", type=Path)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=_info)
+
+    verify = which.add_parser("verify", help="check that FAISS, the patch store and the metadata agree")
+    verify.add_argument("dir", type=Path)
+    verify.set_defaults(handler=_verify)
+
+    search = sub.add_parser("search", help="search an index with a query image")
+    search.add_argument("image", type=Path)
+    search.add_argument("--index", type=Path, required=True)
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--rerank-k", type=int, default=100)
+    search.add_argument("--s", type=float, default=1.0, help="fraction of patch mass matched, in (0, 1]")
+    search.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the structural score")
+    search.add_argument("--marginals", default="auto", choices=["auto", "rollout", "crosscorr", "uniform"])
+    search.add_argument("--json", action="store_true")
+    search.add_argument("--explain", type=Path, default=None, help="write each result's matching picture here")
+    _embed_options(search, with_model=False)
+    search.set_defaults(handler=_search)
+
+
+def _records(args):
+    from .sources import from_source
+
+    return from_source(args.source, label_from_parent=args.label_from_parent)
+
+
+def _print_report(report) -> None:
+    print(f"added {report.added} images in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s); "
+          f"{report.already_indexed} already indexed")
+    if report.duplicates:
+        verb = "skipped" if report.duplicates_skipped else "kept"
+        print(f"{len(report.duplicates)} exact duplicates ({verb}):")
+        for dup, first in report.duplicates[:20]:
+            print(f"  {dup}  = {first}")
+    if report.failures:
+        print(f"{len(report.failures)} files skipped:")
+        for f in report.failures:
+            print(f"  {f.path}: {f.reason}: {f.message}")
+
+
+def _run_add(gallery, backbone, args) -> int:
+    from .build import add_records
+
+    report = add_records(
+        gallery, backbone, _records(args), batch_size=args.batch_size, workers=args.workers,
+        commit_every=args.commit_every, skip_duplicates=args.skip_duplicates, progress=not args.no_progress,
+    )
+    _print_report(report)
+    return 0
+
+
+def _build(args) -> int:
+    from reranker.backbones import create_backbone
+
+    from .build import backbone_for, new_manifest
+    from .gallery import Gallery
+
+    device = _device(args.device)
+    if (args.dir / "manifest.json").exists():
+        gallery = Gallery.open(args.dir)
+        gallery.manifest.check_compatible(args.model, None)
+        print(f"resuming the build in {args.dir} ({len(gallery)} images already indexed)")
+        backbone = backbone_for(gallery.manifest, device, args.weights)
+    else:
+        weights = args.weights or "pretrained"
+        backbone = create_backbone(args.model, weights, grid=args.grid, model_kwargs=json.loads(args.model_kwargs))
+        kind = args.patch_weights or ("rollout" if backbone.supports_rollout else "uniform")
+        manifest = new_manifest(backbone, weights_source=weights, patch_weights=kind, factory=args.factory,
+                                pca_dim=args.pca_dim, model_kwargs=json.loads(args.model_kwargs))
+        gallery = Gallery.create(args.dir, manifest)
+        backbone = backbone.to(device)
+    if backbone.random_weights:
+        print("note: random weights: results are meaningless except for testing", file=sys.stderr)
+    with gallery:
+        return _run_add(gallery, backbone, args)
+
+
+def _add(args) -> int:
+    from .build import backbone_for
+    from .gallery import Gallery
+
+    with Gallery.open(args.dir) as gallery:
+        return _run_add(gallery, backbone_for(gallery.manifest, _device(args.device), args.weights), args)
+
+
+def _remove(args) -> int:
+    from .gallery import Gallery
+
+    with Gallery.open(args.dir) as gallery:
+        unknown = gallery.remove(args.ids)
+        print(f"removed {len(args.ids) - len(unknown)} images; {len(gallery)} remain")
+        if unknown:
+            print(f"not in the index: {', '.join(unknown)}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _info(args) -> int:
+    from .gallery import Gallery
+
+    with Gallery.open(args.dir) as gallery:
+        info = gallery.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+def _verify(args) -> int:
+    from .gallery import Gallery
+
+    with Gallery.open(args.dir) as gallery:
+        report = gallery.verify()
+    print(f"checked {report.checked} images: {'OK' if report.ok else 'PROBLEMS'}")
+    for p in report.problems:
+        print(f"  {p}")
+    return 0 if report.ok else 1
+
+
+def _search(args) -> int:
+    from .build import backbone_for
+    from .gallery import Gallery
+    from .loading import load_image
+    from .search import Searcher, SearchSettings
+
+    image = load_image(args.image)
+    device = _device(args.device)
+    with Gallery.open(args.index) as gallery:
+        searcher = Searcher(gallery, backbone_for(gallery.manifest, device, args.weights), device)
+        settings = SearchSettings(top_k=args.top_k, rerank_k=args.rerank_k, s=args.s, lam=args.lam,
+                                  marginals=args.marginals)
+        result = searcher.search([image], settings, keep_plans=args.explain is not None)[0]
+        if args.explain is not None:
+            _write_explanations(args.explain, image, result, gallery)
+    if args.json:
+        print(json.dumps({
+            "results": [h.__dict__ for h in result.hits],
+            "timings_ms": result.timings_ms,
+            "marginals": result.marginals,
+            "random_weights": result.random_weights,
+        }, indent=2))
+        return 0
+    if result.random_weights:
+        print("note: random weights: results are meaningless except for testing")
+    print(f"{'after':>5} {'before':>6}  {'final':>7} {'global':>7} {'struct':>7}  id (label)")
+    for h in result.hits:
+        struct = "-" if h.structural_score is None else f"{h.structural_score:7.4f}"
+        print(f"{h.rank_after:>5} {h.rank_before:>6}  {h.final_score:7.4f} {h.global_score:7.4f} {struct:>7}  "
+              f"{h.id} ({h.label})")
+    t = result.timings_ms
+    print(f"embed {t['embed']:.1f} ms, search {t['search']:.1f} ms, rerank {t['rerank']:.1f} ms, total {t['total']:.1f} ms")
+    return 0
+
+
+def _write_explanations(folder: Path, query, result, gallery) -> None:
+    from reranker.visualize import render_match
+
+    from .atomic import write_bytes
+    from .loading import load_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = gallery.manifest.grid
+    for h in result.hits:
+        if h.id not in result.plans:
+            continue
+        _, feats = gallery.features([h.faiss_id])
+        png = render_match(query, load_image(h.path), result.plans[h.id], grid=grid,
+                           query_weights=result.query_weights, candidate_weights=feats.patch_weights[0],
+                           title=f"#{h.rank_after} {h.id}  final {h.final_score:.3f}")
+        write_bytes(folder / f"{h.rank_after:03d}.png", png)

@@ -1,0 +1,154 @@
+"""Embed images: decode in DataLoader workers, one forward per batch, features out.
+
+One call computes each image's global vector, patch grid and patch weights (rollout
+when configured) together, so the backbone runs once per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from reranker.backbones import Backbone
+from reranker.marginals import PerImageWeights, image_patch_weights
+
+from .loading import ImageLoadError, LoadLimits, content_hash, load_image, read_bytes
+from .sources import ImageRecord
+
+
+@dataclass
+class Failure:
+    """An image that was skipped, and why."""
+
+    position: int
+    id: str
+    path: str
+    reason: str
+    message: str
+
+
+@dataclass
+class EmbeddedBatch:
+    """Features of the images of one batch that loaded, and the ones that did not."""
+
+    positions: list[int]  # indices into the records given
+    hashes: list[str]
+    sizes: list[tuple[int, int]]
+    nbytes: list[int]
+    global_features: np.ndarray  # (b, D) float32
+    patch_features: np.ndarray  # (b, G*G, D) float32
+    patch_weights: np.ndarray  # (b, G*G) float32
+    failures: list[Failure] = field(default_factory=list)
+
+
+class _GalleryDataset(Dataset):
+    """Decodes one record in a worker: (position, tensor | None, hash, size, bytes, error)."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable, limits: LoadLimits) -> None:
+        self.records, self.transform, self.limits = records, transform, limits
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        try:
+            data = read_bytes(rec.path, self.limits)
+            image = load_image(data, self.limits)
+            return i, self.transform(image), content_hash(data), image.size, len(data), None
+        except ImageLoadError as err:
+            return i, None, None, None, None, (err.reason, err.message)
+        except Exception as err:  # noqa: BLE001 - a transform failure must not abort a build
+            return i, None, None, None, None, ("corrupt", f"{type(err).__name__}: {err}")
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def autocast_for(device: torch.device):
+    """bf16 (or fp16 where bf16 is unsupported) autocast on a GPU; nothing on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.inference_mode()
+def forward_features(
+    backbone: Backbone, images: torch.Tensor, weights: PerImageWeights
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global vectors, patch grids and patch weights of a preprocessed batch (on its device)."""
+    device = backbone.device
+    with autocast_for(device):
+        out = backbone(images.to(device, non_blocking=True), with_attention=weights != "uniform")
+    w = image_patch_weights(out, weights)
+    return out.global_features.float(), out.patch_features.float(), w.float()
+
+
+def embed_pil_images(backbone: Backbone, images: Sequence[Image.Image], weights: PerImageWeights):
+    """Features of in-memory images (e.g. a query): tensors on the backbone's device."""
+    batch = torch.stack([backbone.transform(im.convert("RGB")) for im in images])
+    return forward_features(backbone, batch, weights)
+
+
+def embed_records(
+    backbone: Backbone,
+    records: Sequence[ImageRecord],
+    *,
+    weights: PerImageWeights = "rollout",
+    batch_size: int = 32,
+    workers: int = 2,
+    limits: LoadLimits = LoadLimits(),
+    progress: bool = True,
+    description: str = "embedding",
+) -> Iterator[EmbeddedBatch]:
+    """Embed ``records`` in order, yielding one :class:`EmbeddedBatch` per batch.
+
+    Bad files never stop the iteration: they come back in ``failures`` with a reason.
+    """
+    dataset = _GalleryDataset(records, backbone.transform, limits)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=backbone.device.type == "cuda",
+        persistent_workers=False,
+    )
+    bar = tqdm(total=len(records), unit="img", desc=description, disable=not progress, dynamic_ncols=True)
+    skipped = 0
+    try:
+        for items in loader:
+            good = [it for it in items if it[5] is None]
+            failures = [
+                Failure(i, records[i].id, records[i].path, err[0], err[1]) for i, *_, err in items if err is not None
+            ]
+            skipped += len(failures)
+            if good:
+                g, p, w = forward_features(backbone, torch.stack([it[1] for it in good]), weights)
+                g, p, w = g.cpu().numpy(), p.cpu().numpy(), w.cpu().numpy()
+            else:
+                g = p = w = None
+            yield EmbeddedBatch(
+                positions=[it[0] for it in good],
+                hashes=[it[2] for it in good],
+                sizes=[it[3] for it in good],
+                nbytes=[it[4] for it in good],
+                global_features=g,
+                patch_features=p,
+                patch_weights=w,
+                failures=failures,
+            )
+            bar.update(len(items))
+            if skipped:
+                bar.set_postfix(skipped=skipped)
+    finally:
+        bar.close()

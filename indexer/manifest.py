@@ -1,0 +1,66 @@
+"""The index manifest: which model made the index and how, checked on every open."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_json
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class IndexMismatchError(ValueError):
+    """The index was made by another model or a newer format."""
+
+
+@dataclass
+class Manifest:
+    """Everything needed to embed queries the way the gallery was embedded."""
+
+    model: str
+    weights: str  # weights identity: pretrained | random | file:<name>:<sha>
+    weights_source: str  # what to load: pretrained | random | a local path
+    grid: int
+    global_dim: int
+    patch_dim: int  # after PCA, if any
+    patch_weights: str  # rollout | cls_rollout | uniform
+    factory: str = "Flat"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    preprocessing: str = ""
+    pca_dim: int | None = None
+    format_version: int = FORMAT_VERSION
+    created_at: str = ""
+
+    def save(self, folder: Path) -> None:
+        write_json(Path(folder) / MANIFEST_NAME, asdict(self))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not an index directory (no {MANIFEST_NAME})")
+        data = json.loads(path.read_text())
+        version = data.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise IndexMismatchError(
+                f"{folder} has index format {version}, newer than this vit-rerank reads ({FORMAT_VERSION}): "
+                "upgrade vit-rerank"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check_compatible(self, model: str | None, weights: str | None) -> None:
+        """Refuse a different model or weights than the ones that made the index."""
+        if model is not None and model != self.model:
+            raise IndexMismatchError(
+                f"the index was built with model {self.model!r}, not {model!r}: search with the index's "
+                "own model (leave --model out) or build a new index"
+            )
+        if weights is not None and weights != self.weights:
+            raise IndexMismatchError(
+                f"the index was built with weights {self.weights!r}, not {weights!r}"
+            )

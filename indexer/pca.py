@@ -1,0 +1,52 @@
+"""Optional PCA of the patch tokens, fitted on the gallery, to shrink the patch store."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_bytes
+
+PCA_NAME = "pca.npz"
+
+
+class PatchPCA:
+    """``x -> normalise((x - mean) @ components.T)`` with ``components`` ``(d, D)``."""
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray) -> None:
+        self.mean = mean.astype(np.float32)
+        self.components = components.astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
+
+    @classmethod
+    def fit(cls, patches: np.ndarray, dim: int, max_samples: int = 200_000, seed: int = 0) -> "PatchPCA":
+        """Fit on patch vectors ``(..., D)`` (a random subset of at most ``max_samples``)."""
+        x = patches.reshape(-1, patches.shape[-1]).astype(np.float32)
+        if not 1 <= dim <= x.shape[1]:
+            raise ValueError(f"PCA size must be in [1, {x.shape[1]}], got {dim}")
+        if len(x) < dim:
+            raise ValueError(f"PCA to {dim} dimensions needs at least {dim} patch vectors, got {len(x)}")
+        if len(x) > max_samples:
+            x = x[np.random.default_rng(seed).choice(len(x), max_samples, replace=False)]
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        return cls(mean, vt[:dim])
+
+    def transform(self, patches: np.ndarray) -> np.ndarray:
+        y = (patches.astype(np.float32) - self.mean) @ self.components.T
+        return y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), 1e-12)
+
+    def save(self, folder: Path) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, components=self.components)
+        write_bytes(Path(folder) / PCA_NAME, buf.getvalue())
+
+    @classmethod
+    def load(cls, folder: Path) -> "PatchPCA":
+        with np.load(Path(folder) / PCA_NAME) as data:
+            return cls(data["mean"], data["components"])

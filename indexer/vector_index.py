@@ -1,0 +1,112 @@
+"""The global-vector index: FAISS (CPU, or GPU when the installed faiss has it), or an
+exact torch top-k on a GPU when faiss has no GPU support. Inner product on unit vectors = cosine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from .atomic import write_with
+
+DEFAULT_FACTORY = "Flat"
+
+
+def faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = DEFAULT_FACTORY) -> faiss.Index:
+    """An ID-mapped inner-product index over ``vectors`` (trained on them when the factory needs it).
+
+    ``factory`` is a FAISS factory string: ``Flat`` (exact, the default), ``IVF1024,Flat``,
+    ``IVF1024,PQ32``, ``HNSW32`` ...
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    d = vectors.shape[1]
+    try:
+        base = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {err}") from err
+    if not base.is_trained:
+        if len(vectors) == 0:
+            raise ValueError(f"{factory!r} needs training vectors, and there are none")
+        try:
+            base.train(vectors)
+        except RuntimeError as err:
+            raise ValueError(f"could not train {factory!r} on {len(vectors)} vectors: {err}") from err
+    index = faiss.IndexIDMap2(base)
+    if len(vectors):
+        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+
+def save_index(index: faiss.Index, path: Path) -> None:
+    write_with(path, lambda tmp: faiss.write_index(index, tmp))
+
+
+def load_index(path: Path) -> faiss.Index:
+    return faiss.read_index(str(path))
+
+
+class VectorSearcher:
+    """Top-k search over an index, on the device the caller wants.
+
+    On a GPU it uses FAISS's GPU index when faiss has one, else an exact torch top-k over
+    the same vectors (identical results to a flat FAISS index); on the CPU, FAISS itself.
+    """
+
+    def __init__(self, index: faiss.Index, device: torch.device) -> None:
+        self.index = index
+        self.device = device
+        self.backend = "faiss-cpu"
+        self._gpu_index = None
+        self._vectors: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
+        if device.type == "cuda":
+            if faiss_has_gpu():
+                self._gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+                self.backend = "faiss-gpu"
+            else:
+                vectors, ids = exported_vectors(index)
+                self._vectors = torch.from_numpy(vectors).to(device)
+                self._ids = torch.from_numpy(ids).to(device)
+                self.backend = "torch-gpu"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids ``(Q, k)``, best first; fewer than ``k`` when the index is smaller."""
+        k = min(k, self.ntotal)
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if self._vectors is not None:
+            scores = queries.to(self.device, torch.float32) @ self._vectors.T
+            top = torch.topk(scores, k, dim=1)
+            return top.values.cpu().numpy(), self._ids[top.indices].cpu().numpy()
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        index = self._gpu_index if self._gpu_index is not None else self.index
+        scores, ids = index.search(q, k)
+        return scores, ids
+
+
+def exported_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors and ids of a flat ID-mapped index (for the torch GPU path)."""
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if not isinstance(base, faiss.IndexFlat):
+        raise ValueError("exact torch search needs a Flat index; this FAISS build has no GPU support")
+    vectors = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d).reshape(base.ntotal, base.d).copy()
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    return vectors, ids

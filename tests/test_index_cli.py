@@ -1,0 +1,69 @@
+"""The indexer's command line end to end on real photos, with a small random model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vit_rerank", *args], capture_output=True, text=True,
+                          timeout=600, check=check)
+
+
+@pytest.fixture(scope="module")
+def small_gallery(shared_data, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A CSV manifest of 30 clothing photos (3 classes)."""
+    folder = tmp_path_factory.mktemp("gallery")
+    photos = []
+    for cls in ("hat", "shoes", "skirt"):
+        photos += sorted((shared_data / "clothing-small" / "test" / cls).glob("*.jpg"))[:10]
+    manifest = folder / "gallery.csv"
+    manifest.write_text("path,label,source\n" + "".join(f"{p},{p.parent.name},shared\n" for p in photos))
+    return manifest, photos
+
+
+def test_build_search_remove_add_verify(small_gallery, tmp_path):
+    manifest, photos = small_gallery
+    index = tmp_path / "index"
+    out = run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit",
+                  "--weights", "random", "--no-progress", "--commit-every", "8", "--workers", "0")
+    assert "added 30 images" in out.stdout
+
+    info = json.loads(run_cli("index", "info", str(index), "--json").stdout)
+    assert info["images"] == 30 and info["faiss_vectors"] == 30 and info["model"] == "test_vit"
+    assert info["weights"] == "random" and info["patch_weights"] == "rollout" and info["bytes_per_image"] > 0
+    assert "OK" in run_cli("index", "verify", str(index)).stdout
+
+    res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "5",
+                             "--rerank-k", "20", "--json", "--explain", str(tmp_path / "explain")).stdout)
+    hits = res["results"]
+    assert len(hits) == 5 and res["random_weights"] is True
+    # The query itself is in the gallery: first by global cosine (1.0), wherever reranking puts it.
+    first_global = [h for h in hits if h["rank_before"] == 0]
+    assert first_global and first_global[0]["id"] == str(photos[0])
+    assert abs(first_global[0]["global_score"] - 1.0) < 1e-4
+    assert [h["rank_after"] for h in hits] == list(range(5))
+    for h in hits:
+        assert abs(h["final_score"] - (h["global_score"] + h["structural_score"])) < 1e-5
+    assert len(list((tmp_path / "explain").glob("*.png"))) == 5
+
+    out = run_cli("index", "remove", str(index), str(photos[0]), "no-such-id", check=False)
+    assert out.returncode == 1 and "removed 1 images; 29 remain" in out.stdout and "no-such-id" in out.stderr
+    out = run_cli("index", "add", str(index), "--from", str(manifest), "--no-progress", "--workers", "0")
+    assert "added 1 images" in out.stdout and "29 already indexed" in out.stdout
+    assert "OK" in run_cli("index", "verify", str(index)).stdout
+
+
+def test_build_resumes_without_reembedding(small_gallery, tmp_path):
+    manifest, _ = small_gallery
+    index = tmp_path / "index"
+    args = ("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    run_cli(*args)
+    again = run_cli(*args)
+    assert "resuming" in again.stdout and "added 0 images" in again.stdout and "30 already indexed" in again.stdout
