@@ -22,22 +22,41 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it over ``path`` and make the rename durable."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_with(path: Path, writer: Callable[[str], None]) -> None:
+    """Atomically write ``path`` with ``writer(temporary_name)`` (also for libraries, e.g. FAISS,
+    that only write by name). On an exception the temporary is removed and ``path`` untouched;
+    after a crash only a ``*.tmp`` file can be left, which readers never look at."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        writer(str(tmp))
+        _publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Open ``path.tmp`` for writing; on success it is fsynced and renamed to ``path``.
-
-    On an exception the temporary file is removed and ``path`` is untouched; after a
-    crash only a ``*.tmp`` file can be left, which readers never look at.
-    """
+    """Open a temporary beside ``path`` for writing; on success it replaces ``path`` atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -56,25 +75,6 @@ def write_json(path: Path, obj: Any) -> None:
 def write_npy(path: Path, array: np.ndarray) -> None:
     with atomic_open(path) as fh:
         np.save(fh, array, allow_pickle=False)
-
-
-def write_with(path: Path, writer: Callable[[str], None]) -> None:
-    """Atomically write a file that a library can only write by name (e.g. FAISS)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        writer(str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def remove_temporaries(folder: Path) -> list[Path]:

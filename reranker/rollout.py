@@ -12,7 +12,7 @@ Two variants, both from post-softmax attention ``(B, heads, N, N)`` per block:
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -70,6 +70,21 @@ def _check(attentions: Sequence[torch.Tensor], token_grid: tuple[int, int], num_
             )
 
 
+def _chain(
+    attentions: Sequence[torch.Tensor],
+    head_fusion: HeadFusion,
+    discard_ratio: float,
+    select: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``R_l = A_l R_{l-1}`` with ``A_l`` = identity-added, row-normalised ``select(fused block)``."""
+    rollout = None
+    for attention in attentions:
+        fused = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
+        step = _add_identity_and_normalise(select(fused))
+        rollout = step if rollout is None else step @ rollout
+    return rollout
+
+
 def attention_rollout(
     attentions: Sequence[torch.Tensor],
     token_grid: tuple[int, int],
@@ -81,14 +96,12 @@ def attention_rollout(
     """Patch weights ``(B, G*G)``, non-negative and summing to 1, by pooled attention rollout."""
     _check(attentions, token_grid, num_prefix_tokens)
     p = num_prefix_tokens
-    rollout = None
-    for attention in attentions:
-        fused = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
-        patches = fused[:, p:, p:]
-        pooled = pool_tokens(patches, token_grid, grid)  # pool the query grid (rows)
-        pooled = pool_tokens(pooled.transpose(1, 2), token_grid, grid).transpose(1, 2)  # and the keys
-        step = _add_identity_and_normalise(pooled)
-        rollout = step if rollout is None else step @ rollout
+
+    def pooled_patches(fused: torch.Tensor) -> torch.Tensor:
+        pooled = pool_tokens(fused[:, p:, p:], token_grid, grid)  # pool the query grid (rows)
+        return pool_tokens(pooled.transpose(1, 2), token_grid, grid).transpose(1, 2)  # and the keys
+
+    rollout = _chain(attentions, head_fusion, discard_ratio, pooled_patches)
     return _normalise(rollout.mean(dim=1))
 
 
@@ -104,11 +117,7 @@ def cls_attention_rollout(
     if num_prefix_tokens < 1:
         raise ValueError("the CLS-row rollout needs a CLS token (this model has no prefix token)")
     _check(attentions, token_grid, num_prefix_tokens)
-    rollout = None
-    for attention in attentions:
-        fused = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
-        step = _add_identity_and_normalise(fused)
-        rollout = step if rollout is None else step @ rollout
+    rollout = _chain(attentions, head_fusion, discard_ratio, lambda fused: fused)
     cls_row = rollout[:, 0, num_prefix_tokens:]
     pooled = pool_tokens(cls_row.unsqueeze(-1), token_grid, grid).squeeze(-1)
     return _normalise(pooled)
