@@ -11,13 +11,9 @@ DEFAULT_MODEL = "vit_small_patch16_224.dino"
 
 
 def _device(name: str):
-    import torch
+    from reranker.device import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no GPU")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from .marginals import MARGINALS, Marginals, cross_correlation_weights, uniform_weights
 from .ot import sinkhorn
+from .rollout import normalise_weights
 
 
 @dataclass
@@ -48,13 +49,11 @@ def _check_finite(name: str, t: torch.Tensor | None) -> None:
 
 
 def _normalised(weights: torch.Tensor) -> torch.Tensor:
-    """Rescale to unit mass; an all-zero vector becomes uniform."""
+    """Rescale to unit mass (all-zero becomes uniform), refusing negative weights."""
     weights = weights.float()
     if float(weights.min()) < 0:
         raise ValueError("patch weights must be non-negative")
-    total = weights.sum(-1, keepdim=True)
-    uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
-    return torch.where(total > 0, weights / total.clamp_min(1e-30), uniform)
+    return normalise_weights(weights)
 
 
 def _validate(query: Features, cands: Features, global_scores: torch.Tensor | None) -> None:

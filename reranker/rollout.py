@@ -51,7 +51,8 @@ def _add_identity_and_normalise(attention: torch.Tensor) -> torch.Tensor:
     return attention / attention.sum(dim=-1, keepdim=True)
 
 
-def _normalise(weights: torch.Tensor) -> torch.Tensor:
+def normalise_weights(weights: torch.Tensor) -> torch.Tensor:
+    """ReLU, then rescale each vector to unit mass; an all-zero vector becomes uniform."""
     weights = weights.clamp_min(0.0)
     total = weights.sum(dim=-1, keepdim=True)
     uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
@@ -102,7 +103,7 @@ def attention_rollout(
         return pool_tokens(pooled.transpose(1, 2), token_grid, grid).transpose(1, 2)  # and the keys
 
     rollout = _chain(attentions, head_fusion, discard_ratio, pooled_patches)
-    return _normalise(rollout.mean(dim=1))
+    return normalise_weights(rollout.mean(dim=1))
 
 
 def cls_attention_rollout(
@@ -120,4 +121,4 @@ def cls_attention_rollout(
     rollout = _chain(attentions, head_fusion, discard_ratio, lambda fused: fused)
     cls_row = rollout[:, 0, num_prefix_tokens:]
     pooled = pool_tokens(cls_row.unsqueeze(-1), token_grid, grid).squeeze(-1)
-    return _normalise(pooled)
+    return normalise_weights(pooled)

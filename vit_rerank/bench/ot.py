@@ -18,9 +18,10 @@ import ot
 import torch
 import torch.nn.functional as F
 
+from reranker.device import resolve_device
 from reranker.ot import sinkhorn
 
-from .timing import resolve_device, time_call
+from .timing import time_call
 
 EPS = 0.05
 

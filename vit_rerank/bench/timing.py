@@ -28,12 +28,3 @@ def time_call(fn: Callable[[], T], device: torch.device, repeats: int, warmup: i
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return result, statistics.median(times)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when torch sees a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no GPU")
-    return torch.device(name)
