@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from .atomic import write_bytes
@@ -33,9 +34,10 @@ class PatchPCA:
             raise ValueError(f"PCA to {dim} dimensions needs at least {dim} patch vectors, got {len(x)}")
         if len(x) > max_samples:
             x = x[np.random.default_rng(seed).choice(len(x), max_samples, replace=False)]
-        mean = x.mean(axis=0)
-        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-        return cls(mean, vt[:dim])
+        pca = faiss.PCAMatrix(x.shape[1], dim)
+        pca.train(np.ascontiguousarray(x))
+        components = faiss.vector_to_array(pca.A).reshape(-1, x.shape[1])[:dim]
+        return cls(faiss.vector_to_array(pca.mean), components)
 
     def transform(self, patches: np.ndarray) -> np.ndarray:
         y = (patches.astype(np.float32) - self.mean) @ self.components.T

@@ -68,15 +68,18 @@ class QueryResult:
 class Searcher:
     """Searches one index with the backbone that built it, on one device."""
 
-    def __init__(self, gallery: Gallery, backbone: Backbone, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, gallery: Gallery, backbone: Backbone, device: torch.device | str = "cpu", vector_backend: str = "auto"
+    ) -> None:
         self.gallery = gallery
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
-        self.vectors = VectorSearcher(gallery.faiss, self.device)
+        self.vector_backend = vector_backend
+        self.vectors = VectorSearcher(gallery.faiss, self.device, vector_backend)
 
     def refresh(self) -> None:
         """Pick up a FAISS index the gallery replaced (after an add or a remove)."""
-        self.vectors = VectorSearcher(self.gallery.faiss, self.device)
+        self.vectors = VectorSearcher(self.gallery.faiss, self.device, self.vector_backend)
 
     def resolve_marginals(self, marginals: str) -> str:
         if marginals != "auto":

@@ -37,10 +37,18 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = DEFAULT_FAC
             base.train(vectors)
         except RuntimeError as err:
             raise ValueError(f"could not train {factory!r} on {len(vectors)} vectors: {err}") from err
+    _set_search_defaults(base)
     index = faiss.IndexIDMap2(base)
     if len(vectors):
         index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
     return index
+
+
+def _set_search_defaults(base: faiss.Index) -> None:
+    """Search parameters that FAISS saves with the index: probe 1/8 of an IVF's lists (at least 8)."""
+    ivf = faiss.try_extract_index_ivf(base)
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 8))
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -62,26 +70,30 @@ def load_index(path: Path) -> faiss.Index:
 class VectorSearcher:
     """Top-k search over an index, on the device the caller wants.
 
-    On a GPU it uses FAISS's GPU index when faiss has one, else an exact torch top-k over
-    the same vectors (identical results to a flat FAISS index); on the CPU, FAISS itself.
+    ``backend="auto"``: on a GPU, FAISS's GPU index when faiss has one, else an exact torch
+    top-k over the same vectors (identical results to a flat FAISS index; approximate
+    indexes stay on FAISS's CPU search); on the CPU, FAISS itself. ``"torch"`` forces the
+    torch top-k (flat indexes only) and ``"faiss"`` FAISS on the CPU.
     """
 
-    def __init__(self, index: faiss.Index, device: torch.device) -> None:
+    def __init__(self, index: faiss.Index, device: torch.device, backend: str = "auto") -> None:
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"backend must be auto, faiss or torch, not {backend!r}")
         self.index = index
-        self.device = device
+        self.device = torch.device(device)
         self.backend = "faiss-cpu"
         self._gpu_index = None
         self._vectors: torch.Tensor | None = None
         self._ids: torch.Tensor | None = None
-        if device.type == "cuda":
-            if faiss_has_gpu():
-                self._gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-                self.backend = "faiss-gpu"
-            else:
-                vectors, ids = exported_vectors(index)
-                self._vectors = torch.from_numpy(vectors).to(device)
-                self._ids = torch.from_numpy(ids).to(device)
-                self.backend = "torch-gpu"
+        on_gpu = self.device.type == "cuda"
+        if backend == "auto" and on_gpu and faiss_has_gpu():
+            self._gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            self.backend = "faiss-gpu"
+        elif backend == "torch" or (backend == "auto" and on_gpu and is_flat(index)):
+            vectors, ids = exported_vectors(index)
+            self._vectors = torch.from_numpy(vectors).to(self.device)
+            self._ids = torch.from_numpy(ids).to(self.device)
+            self.backend = f"torch-{self.device.type}"
 
     @property
     def ntotal(self) -> int:
@@ -102,11 +114,20 @@ class VectorSearcher:
         return scores, ids
 
 
+def _base_index(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
+def is_flat(index: faiss.Index) -> bool:
+    """Whether the index (under its ID map) is exact flat search."""
+    return isinstance(_base_index(index), faiss.IndexFlat)
+
+
 def exported_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """The vectors and ids of a flat ID-mapped index (for the torch GPU path)."""
-    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    base = _base_index(index)
     if not isinstance(base, faiss.IndexFlat):
-        raise ValueError("exact torch search needs a Flat index; this FAISS build has no GPU support")
+        raise ValueError(f"exact torch search needs a Flat index, not {type(base).__name__}")
     vectors = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d).reshape(base.ntotal, base.d).copy()
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
     return vectors, ids
