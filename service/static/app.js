@@ -1,0 +1,342 @@
+// The search page: choose or drop a query image, POST it to /search, show the reranked grid,
+// open a result's patch-matching picture. Plain browser JavaScript, no build step.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+
+  const els = {
+    indexInfo: $("index-info"),
+    banner: $("random-weights-banner"),
+    error: $("error-message"),
+    form: $("search-form"),
+    dropZone: $("drop-zone"),
+    fileInput: $("query-image"),
+    preview: $("query-preview"),
+    queryName: $("query-name"),
+    topK: $("opt-top-k"),
+    s: $("opt-s"),
+    marginals: $("opt-marginals"),
+    searchButton: $("search-button"),
+    status: $("search-status"),
+    timings: $("timings"),
+    empty: $("results-empty"),
+    results: $("results"),
+    template: $("result-template"),
+    dialog: $("explanation-dialog"),
+    dialogClose: $("explanation-close"),
+    dialogCaption: $("explanation-caption"),
+    dialogLoading: $("explanation-loading"),
+    dialogError: $("explanation-error"),
+    dialogImage: $("explanation-image"),
+  };
+
+  const TIMING_STAGES = ["queue", "embed", "search", "rerank", "total"];
+  let queryFile = null;
+  let previewUrl = null;
+  let searchSerial = 0; // answers to superseded searches are dropped
+
+  // ---- messages -----------------------------------------------------------------------------
+
+  function showError(message) {
+    els.error.textContent = message;
+    els.error.hidden = false;
+  }
+
+  function clearError() {
+    els.error.textContent = "";
+    els.error.hidden = true;
+  }
+
+  function setRandomWeights(flag) {
+    els.banner.hidden = !flag;
+  }
+
+  /** The API's `detail` (a string, or FastAPI's list of validation errors) as one line. */
+  function detailText(body, status) {
+    const detail = body && body.detail;
+    if (typeof detail === "string" && detail) return detail;
+    if (Array.isArray(detail)) {
+      return detail
+        .map((d) => {
+          const where = Array.isArray(d.loc) ? d.loc.filter((x) => x !== "body").join(".") : "";
+          return where ? `${where}: ${d.msg}` : String(d.msg || JSON.stringify(d));
+        })
+        .join("; ");
+    }
+    return `The server answered ${status} without an explanation.`;
+  }
+
+  async function readError(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (_) {
+      /* not JSON */
+    }
+    let text = `Error ${response.status}: ${detailText(body, response.status)}`;
+    const retry = response.headers.get("Retry-After");
+    if (response.status === 503 && retry) text += ` (retry in ${retry} s)`;
+    return text;
+  }
+
+  // ---- index information --------------------------------------------------------------------
+
+  async function loadIndexInfo() {
+    try {
+      const response = await fetch("/index", { headers: { Accept: "application/json" } });
+      if (!response.ok) {
+        els.indexInfo.textContent = "Index information unavailable.";
+        showError(await readError(response));
+        return;
+      }
+      const info = await response.json();
+      const weights = info.weights ? ` (${info.weights} weights)` : "";
+      els.indexInfo.textContent = `${info.images} images indexed · model ${info.model}${weights}`;
+      setRandomWeights(Boolean(info.random_weights));
+    } catch (err) {
+      els.indexInfo.textContent = "Index information unavailable.";
+      showError(`Could not reach the service: ${err.message}`);
+    }
+  }
+
+  // ---- choosing the query -------------------------------------------------------------------
+
+  function setQuery(file) {
+    if (!file) return;
+    queryFile = file;
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(file);
+    els.preview.src = previewUrl;
+    els.preview.alt = `Query image ${file.name}`;
+    els.preview.hidden = !file.type.startsWith("image/");
+    els.queryName.textContent = file.name;
+    els.searchButton.disabled = false;
+    search();
+  }
+
+  els.fileInput.addEventListener("change", () => {
+    if (els.fileInput.files && els.fileInput.files.length) setQuery(els.fileInput.files[0]);
+  });
+
+  ["dragenter", "dragover"].forEach((type) =>
+    els.dropZone.addEventListener(type, (event) => {
+      event.preventDefault();
+      if (event.dataTransfer) event.dataTransfer.dropEffect = "copy";
+      els.dropZone.classList.add("dragging");
+    })
+  );
+  ["dragleave", "dragend"].forEach((type) =>
+    els.dropZone.addEventListener(type, () => els.dropZone.classList.remove("dragging"))
+  );
+  els.dropZone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    els.dropZone.classList.remove("dragging");
+    const files = event.dataTransfer && event.dataTransfer.files;
+    if (files && files.length) setQuery(files[0]);
+  });
+  // A file dropped beside the zone must not make the browser navigate away from the page.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+
+  els.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    search();
+  });
+
+  // ---- searching ----------------------------------------------------------------------------
+
+  function searchForm() {
+    const data = new FormData();
+    data.append("image", queryFile, queryFile.name);
+    if (els.topK.value.trim()) data.append("top_k", els.topK.value.trim());
+    if (els.s.value.trim()) data.append("s", els.s.value.trim());
+    if (els.marginals.value) data.append("marginals", els.marginals.value);
+    return data;
+  }
+
+  async function search() {
+    if (!queryFile) return;
+    const serial = ++searchSerial;
+    clearError();
+    els.status.textContent = "Searching…";
+    els.searchButton.disabled = true;
+    els.form.setAttribute("aria-busy", "true");
+    try {
+      const response = await fetch("/search", { method: "POST", body: searchForm() });
+      if (serial !== searchSerial) return;
+      if (!response.ok) {
+        const message = await readError(response);
+        if (serial !== searchSerial) return;
+        clearResults();
+        els.status.textContent = "Search failed.";
+        showError(message);
+        return;
+      }
+      const answer = await response.json();
+      if (serial !== searchSerial) return;
+      renderAnswer(answer);
+    } catch (err) {
+      if (serial !== searchSerial) return;
+      clearResults();
+      els.status.textContent = "Search failed.";
+      showError(`Could not reach the service: ${err.message}`);
+    } finally {
+      if (serial === searchSerial) {
+        els.searchButton.disabled = false;
+        els.form.removeAttribute("aria-busy");
+      }
+    }
+  }
+
+  function clearResults() {
+    els.results.replaceChildren();
+    els.timings.replaceChildren();
+    els.timings.hidden = true;
+    els.empty.textContent = "Choose a query image to search the index.";
+    els.empty.hidden = false;
+    els.results.removeAttribute("data-query-id");
+  }
+
+  function formatScore(value) {
+    return typeof value === "number" && Number.isFinite(value) ? value.toFixed(4) : "—";
+  }
+
+  /** "▲3" moved up three places, "▼2" down two, "=" unchanged. */
+  function movement(rankBefore, rankAfter) {
+    const delta = rankBefore - rankAfter;
+    if (delta > 0) return { text: `▲${delta}`, cls: "up", words: `moved up ${delta}` };
+    if (delta < 0) return { text: `▼${-delta}`, cls: "down", words: `moved down ${-delta}` };
+    return { text: "=", cls: "same", words: "did not move" };
+  }
+
+  function renderTimings(timings) {
+    els.timings.replaceChildren();
+    const stages = TIMING_STAGES.filter((k) => timings && typeof timings[k] === "number");
+    Object.keys(timings || {}).forEach((k) => {
+      if (!stages.includes(k) && typeof timings[k] === "number") stages.push(k);
+    });
+    for (const stage of stages) {
+      const item = document.createElement("div");
+      item.className = "timing";
+      item.dataset.stage = stage;
+      const dt = document.createElement("dt");
+      dt.textContent = stage;
+      const dd = document.createElement("dd");
+      dd.dataset.testid = `timing-${stage}`;
+      dd.textContent = `${timings[stage].toFixed(1)} ms`;
+      item.append(dt, dd);
+      els.timings.append(item);
+    }
+    els.timings.hidden = stages.length === 0;
+  }
+
+  function renderResult(hit) {
+    const node = els.template.content.firstElementChild.cloneNode(true);
+    const q = (testid) => node.querySelector(`[data-testid="${testid}"]`);
+    const move = movement(hit.rank_before, hit.rank_after);
+    const name = hit.label ? `${hit.label} (${hit.id})` : hit.id;
+
+    node.id = `result-${hit.rank_after}`;
+    node.dataset.id = hit.id;
+    node.dataset.rankBefore = hit.rank_before;
+    node.dataset.rankAfter = hit.rank_after;
+
+    const thumb = q("result-thumb");
+    thumb.src = hit.thumbnail_url || hit.image_url;
+    thumb.alt = `Result ${hit.rank_after + 1}: ${name}`;
+
+    q("result-rank").textContent = `#${hit.rank_after + 1}`;
+    const badge = q("result-movement");
+    badge.textContent = move.text;
+    badge.classList.add(move.cls);
+    badge.title = `Rank ${hit.rank_before + 1} → ${hit.rank_after + 1} after reranking`;
+    badge.setAttribute("aria-label", `${move.words} (rank ${hit.rank_before + 1} before reranking)`);
+
+    q("result-label").textContent = hit.label || "(no label)";
+    q("result-id").textContent = hit.id;
+    q("result-id").title = hit.id;
+    q("score-final").textContent = formatScore(hit.final_score);
+    q("score-global").textContent = formatScore(hit.global_score);
+    q("score-structural").textContent = formatScore(hit.structural_score);
+
+    const button = q("result-button");
+    if (hit.explanation_url) {
+      button.setAttribute("aria-label", `${name}: show the patch matching`);
+      button.addEventListener("click", () => openExplanation(hit, name));
+    } else {
+      button.disabled = true;
+      button.title = "Not reranked, so there is no patch-matching picture";
+      node.classList.add("not-reranked");
+    }
+    return node;
+  }
+
+  function renderAnswer(answer) {
+    setRandomWeights(Boolean(answer.random_weights));
+    const results = Array.isArray(answer.results) ? answer.results.slice() : [];
+    results.sort((a, b) => a.rank_after - b.rank_after);
+    els.results.replaceChildren(...results.map(renderResult));
+    els.results.dataset.queryId = answer.query_id || "";
+    els.empty.hidden = results.length > 0;
+    if (!results.length) els.empty.textContent = "The index returned no results.";
+    renderTimings(answer.timings_ms);
+    const settings = answer.settings || {};
+    const parts = [`${results.length} result${results.length === 1 ? "" : "s"}`];
+    if (answer.marginals) parts.push(`patch weights: ${answer.marginals}`);
+    if (settings.s !== undefined) parts.push(`s = ${settings.s}`);
+    if (settings.rerank_k !== undefined) parts.push(`reranked top ${settings.rerank_k}`);
+    els.status.textContent = parts.join(" · ");
+  }
+
+  // ---- the explanation panel ----------------------------------------------------------------
+
+  let explanationSerial = 0;
+
+  function openExplanation(hit, name) {
+    const serial = ++explanationSerial;
+    els.dialogCaption.textContent =
+      `${name}: final ${formatScore(hit.final_score)}, global ${formatScore(hit.global_score)}, ` +
+      `structural ${formatScore(hit.structural_score)}; rank ${hit.rank_before + 1} → ${hit.rank_after + 1}.`;
+    els.dialogError.hidden = true;
+    els.dialogError.textContent = "";
+    els.dialogImage.hidden = true;
+    els.dialogImage.removeAttribute("src");
+    els.dialogImage.alt = `Patch matching between the query and ${name}`;
+    els.dialogLoading.hidden = false;
+    els.dialogImage.onload = () => {
+      if (serial !== explanationSerial) return;
+      els.dialogLoading.hidden = true;
+      els.dialogImage.hidden = false;
+    };
+    els.dialogImage.onerror = async () => {
+      if (serial !== explanationSerial) return;
+      els.dialogLoading.hidden = true;
+      let message = "The patch-matching picture could not be loaded.";
+      try {
+        const response = await fetch(hit.explanation_url);
+        if (!response.ok) message = await readError(response);
+      } catch (_) {
+        /* keep the generic message */
+      }
+      if (serial !== explanationSerial) return;
+      els.dialogError.textContent = message;
+      els.dialogError.hidden = false;
+    };
+    els.dialogImage.src = hit.explanation_url;
+    if (!els.dialog.open) els.dialog.showModal();
+    els.dialogClose.focus();
+  }
+
+  els.dialogClose.addEventListener("click", () => els.dialog.close());
+  // A click on the backdrop (outside the dialog's box) closes it too.
+  els.dialog.addEventListener("click", (event) => {
+    if (event.target !== els.dialog) return;
+    const r = els.dialog.getBoundingClientRect();
+    const inside = event.clientX >= r.left && event.clientX <= r.right &&
+      event.clientY >= r.top && event.clientY <= r.bottom;
+    if (!inside) els.dialog.close();
+  });
+
+  loadIndexInfo();
+})();
