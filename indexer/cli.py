@@ -198,7 +198,7 @@ def _search(args) -> int:
                                   marginals=args.marginals)
         result = searcher.search([image], settings, keep_plans=args.explain is not None)[0]
         if args.explain is not None:
-            _write_explanations(args.explain, image, result, gallery)
+            _write_explanations(args.explain, image, result, gallery, searcher.backbone.transform)
     if args.json:
         print(json.dumps({
             "results": [h.__dict__ for h in result.hits],
@@ -219,7 +219,8 @@ def _search(args) -> int:
     return 0
 
 
-def _write_explanations(folder: Path, query, result, gallery) -> None:
+def _write_explanations(folder: Path, query, result, gallery, transform) -> None:
+    from reranker.views import model_view
     from reranker.visualize import render_match
 
     from .atomic import write_bytes
@@ -231,7 +232,8 @@ def _write_explanations(folder: Path, query, result, gallery) -> None:
         if h.id not in result.plans:
             continue
         _, feats = gallery.features([h.faiss_id])
-        png = render_match(query, load_image(h.path), result.plans[h.id], grid=grid,
+        png = render_match(model_view(query, transform), model_view(load_image(h.path), transform),
+                           result.plans[h.id], grid=grid,
                            query_weights=result.query_weights, candidate_weights=feats.patch_weights[0],
                            title=f"#{h.rank_after} {h.id}  final {h.final_score:.3f}")
         write_bytes(folder / f"{h.rank_after:03d}.png", png)
