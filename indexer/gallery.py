@@ -59,7 +59,8 @@ class Gallery:
         self.manifest = manifest
         self.db = MetadataDB(self.folder / DB_NAME)
         self.store = PatchStore(self.folder)
-        self.pca = PatchPCA.load(self.folder) if manifest.pca_dim else None
+        # The PCA is fitted on the first images a build commits; until then there is none.
+        self.pca = PatchPCA.load(self.folder) if manifest.pca_dim and PatchPCA.exists(self.folder) else None
         state = self.db.get_state()
         self.generation: int = state.get("generation", 0)
         self.segments: list[int] = state.get("segments", [])

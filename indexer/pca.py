@@ -48,6 +48,10 @@ class PatchPCA:
         np.savez(buf, mean=self.mean, components=self.components)
         write_bytes(Path(folder) / PCA_NAME, buf.getvalue())
 
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        return (Path(folder) / PCA_NAME).is_file()
+
     @classmethod
     def load(cls, folder: Path) -> "PatchPCA":
         with np.load(Path(folder) / PCA_NAME) as data:

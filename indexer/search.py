@@ -82,6 +82,13 @@ class Searcher:
         self.vectors = VectorSearcher(self.gallery.faiss, self.device, self.vector_backend)
 
     def resolve_marginals(self, marginals: str) -> str:
+        """The marginals a search uses: ``auto`` is rollout where stored, else cross-correlation."""
+        manifest = self.gallery.manifest
+        if marginals == "crosscorr" and manifest.pca_dim:
+            raise ValueError("this index's patches are reduced by a PCA: cross-correlation needs full-size "
+                             "patches; use rollout or uniform")
+        if marginals == "auto" and manifest.pca_dim and manifest.patch_weights == "uniform":
+            return "uniform"
         if marginals != "auto":
             if marginals == "rollout" and self.gallery.manifest.patch_weights == "uniform":
                 raise ValueError("this index stores no rollout weights: use crosscorr or uniform")

@@ -70,9 +70,12 @@ def _validate(query: Features, cands: Features, global_scores: torch.Tensor | No
         raise ValueError("the candidate list is empty")
     if gq.shape[0] != Q or fq.shape[0] != Q or fx.shape[:2] != (Q, K):
         raise ValueError("queries and candidates disagree on the number of queries or candidates")
-    D = gq.shape[-1]
-    if fq.shape[-1] != D or gx.shape[-1] != D or fx.shape[-1] != D:
-        raise ValueError(f"feature dimensions differ: {D}, {fq.shape[-1]}, {gx.shape[-1]}, {fx.shape[-1]}")
+    # Global and patch vectors may live in different spaces (patches reduced by a PCA), but
+    # each must match its counterpart.
+    if gq.shape[-1] != gx.shape[-1]:
+        raise ValueError(f"global feature dimensions differ: query {gq.shape[-1]}, candidates {gx.shape[-1]}")
+    if fq.shape[-1] != fx.shape[-1]:
+        raise ValueError(f"patch feature dimensions differ: query {fq.shape[-1]}, candidates {fx.shape[-1]}")
     if global_scores is not None and tuple(global_scores.shape) != (Q, K):
         raise ValueError(f"global_scores must be ({Q}, {K}), got {tuple(global_scores.shape)}")
     if query.patch_weights is not None and query.patch_weights.shape != fq.shape[:-1]:
@@ -95,6 +98,12 @@ def _marginals(query: Features, cands: Features, kind: str) -> tuple[torch.Tenso
     if kind == "uniform":
         return uniform_weights((Q, 1), n, device), uniform_weights((Q, K), m, device)
     if kind == "crosscorr":
+        if query.global_features.shape[-1] != query.patch_features.shape[-1]:
+            raise ValueError(
+                "cross-correlation marginals compare global vectors with patch vectors, which need the same "
+                f"dimension (here {query.global_features.shape[-1]} and {query.patch_features.shape[-1]}, "
+                "e.g. patches reduced by a PCA): use rollout or uniform marginals"
+            )
         return cross_correlation_weights(
             query.global_features.float(), query.patch_features.float(),
             cands.global_features.float(), cands.patch_features.float(),

@@ -92,8 +92,16 @@ def test_bad_input_raises_value_error():
         rerank(q, c, s=1.01)
     with pytest.raises(ValueError, match="empty"):
         rerank(q, Features(c.global_features[:0], c.patch_features[:0], c.patch_weights[:0]))
-    with pytest.raises(ValueError, match="dimensions differ"):
-        rerank(q, Features(c.global_features[:, :5], c.patch_features[..., :5], c.patch_weights))
+    with pytest.raises(ValueError, match="global feature dimensions differ"):
+        rerank(q, Features(c.global_features[:, :5], c.patch_features, c.patch_weights))
+    with pytest.raises(ValueError, match="patch feature dimensions differ"):
+        rerank(q, Features(c.global_features, c.patch_features[..., :5], c.patch_weights))
+    # Patches in their own (smaller) space work with rollout marginals, not with cross-correlation.
+    small_q = Features(q.global_features, q.patch_features[..., :5], q.patch_weights)
+    small_c = Features(c.global_features, c.patch_features[..., :5], c.patch_weights)
+    assert rerank(small_q, small_c, marginals="rollout").structural_scores.shape == (1, len(c.global_features))
+    with pytest.raises(ValueError, match="need the same dimension"):
+        rerank(small_q, small_c, marginals="crosscorr")
     nan = c.patch_features.clone()
     nan[2, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
