@@ -82,9 +82,23 @@
 
   // ---- index information --------------------------------------------------------------------
 
-  async function loadIndexInfo() {
+  const INDEX_RETRIES = 120; // while the service is still loading (503), ask again
+
+  async function loadIndexInfo(attempt = 0) {
     try {
       const response = await fetch("/index", { headers: { Accept: "application/json" } });
+      if (response.status === 503 && attempt < INDEX_RETRIES) {
+        const retry = Math.min(Math.max(Number(response.headers.get("Retry-After")) || 5, 1), 30);
+        let body = null;
+        try {
+          body = await response.json();
+        } catch (_) {
+          /* not JSON */
+        }
+        els.indexInfo.textContent = `Service starting (${detailText(body, 503)}); checking again in ${retry} s…`;
+        setTimeout(() => loadIndexInfo(attempt + 1), retry * 1000);
+        return;
+      }
       if (!response.ok) {
         els.indexInfo.textContent = "Index information unavailable.";
         showError(await readError(response));
