@@ -1,0 +1,1 @@
+"""Offline evaluation: the published retrieval protocols, with and without structural reranking."""
