@@ -28,15 +28,9 @@ def _run_bench_ot(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--demo", action="store_true", help="serve the built-in demo gallery")
-    serve.add_argument("--index", help="index directory to serve")
-    serve.set_defaults(handler=_run_serve)
+    from service.cli import add_serve_command
 
-
-def _run_serve(args: argparse.Namespace) -> int:
-    print("vit-rerank serve: the HTTP service is not built yet (see the open service issue).", file=sys.stderr)
-    return 2
+    add_serve_command(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

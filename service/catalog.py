@@ -1,0 +1,36 @@
+"""Read-only lookups of indexed images by id, on a connection of their own.
+
+The engine's writer connection may be inside a transaction at any moment; this reader
+(SQLite WAL) only ever sees committed rows, and never waits for inference.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from indexer.gallery import DB_NAME
+from indexer.metadata import ImageRow, MetadataDB
+
+
+class Catalog:
+    """``row(id)``: the committed metadata of one image, or None."""
+
+    def __init__(self, index_dir: Path) -> None:
+        uri = (Path(index_dir) / DB_NAME).resolve().as_uri() + "?mode=ro"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
+
+    def row(self, image_id: str) -> ImageRow | None:
+        with self._lock:
+            found = self._conn.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        return None if found is None else MetadataDB._to_row(found)
+
+    def referenced_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT path FROM images")}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

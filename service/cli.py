@@ -1,0 +1,103 @@
+"""``vit-rerank serve``: run the HTTP service with uvicorn (one worker)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="run the HTTP service",
+        description="Serve an index over HTTP. Every flag overrides its VIT_RERANK_* environment variable.",
+    )
+    src = serve.add_mutually_exclusive_group()
+    src.add_argument("--demo", action="store_true", help="serve the built-in demo gallery (indexed on first start)")
+    src.add_argument("--index", help="index directory to serve (VIT_RERANK_INDEX)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--model", help="backbone of the demo index (default vit_small_patch16_224.dino)")
+    serve.add_argument("--model-kwargs", default=None, help="JSON of extra model arguments (demo index only)")
+    serve.add_argument("--weights", help="pretrained | random | PATH (default: the index's own)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--api-key", help="require this key in X-API-Key for index changes (VIT_RERANK_API_KEY)")
+    serve.add_argument("--top-k", type=int)
+    serve.add_argument("--rerank-k", type=int)
+    serve.add_argument("--s", type=float, help="fraction of patch mass matched, in (0, 1]")
+    serve.add_argument("--lambda", dest="lam", type=float, help="weight of the structural score")
+    serve.add_argument("--marginals", choices=["auto", "rollout", "crosscorr", "uniform"])
+    serve.add_argument("--max-upload-bytes", type=int)
+    serve.add_argument("--queue-size", type=int)
+    serve.add_argument("--max-batch", type=int)
+    serve.add_argument("--batch-wait-ms", type=float)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-progress", action="store_true", help="no progress bar while indexing the demo")
+    serve.set_defaults(handler=run_serve)
+
+
+_FLAGS = ("index", "host", "port", "model", "weights", "device", "api_key", "top_k", "rerank_k", "s", "lam",
+          "marginals", "max_upload_bytes", "queue_size", "max_batch", "batch_wait_ms")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from reranker.backbones import WeightsUnavailableError
+    from reranker.device import resolve_device
+
+    from .settings import ServiceSettings
+
+    overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    try:
+        settings = ServiceSettings(**overrides)
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    except ValidationError as err:
+        return _fail(f"invalid setting:\n{err}")
+    except json.JSONDecodeError as err:
+        return _fail(f"--model-kwargs is not valid JSON: {err}")
+    device = resolve_device(settings.device)
+    if args.demo:
+        from .demo import ensure_demo_index
+
+        weights = settings.weights or "pretrained"
+        try:
+            index = ensure_demo_index(settings.model, weights, device, model_kwargs, progress=not args.no_progress)
+        except WeightsUnavailableError as err:
+            return _fail(f"{err}\nFor the demo: vit-rerank serve --demo --weights /path/to/checkpoint, "
+                         "or --weights random (testing only: the page and every answer say so).")
+        except (ValueError, FileNotFoundError) as err:
+            return _fail(str(err))
+        settings = settings.model_copy(update={"index": index, "weights": weights})
+    if settings.index is None:
+        return _fail("nothing to serve: give --index DIR (or VIT_RERANK_INDEX), or --demo")
+    return _serve(settings, args.log_level)
+
+
+def _serve(settings, log_level: str = "info") -> int:
+    import uvicorn
+
+    from indexer.manifest import IndexMismatchError
+    from reranker.backbones import WeightsUnavailableError
+
+    from .app import create_app
+    from .engine import Engine
+    from .metrics import ServiceMetrics
+
+    try:
+        engine = Engine.open(settings, ServiceMetrics())
+    except (FileNotFoundError, IndexMismatchError, WeightsUnavailableError, ValueError) as err:
+        return _fail(f"cannot serve {settings.index}: {err}")
+    info = engine.info()
+    print(f"serving {info['images']} images of {settings.index} ({info['model']}, weights {info['weights']}) "
+          f"at http://{settings.host}:{settings.port}/", file=sys.stderr)
+    if engine.random_weights:
+        print("note: random weights: results are meaningless except for testing", file=sys.stderr)
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, workers=1,
+                log_level=log_level)
+    return 0

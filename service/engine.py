@@ -1,0 +1,330 @@
+"""Inference off the event loop: one worker thread, a bounded queue, batches of queries that
+arrive together, and index changes serialised with the searches (one lock)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from indexer.atomic import write_bytes
+from indexer.build import add_records, backbone_for
+from indexer.gallery import Gallery
+from indexer.loading import LoadLimits, content_hash
+from indexer.search import QueryResult, Searcher, SearchSettings
+from indexer.sources import ImageRecord
+from reranker.device import resolve_device
+
+from .catalog import Catalog
+from .metrics import ServiceMetrics
+from .settings import ServiceSettings
+
+log = logging.getLogger("vit_rerank.service")
+
+UPLOADS = "uploads"
+
+
+class QueueFullError(RuntimeError):
+    """Too many queries are waiting; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the inference queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DuplicateIdError(ValueError):
+    """An image with this id is already indexed."""
+
+
+class ImageRejectedError(ValueError):
+    """The indexer refused the image (``reason`` as in ``indexer.loading``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class SearchOutcome:
+    """One query's result, its stage timings and the patch weights of its reranked hits."""
+
+    result: QueryResult
+    timings_ms: dict[str, float]
+    candidate_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    batch_size: int = 1
+
+
+@dataclass
+class _Job:
+    image: Image.Image
+    settings: SearchSettings
+    future: Future
+    enqueued: float
+
+
+class Engine:
+    """Owns the searcher of one index; ``start()`` runs its inference thread."""
+
+    def __init__(
+        self,
+        gallery: Gallery,
+        searcher: Searcher,
+        *,
+        queue_size: int = 64,
+        max_batch: int = 16,
+        batch_wait_ms: float = 0.0,
+        limits: LoadLimits = LoadLimits(),
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.gallery = gallery
+        self.searcher = searcher
+        self.catalog = Catalog(gallery.folder)
+        self.uploads = gallery.folder.resolve() / UPLOADS
+        self.limits = limits
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1e3
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()
+        self._seconds_per_query = 0.1  # running estimate, for Retry-After
+        self._thread: threading.Thread | None = None
+        self._info = gallery.info()
+        self._remove_orphan_uploads()
+
+    @classmethod
+    def open(cls, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> "Engine":
+        """Open ``settings.index`` with the backbone that built it."""
+        if settings.index is None:
+            raise ValueError("no index directory given (--index DIR, VIT_RERANK_INDEX, or --demo)")
+        device = resolve_device(settings.device)
+        gallery = Gallery.open(Path(settings.index).resolve())
+        try:
+            backbone = backbone_for(gallery.manifest, device, settings.weights)
+            searcher = Searcher(gallery, backbone, device)
+        except BaseException:
+            gallery.close()
+            raise
+        limits = LoadLimits(max_pixels=settings.max_image_pixels, max_file_bytes=settings.max_upload_bytes)
+        return cls(
+            gallery, searcher, queue_size=settings.queue_size, max_batch=settings.max_batch,
+            batch_wait_ms=settings.wait_ms(device.type), limits=limits, metrics=metrics,
+        )
+
+    # --- facts ---------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return self.gallery.manifest.model
+
+    @property
+    def random_weights(self) -> bool:
+        return self.searcher.backbone.random_weights
+
+    @property
+    def transform(self) -> Any:
+        return self.searcher.backbone.transform
+
+    @property
+    def grid(self) -> int:
+        return self.gallery.manifest.grid
+
+    def info(self) -> dict[str, Any]:
+        """Index statistics as of the last change (no lock: never waits for inference)."""
+        return {**self._info, "random_weights": self.random_weights, "device": str(self.searcher.device)}
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def resolve_marginals(self, marginals: str) -> str:
+        return self.searcher.resolve_marginals(marginals)
+
+    # --- lifecycle -----------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vit-rerank-inference", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker (queries still queued fail) and close the index."""
+        if self._thread is not None:
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(RuntimeError("the service is shutting down"))
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+        with self._lock:
+            self.catalog.close()
+            self.gallery.close()
+
+    # --- searching -----------------------------------------------------------------
+    def submit(self, image: Image.Image, settings: SearchSettings) -> Future:
+        """Queue one query; the future gives a :class:`SearchOutcome`. Raises :class:`QueueFullError`."""
+        if self._thread is None:
+            raise RuntimeError("the engine is not started")
+        job = _Job(image, settings, Future(), time.perf_counter())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            if self.metrics:
+                self.metrics.rejected.inc()
+            raise QueueFullError(self.retry_after()) from None
+        if self.metrics:
+            self.metrics.queue_depth.set(self._queue.qsize())
+        return job.future
+
+    def search(self, image: Image.Image, settings: SearchSettings, timeout: float | None = None) -> SearchOutcome:
+        """Blocking :meth:`submit` (for in-process callers, e.g. the benchmark)."""
+        return self.submit(image, settings).result(timeout)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil((self._queue.qsize() + 1) * self._seconds_per_query))
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch, stop = [job], False
+            deadline = time.perf_counter() + self.batch_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            if self.metrics:
+                self.metrics.queue_depth.set(self._queue.qsize())
+            self._process(batch)
+            if stop:
+                return
+
+    def _process(self, batch: list[_Job]) -> None:
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
+        groups: dict[tuple, list[_Job]] = defaultdict(list)
+        for job in live:
+            groups[dataclasses.astuple(job.settings)].append(job)
+        for jobs in groups.values():
+            start = time.perf_counter()
+            try:
+                with self._lock:
+                    results = self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True)
+                    weights = [self._reranked_weights(r) for r in results]
+            except BaseException as err:  # noqa: BLE001 - the worker must survive any query
+                log.exception("search failed")
+                for j in jobs:
+                    j.future.set_exception(err)
+                continue
+            done = time.perf_counter()
+            self._seconds_per_query = 0.8 * self._seconds_per_query + 0.2 * (done - start) / len(jobs)
+            if self.metrics:
+                self.metrics.batch_size.observe(len(jobs))
+            for job, result, w in zip(jobs, results, weights):
+                timings = {
+                    "queue": (start - job.enqueued) * 1e3,
+                    "embed": result.timings_ms["embed"],
+                    "search": result.timings_ms["search"],
+                    "rerank": result.timings_ms["rerank"],
+                    "total": (done - job.enqueued) * 1e3,
+                }
+                if self.metrics:
+                    self.metrics.observe_stages(timings)
+                job.future.set_result(SearchOutcome(result, timings, w, len(jobs)))
+
+    def _reranked_weights(self, result: QueryResult) -> dict[str, np.ndarray]:
+        """Keep the plans of the returned hits only, with their stored patch weights."""
+        hits = [h for h in result.hits if h.id in result.plans]
+        result.plans = {h.id: result.plans[h.id] for h in hits}
+        if not hits:
+            return {}
+        _, feats = self.gallery.features([h.faiss_id for h in hits])
+        return {h.id: np.array(feats.patch_weights[k], dtype=np.float32) for k, h in enumerate(hits)}
+
+    # --- changing the index ----------------------------------------------------------
+    def add_image(
+        self, data: bytes, suffix: str, image_id: str | None = None, label: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Store the upload under ``<index>/uploads/`` and index it; all or nothing. Returns the id."""
+        digest = content_hash(data)
+        image_id = image_id or f"upload-{digest[:16]}"
+        name = f"{hashlib.sha256(image_id.encode()).hexdigest()[:16]}-{digest[:16]}{suffix}"
+        path = self.uploads / name  # never a name from the client
+        with self._lock:
+            if self.gallery.db.rows_by_id([image_id]):
+                raise DuplicateIdError(f"an image with id {image_id!r} is already indexed")
+            self.uploads.mkdir(exist_ok=True)
+            write_bytes(path, data)
+            try:
+                report = add_records(
+                    self.gallery, self.searcher.backbone,
+                    [ImageRecord(str(path), image_id, label, dict(metadata or {}))],
+                    workers=0, limits=self.limits, progress=False,
+                )
+                if report.failures:
+                    failure = report.failures[0]
+                    raise ImageRejectedError(failure.reason, failure.message)
+                if report.added != 1:
+                    raise RuntimeError(f"the indexer added {report.added} images instead of 1")
+            except BaseException:
+                if image_id not in self.gallery.ids():
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                raise
+            finally:
+                self.searcher.refresh()
+                self._info = self.gallery.info()
+        return image_id
+
+    def remove_image(self, image_id: str) -> bool:
+        """Remove one image (and its upload, if it came through the service); False if unknown."""
+        with self._lock:
+            row = self.gallery.db.rows_by_id([image_id]).get(image_id)
+            if row is None:
+                return False
+            try:
+                self.gallery.remove([image_id])
+            finally:
+                self.searcher.refresh()
+                self._info = self.gallery.info()
+        path = Path(row.path)
+        if path.parent == self.uploads:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return True
+
+    def _remove_orphan_uploads(self) -> None:
+        """Uploads that no committed image refers to (left by a crash between write and commit)."""
+        if not self.uploads.is_dir():
+            return
+        live = self.catalog.referenced_paths()
+        for path in self.uploads.iterdir():
+            if path.is_file() and str(path) not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()

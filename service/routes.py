@@ -1,0 +1,256 @@
+"""The endpoints. Each one is thin: decode and check the request, call the engine, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, Request, Security, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from fastapi.security import APIKeyHeader
+
+from indexer.search import SearchSettings
+from reranker.views import model_view
+
+from .engine import DuplicateIdError, ImageRejectedError, QueueFullError, SearchOutcome
+from .explanations import ExplanationNotFound, Match, QueryExplanations
+from .gallery_images import gallery_image, thumbnail
+from .schemas import ERRORS, Added, AppliedSettings, IndexInfo, Removed, Result, SearchResponse, Status
+from .state import ServiceState
+from .uploads import decode_upload, file_suffix, read_upload
+
+router = APIRouter()
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has a key")
+MAX_ID_CHARS = 512
+
+
+def service(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)] = None) -> None:
+    expected = service(request).settings.api_key
+    if expected is None:
+        return
+    if not key:
+        raise HTTPException(401, "this endpoint needs an API key in the X-API-Key header",
+                            headers={"WWW-Authenticate": "X-API-Key"})
+    if not secrets.compare_digest(key.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(403, "wrong API key")
+
+
+def _url_id(image_id: str) -> str:
+    return quote(image_id, safe="")
+
+
+# --- health -------------------------------------------------------------------------------
+@router.get("/healthz", response_model=Status, tags=["health"])
+async def healthz() -> Status:
+    """The process is alive."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["health"])
+async def readyz(request: Request) -> Any:
+    """200 once the index and the model are loaded, else 503 (with the reason)."""
+    state = service(request)
+    if state.engine is None:
+        from fastapi.responses import JSONResponse
+
+        detail = state.load_error or "loading the index and the model"
+        return JSONResponse({"status": "unavailable", "detail": detail}, 503, headers={"Retry-After": "5"})
+    return Status(status="ready")
+
+
+@router.get("/metrics", tags=["health"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
+async def metrics(request: Request) -> Response:
+    """Prometheus text: requests, latencies per route, time per search stage, queue depth."""
+    m = service(request).metrics
+    if service(request).engine is not None:
+        m.queue_depth.set(service(request).engine.queue_depth())
+    return Response(m.render(), media_type=m.content_type)
+
+
+# --- search -------------------------------------------------------------------------------
+@router.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+async def search(
+    request: Request,
+    image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
+    top_k: Annotated[int | None, Form(ge=1, le=100, description="results returned")] = None,
+    rerank_k: Annotated[int | None, Form(ge=0, le=1000, description="candidates reranked")] = None,
+    s: Annotated[float | None, Form(gt=0, le=1, allow_inf_nan=False, description="mass matched")] = None,
+    marginals: Annotated[Literal["auto", "rollout", "crosscorr", "uniform"] | None, Form()] = None,
+    lam: Annotated[float | None, Form(alias="lambda", ge=0, allow_inf_nan=False,
+                                      description="weight of the structural score")] = None,
+    explain: Annotated[bool, Form(description="render every explanation picture now")] = False,
+) -> Any:
+    """Search the index with one image: top K by global cosine, reranked by partial OT."""
+    state = service(request)
+    engine = state.ready_engine()
+    cfg = state.settings
+    settings = SearchSettings(
+        top_k=cfg.top_k if top_k is None else top_k,
+        rerank_k=cfg.rerank_k if rerank_k is None else rerank_k,
+        s=cfg.s if s is None else s,
+        lam=cfg.lam if lam is None else lam,
+        marginals=cfg.marginals if marginals is None else marginals,
+    )
+    try:
+        settings.validate()
+        resolved = engine.resolve_marginals(settings.marginals)
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
+    data = await read_upload(image, cfg.max_upload_bytes)
+    query = await run_in_threadpool(decode_upload, data, image.content_type, engine.limits)
+    try:
+        future = engine.submit(query, settings)
+    except QueueFullError as err:
+        raise HTTPException(503, str(err), headers={"Retry-After": str(err.retry_after)}) from None
+    outcome: SearchOutcome = await asyncio.wrap_future(future)
+    query_id = secrets.token_hex(12)
+    view = await run_in_threadpool(model_view, query, engine.transform)
+    _remember(state, query_id, view, outcome)
+    if explain:
+        await run_in_threadpool(_render_all, state, query_id, outcome)
+    return _response(state, query_id, settings, resolved, outcome)
+
+
+def _remember(state: ServiceState, query_id: str, view: Any, outcome: SearchOutcome) -> None:
+    result = outcome.result
+    matches = {
+        h.id: Match(
+            path=h.path,
+            plan=np.asarray(result.plans[h.id], dtype=np.float32),
+            candidate_weights=outcome.candidate_weights[h.id],
+            title=f"#{h.rank_after} (was #{h.rank_before})  {h.id}  final {h.final_score:.3f}",
+        )
+        for h in result.hits
+        if h.id in result.plans
+    }
+    if matches:
+        weights = np.asarray(result.query_weights, dtype=np.float32)
+        state.explanations.put(query_id, QueryExplanations(view, weights, state.engine.grid, matches))
+
+
+def _render_all(state: ServiceState, query_id: str, outcome: SearchOutcome) -> None:
+    for h in outcome.result.hits:
+        if h.id in outcome.result.plans:
+            state.explanations.picture(query_id, h.id)
+
+
+def _response(state: ServiceState, query_id: str, settings: SearchSettings, marginals: str,
+              outcome: SearchOutcome) -> SearchResponse:
+    result = outcome.result
+    results = []
+    for h in result.hits:
+        uid = _url_id(h.id)
+        results.append(Result(
+            id=h.id, label=h.label, metadata=h.metadata, global_score=h.global_score,
+            structural_score=h.structural_score, final_score=h.final_score, rank_before=h.rank_before,
+            rank_after=h.rank_after, image_url=f"/images/{uid}", thumbnail_url=f"/images/{uid}?size=thumb",
+            explanation_url=f"/explanations/{query_id}/{uid}.png" if h.id in result.plans else None,
+        ))
+    return SearchResponse(
+        query_id=query_id, model=state.engine.model, random_weights=result.random_weights, marginals=marginals,
+        settings=AppliedSettings(top_k=settings.top_k, rerank_k=settings.rerank_k, s=settings.s,
+                                 lam=settings.lam, marginals=settings.marginals),
+        timings_ms=outcome.timings_ms, results=results,
+    )
+
+
+@router.get("/explanations/{query_id}/{picture:path}", response_class=Response, tags=["search"],
+            responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404]})
+async def explanation(request: Request, query_id: str, picture: Annotated[str, Path(description="<gallery id>.png")]) -> Response:
+    """The patch-matching picture of one reranked result (rendered on demand, cached a while)."""
+    state = service(request)
+    state.ready_engine()
+    if not picture.endswith(".png"):
+        raise HTTPException(404, "explanation pictures are named <gallery id>.png")
+    try:
+        png = await run_in_threadpool(state.explanations.picture, query_id, picture.removesuffix(".png"))
+    except ExplanationNotFound as err:
+        raise HTTPException(404, str(err)) from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+
+# --- gallery images -----------------------------------------------------------------------
+@router.get("/images/{image_id:path}", response_class=Response, tags=["index"],
+            responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, 404: ERRORS[404]})
+async def image(request: Request, image_id: str,
+                size: Annotated[Literal["full", "thumb"], Query(description="thumb: at most 256 px")] = "full") -> Response:
+    """A gallery image by id (only images the index knows; no client path reaches the disk)."""
+    state = service(request)
+    engine = state.ready_engine()
+    row = await run_in_threadpool(engine.catalog.row, image_id)
+    if row is None:
+        raise HTTPException(404, f"no image with id {image_id!r} in the index")
+    if size == "thumb":
+        return await run_in_threadpool(thumbnail, state, row)
+    return await run_in_threadpool(gallery_image, row)
+
+
+# --- the index ----------------------------------------------------------------------------
+@router.get("/index", response_model=IndexInfo, responses={503: ERRORS[503]}, tags=["index"])
+async def index_info(request: Request) -> Any:
+    """Statistics of the served index."""
+    return service(request).ready_engine().info()
+
+
+def _metadata(text: str | None) -> dict[str, Any]:
+    if text is None or text == "":
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HTTPException(422, f"metadata: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise HTTPException(422, "metadata: must be a JSON object")
+    return value
+
+
+def _check_id(image_id: str | None) -> str | None:
+    if image_id is None or image_id == "":
+        return None
+    if len(image_id) > MAX_ID_CHARS or image_id != image_id.strip() or not image_id.isprintable():
+        raise HTTPException(422, f"id: 1 to {MAX_ID_CHARS} printable characters, no surrounding spaces")
+    return image_id
+
+
+@router.post("/index/images", status_code=201, response_model=Added, responses=ERRORS, tags=["index"],
+             dependencies=[Depends(require_api_key)])
+async def add_image(
+    request: Request,
+    image: Annotated[UploadFile, File(description="the image to index")],
+    id: Annotated[str | None, Form(description="its id (default: upload-<content hash>)")] = None,
+    label: Annotated[str | None, Form()] = None,
+    metadata: Annotated[str | None, Form(description="a JSON object")] = None,
+) -> Added:
+    """Index one more image; it is stored in the index directory and survives restarts."""
+    state = service(request)
+    engine = state.ready_engine()
+    image_id, meta = _check_id(id), _metadata(metadata)
+    data = await read_upload(image, state.settings.max_upload_bytes)
+    await run_in_threadpool(decode_upload, data, image.content_type, engine.limits)
+    try:
+        added = await run_in_threadpool(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
+    except DuplicateIdError as err:
+        raise HTTPException(409, str(err)) from None
+    except ImageRejectedError as err:
+        raise HTTPException(400, f"the indexer refused the image ({err.reason}): {err}") from None
+    return Added(id=added, added=True)
+
+
+@router.delete("/index/images/{image_id:path}", response_model=Removed, responses=ERRORS, tags=["index"],
+               dependencies=[Depends(require_api_key)])
+async def remove_image(request: Request, image_id: str) -> Removed:
+    """Remove one image from the index."""
+    engine = service(request).ready_engine()
+    if not await run_in_threadpool(engine.remove_image, image_id):
+        raise HTTPException(404, f"no image with id {image_id!r} in the index")
+    return Removed(id=image_id, removed=True)
