@@ -49,13 +49,14 @@ def _url_id(image_id: str) -> str:
 
 
 # --- health -------------------------------------------------------------------------------
-@router.get("/healthz", response_model=Status, tags=["health"])
+@router.get("/healthz", response_model=Status, response_model_exclude_none=True, tags=["health"])
 async def healthz() -> Status:
     """The process is alive."""
     return Status(status="ok")
 
 
-@router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["health"])
+@router.get("/readyz", response_model=Status, response_model_exclude_none=True, responses={503: {"model": Status}},
+            tags=["health"])
 async def readyz(request: Request) -> Any:
     """200 once the index and the model are loaded, else 503 (with the reason)."""
     state = service(request)

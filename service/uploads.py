@@ -18,6 +18,7 @@ _KNOWN_UNSUPPORTED = {
     b"<svg": "SVG",
     b"<?xml": "XML/SVG",
 }
+_READABLE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"}
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -46,8 +47,8 @@ def _unsupported_kind(data: bytes, declared: str | None) -> str | None:
             return name
     if data[4:8] == b"ftyp":  # ISO media: HEIC / AVIF
         return "HEIC/AVIF"
-    if declared and declared.startswith("image/"):
-        return declared
+    if declared and declared.startswith("image/") and declared not in _READABLE_TYPES:
+        return declared  # e.g. image/heic: an image, of a type we do not read
     return None
 
 

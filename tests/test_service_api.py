@@ -1,0 +1,352 @@
+"""The HTTP API in-process (httpx through FastAPI's TestClient) over a real index of clothing photos."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service import ServiceSettings, create_app
+from service_support import build_index, copy_index, gallery_photos, png_bytes
+
+
+@pytest.fixture(scope="module")
+def photos(shared_data) -> list[Path]:
+    return gallery_photos(shared_data)
+
+
+@pytest.fixture(scope="module")
+def index_dir(photos, tmp_path_factory) -> Path:
+    return build_index(tmp_path_factory.mktemp("service") / "index", photos)
+
+
+def make_client(index: Path, **settings) -> TestClient:
+    cfg = ServiceSettings(index=index, device="cpu", load_in_background=False, **settings)
+    return TestClient(create_app(cfg), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(index_dir):
+    """A read-only client: tests using it never change the index."""
+    with make_client(index_dir, max_upload_bytes=400_000, max_image_pixels=4_000_000) as c:
+        yield c
+
+
+@pytest.fixture()
+def own_index(index_dir, tmp_path) -> Path:
+    return copy_index(index_dir, tmp_path / "index")
+
+
+def search(client: TestClient, data: bytes, name: str = "q.jpg", mime: str = "image/jpeg", **form):
+    return client.post("/search", files={"image": (name, data, mime)}, data={k: str(v) for k, v in form.items()})
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str) and body["detail"]
+    for w in words:
+        assert w.lower() in body["detail"].lower(), body["detail"]
+
+
+# --- health, info, metrics -----------------------------------------------------------------------
+def test_health_ready_index(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    info = client.get("/index").json()
+    assert info["images"] == 30 and info["model"] == "test_vit" and info["weights"] == "random"
+    assert info["random_weights"] is True and info["patch_weights"] == "rollout" and info["factory"] == "Flat"
+    assert info["bytes_per_image"] > 0
+    assert client.get("/openapi.json").json()["paths"]["/search"]["post"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_readyz_is_503_until_loaded_and_says_why(tmp_path):
+    with make_client(tmp_path / "missing") as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "not an index directory" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200
+        assert_error(search(c, png_bytes()), 503, "not ready")
+
+
+def test_metrics_count_requests_and_stages(client, photos):
+    assert search(client, photos[3].read_bytes(), top_k=3).status_code == 200
+    text = client.get("/metrics").text
+    assert 'vit_rerank_requests_total{method="POST",route="/search",status="200"}' in text
+    for stage in ("queue", "embed", "search", "rerank", "total"):
+        assert f'vit_rerank_stage_seconds_count{{stage="{stage}"}}' in text
+    assert "vit_rerank_queue_depth" in text and "vit_rerank_request_seconds_bucket" in text
+
+
+# --- search ----------------------------------------------------------------------------------------
+def test_search_matches_the_library(client, index_dir, photos):
+    """The answer is the library's Searcher's answer (an independent in-process run), shaped by the contract."""
+    from indexer.build import backbone_for
+    from indexer.gallery import Gallery
+    from indexer.loading import load_image
+    from indexer.search import Searcher, SearchSettings
+
+    query = photos[12]
+    r = search(client, query.read_bytes(), top_k=8, rerank_k=12, s=0.9, **{"lambda": 0.5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results"}
+    assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "rollout"
+    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "s": 0.9, "lambda": 0.5, "marginals": "auto"}
+    assert set(body["timings_ms"]) == {"queue", "embed", "search", "rerank", "total"}
+    t = body["timings_ms"]
+    assert all(v >= 0 for v in t.values()) and t["total"] >= t["embed"] + t["search"]
+    hits = body["results"]
+    assert [h["rank_after"] for h in hits] == list(range(8))
+
+    with Gallery.open(index_dir) as gallery:
+        searcher = Searcher(gallery, backbone_for(gallery.manifest, "cpu"), "cpu")
+        expected = searcher.search([load_image(query)], SearchSettings(top_k=8, rerank_k=12, s=0.9, lam=0.5))[0]
+    assert [h["id"] for h in hits] == [e.id for e in expected.hits]
+    for h, e in zip(hits, expected.hits):
+        assert h["rank_before"] == e.rank_before and h["label"] == e.label and h["metadata"] == e.metadata
+        assert h["global_score"] == pytest.approx(e.global_score, abs=1e-5)
+        assert h["final_score"] == pytest.approx(e.final_score, abs=1e-5)
+        assert h["final_score"] == pytest.approx(h["global_score"] + 0.5 * h["structural_score"], abs=1e-5)
+        assert h["image_url"].startswith("/images/") and h["thumbnail_url"].endswith("?size=thumb")
+        assert h["explanation_url"] == f"/explanations/{body['query_id']}/{h['id'].replace('/', '%2F')}.png"
+    finals = [h["final_score"] for h in hits]
+    assert finals == sorted(finals, reverse=True)
+    first = [h for h in hits if h["rank_before"] == 0][0]  # the query is in the gallery: global cosine 1
+    assert first["id"] == f"skirt/{query.name}" or first["global_score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_without_reranking_keeps_the_global_order(client, photos):
+    body = search(client, photos[0].read_bytes(), top_k=5, rerank_k=0).json()
+    hits = body["results"]
+    assert [h["rank_before"] for h in hits] == list(range(5))
+    assert all(h["structural_score"] is None and h["explanation_url"] is None for h in hits)
+    assert all(h["final_score"] == h["global_score"] for h in hits)
+
+
+def test_only_reranked_results_have_explanations(client, photos):
+    hits = search(client, photos[5].read_bytes(), top_k=10, rerank_k=4).json()["results"]
+    for h in hits:
+        assert (h["explanation_url"] is not None) == (h["rank_before"] < 4)
+
+
+def test_explanation_pictures(client, photos):
+    body = search(client, photos[20].read_bytes(), top_k=4, rerank_k=10).json()
+    for h in body["results"]:
+        r = client.get(h["explanation_url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        picture = Image.open(io.BytesIO(r.content))
+        assert picture.size == (2 * 224 + 16, 224 + 20)  # two panels and a title strip
+    hit = body["results"][0]["id"].replace("/", "%2F")
+    assert_error(client.get(f"/explanations/0123456789abcdef/{hit}.png"), 404, "search again")
+    assert_error(client.get(f"/explanations/{body['query_id']}/not-a-result.png"), 404, "not among")
+    assert_error(client.get(f"/explanations/{body['query_id']}/{hit}"), 404, ".png")
+
+
+def test_explain_true_renders_eagerly(client, photos):
+    body = search(client, photos[21].read_bytes(), top_k=3, explain="true").json()
+    entry = client.app.state.service.explanations._cache[body["query_id"]]
+    assert set(entry.pictures) == {h["id"] for h in body["results"]}
+
+
+def test_explanations_expire(index_dir, photos):
+    with make_client(index_dir, explanation_ttl_s=0.3) as c:
+        url = search(c, photos[1].read_bytes(), top_k=2).json()["results"][0]["explanation_url"]
+        time.sleep(0.5)
+        assert_error(c.get(url), 404, "expire")
+
+
+def test_query_view_is_the_model_crop(client, photos):
+    """The cached query picture is the centre crop the model saw, not the squashed photo."""
+    body = search(client, photos[2].read_bytes(), top_k=1).json()
+    entry = client.app.state.service.explanations._cache[body["query_id"]]
+    tensor = client.app.state.service.engine.transform(Image.open(photos[2]).convert("RGB"))
+    assert entry.query_view.size == (tensor.shape[2], tensor.shape[1])
+
+
+# --- gallery images --------------------------------------------------------------------------------
+def test_images_and_thumbnails(client, photos):
+    image_id = f"hat/{photos[0].name}"
+    url = "/images/" + image_id.replace("/", "%2F")
+    r = client.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content == photos[0].read_bytes()
+    assert client.get(f"/images/{image_id}").content == r.content  # an unescaped slash works too
+    thumb = client.get(url, params={"size": "thumb"})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
+    assert_error(client.get(url, params={"size": "huge"}), 422)
+
+
+@pytest.mark.parametrize("path", [
+    "/images/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/images/%2Fetc%2Fpasswd",
+    "/images/hat%2F..%2F..%2Fmeta.sqlite",
+    "/images/meta.sqlite",
+    "/images/manifest.json",
+    "/images/no-such-id",
+])
+def test_images_never_serve_paths(client, path):
+    assert_error(client.get(path), 404, "no image")
+
+
+# --- bad input -------------------------------------------------------------------------------------
+def _truncated_jpeg(photo: Path) -> bytes:
+    data = photo.read_bytes()
+    return data[: len(data) // 3]
+
+
+def _big_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (2500, 2000)).save(buf, format="PNG")  # 5 MP: over the client's 4 MP limit, small file
+    return buf.getvalue()
+
+
+BAD_FILES = {
+    "text": (b"hello, this is not an image\n" * 20, "notes.txt", "text/plain", 400, "not an image"),
+    "empty": (b"", "empty.jpg", "image/jpeg", 400, "empty"),
+    "pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "doc.pdf", "application/pdf", 415, "pdf"),
+    "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', "a.svg", "image/svg+xml",
+            415, "svg"),
+    "corrupt-png": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 200, "broken.png", "image/png", 400, "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_files(client, case):
+    data, name, mime, status, word = BAD_FILES[case]
+    assert_error(search(client, data, name, mime), status, word)
+
+
+def test_truncated_jpeg(client, photos):
+    assert_error(search(client, _truncated_jpeg(photos[4])), 400, "truncated")
+
+
+def test_oversize_upload(client):
+    assert_error(search(client, b"\xff\xd8\xff" + b"\x00" * 500_000), 413, "limit")
+
+
+def test_oversize_by_content_length_is_refused_before_reading(client):
+    r = client.post("/search", content=b"x" * 10, headers={"content-length": str(10**9),
+                                                           "content-type": "multipart/form-data; boundary=x"})
+    assert_error(r, 413, "limit")
+
+
+def test_too_many_pixels(client):
+    assert_error(search(client, _big_png(), "big.png", "image/png"), 413, "pixels")
+
+
+@pytest.mark.parametrize("form", [
+    {"top_k": 0}, {"top_k": 101}, {"top_k": "ten"}, {"rerank_k": -1}, {"rerank_k": 1001}, {"s": 0},
+    {"s": 1.5}, {"s": "nan"}, {"lambda": -1}, {"lambda": "inf"}, {"marginals": "sinkhorn"}, {"explain": "maybe"},
+])
+def test_bad_options(client, photos, form):
+    assert_error(search(client, photos[0].read_bytes(), **form), 422)
+
+
+def test_missing_image(client):
+    assert_error(client.post("/search", data={"top_k": "3"}), 422, "image")
+
+
+def test_still_serving_after_bad_input(client, photos):
+    for case in BAD_FILES.values():
+        search(client, *case[:3])
+    assert search(client, photos[0].read_bytes(), top_k=2).status_code == 200
+
+
+def test_unknown_route_and_method(client):
+    assert_error(client.get("/nope"), 404)
+    assert_error(client.put("/search"), 405)
+
+
+# --- index changes ---------------------------------------------------------------------------------
+def _add(client, data: bytes, headers=None, **form):
+    return client.post("/index/images", files={"image": ("new.png", data, "image/png")},
+                       data={k: str(v) for k, v in form.items()}, headers=headers or {})
+
+
+def test_add_search_serve_remove(own_index):
+    red = png_bytes((80, 60), (220, 20, 20))
+    with make_client(own_index) as c:
+        r = _add(c, red, id="red square", label="red", metadata='{"colour": "red", "n": 1}')
+        assert r.status_code == 201 and r.json() == {"id": "red square", "added": True}
+        assert c.get("/index").json()["images"] == 31
+        hits = search(c, red, "q.png", "image/png", top_k=3).json()["results"]
+        top = [h for h in hits if h["rank_before"] == 0][0]
+        assert top["id"] == "red square" and top["label"] == "red"
+        assert top["metadata"] == {"colour": "red", "n": 1}
+        assert top["global_score"] == pytest.approx(1.0, abs=1e-4)
+        served = c.get(top["image_url"])
+        assert served.status_code == 200 and served.content == red
+        assert len(list((own_index / "uploads").iterdir())) == 1
+
+        assert_error(_add(c, red, id="red square"), 409, "already")
+        assert_error(_add(c, red, metadata="[1, 2]"), 422, "object")
+        assert_error(_add(c, red, metadata="{oops"), 422, "json")
+        assert_error(_add(c, red, id="tab\there"), 422, "id")
+        assert_error(_add(c, b"not an image at all"), 400)
+        auto = _add(c, png_bytes((10, 10), (0, 0, 255)))
+        assert auto.status_code == 201 and auto.json()["id"].startswith("upload-")
+
+        r = c.delete("/index/images/red%20square")
+        assert r.status_code == 200 and r.json() == {"id": "red square", "removed": True}
+        assert_error(c.delete("/index/images/red%20square"), 404)
+        assert_error(c.get("/images/red%20square"), 404)
+        assert c.get("/index").json()["images"] == 31  # the auto-named one stays
+        assert len(list((own_index / "uploads").iterdir())) == 1
+
+
+def test_remove_a_built_image(own_index, photos):
+    image_id = f"shoes/{photos[10].name}"
+    with make_client(own_index) as c:
+        assert c.delete(f"/index/images/{image_id}").status_code == 200
+        hits = search(c, photos[10].read_bytes(), top_k=30, rerank_k=0).json()["results"]
+        assert image_id not in {h["id"] for h in hits} and len(hits) == 29
+    assert photos[10].exists()  # the gallery's own files are never deleted
+
+
+def test_api_key(own_index):
+    data = png_bytes()
+    with make_client(own_index, api_key="s3cret") as c:
+        assert_error(_add(c, data, id="a"), 401, "X-API-Key")
+        assert_error(_add(c, data, id="a", headers={"X-API-Key": "wrong"}), 403, "wrong")
+        assert _add(c, data, id="a", headers={"X-API-Key": "s3cret"}).status_code == 201
+        assert_error(c.delete("/index/images/a"), 401)
+        assert_error(c.delete("/index/images/a", headers={"X-API-Key": "nope"}), 403)
+        assert c.delete("/index/images/a", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert search(c, data, "q.png", "image/png").status_code == 200  # searching needs no key
+
+
+def test_failed_mutation_changes_nothing(own_index, photos, monkeypatch):
+    """A commit that fails leaves the index, its files and the answers exactly as they were."""
+    from indexer.gallery import Gallery
+
+    with make_client(own_index) as c:
+        before = search(c, photos[7].read_bytes(), top_k=30, rerank_k=5).json()["results"]
+        engine = c.app.state.service.engine
+
+        def broken_commit(**_):
+            raise OSError("disk full (simulated)")
+
+        monkeypatch.setattr(engine.gallery.db, "commit", broken_commit)
+        assert_error(_add(c, png_bytes(), id="doomed"), 500, "internal error")
+        assert_error(c.delete(f"/index/images/hat%2F{photos[0].name}"), 500)
+        monkeypatch.undo()
+
+        assert c.get("/index").json()["images"] == 30
+        assert_error(c.get("/images/doomed"), 404)
+        assert not any((own_index / "uploads").iterdir())
+        after = search(c, photos[7].read_bytes(), top_k=30, rerank_k=5).json()["results"]
+        assert [(h["id"], round(h["final_score"], 5)) for h in after] == \
+               [(h["id"], round(h["final_score"], 5)) for h in before]
+        assert _add(c, png_bytes(), id="fine").status_code == 201  # and the next change works
+    with Gallery.open(own_index) as gallery:
+        report = gallery.verify()
+        assert report.ok, report.problems
+        assert len(gallery) == 31 and "doomed" not in gallery.ids()
