@@ -22,6 +22,22 @@ def test_bench_ot_json_small():
     assert len(summary["rows"]) == 2 * 2 * 3  # (1 query, a batch) x (s = 1, 0.9) x three solvers
 
 
-def test_serve_says_not_built_yet():
-    out = subprocess.run([sys.executable, "-m", "vit_rerank", "serve", "--demo"], capture_output=True, text=True)
-    assert out.returncode == 2 and "not built yet" in out.stderr
+def test_bench_index_json_small(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_rerank", "bench", "index", "--json", "--images", "12", "--queries", "2",
+         "--rerank-k", "8", "--model", "test_vit", "--workers", "0", "--batch-size", "4",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    r = json.loads(out.stdout)
+    assert r["images"] == 12 and r["device"] == "cpu" and r["search_queries"] == 2
+    assert r["forward_img_s"] > 0 and r["indexing_img_s"] > 0
+    assert abs(r["ratio_indexing_to_forward"] - r["indexing_img_s"] / r["forward_img_s"]) < 1e-9
+    # test_vit: 64-d, 7x7 grid. Per image: float32 global, float16 patches, float32 weights
+    # (plus a few npy headers shared by the images of a segment).
+    payload = 64 * 4 + 49 * 64 * 2 + 49 * 4
+    assert payload <= r["bytes_per_image_patch_store"] <= payload + 3 * 128
+    assert set(r["latency_ms"]) == {"embed", "search", "rerank", "total"}
+    for stage in r["latency_ms"].values():
+        assert 0 <= stage["p50"] <= stage["p95"]
+    assert len(list((tmp_path / "images").glob("*.jpg"))) == 14

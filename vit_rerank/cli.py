@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +19,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ot_parser.add_argument("--batch-queries", type=int, default=64, help="queries in the batched case")
     ot_parser.set_defaults(handler=_run_bench_ot)
 
+    idx = which.add_parser("index", help="indexing throughput vs the bare model forward; search latency by stage")
+    idx.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    idx.add_argument("--images", type=int, default=10_000, help="synthetic gallery size")
+    idx.add_argument("--model", default="vit_tiny_patch16_224", help="timm model (random weights)")
+    idx.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    idx.add_argument("--batch-size", type=int, default=32)
+    idx.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    idx.add_argument("--queries", type=int, default=20, help="timed search queries")
+    idx.add_argument("--rerank-k", type=int, default=100)
+    idx.add_argument("--workdir", type=Path, default=None, help="where the synthetic images and the index go")
+    idx.set_defaults(handler=_run_bench_index)
+
 
 def _run_bench_ot(args: argparse.Namespace) -> int:
     from .bench.ot import run
@@ -25,6 +38,12 @@ def _run_bench_ot(args: argparse.Namespace) -> int:
     run(args.device, args.repeats, args.json, per_pair=not args.no_per_pair,
         candidates=args.candidates, batch_queries=args.batch_queries)
     return 0
+
+
+def _run_bench_index(args: argparse.Namespace) -> int:
+    from .bench.index import run
+
+    return run(args)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

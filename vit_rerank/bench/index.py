@@ -1,0 +1,208 @@
+"""``vit-rerank bench index``: indexing throughput beside the bare model forward, bytes per
+image, and search latency split into embed / FAISS / rerank / total.
+
+The gallery is synthetic (random shapes on gradients, JPEG), made once in a work folder.
+The peer of indexing is the model itself: the same forward (with the attention capture
+the rollout needs) on the same images already decoded and preprocessed in memory. The
+indexing pipeline decodes in worker processes, stores the features and commits; the
+ratio says how much of that is hidden behind the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from indexer.build import add_records, new_manifest
+from indexer.embedding import forward_features
+from indexer.gallery import Gallery
+from indexer.loading import load_image
+from indexer.search import Searcher, SearchSettings
+from indexer.sources import from_folder
+from reranker.backbones import create_backbone
+from reranker.device import resolve_device
+
+from .timing import synchronize
+
+DEFAULT_MODEL = "vit_tiny_patch16_224"
+
+
+def synthetic_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A gradient with a dozen random ellipses and rectangles: varied, compressible like a photo."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0, 255, 3) + np.linspace(0, 1, h)[:, None, None] * (
+        rng.uniform(0, 255, 3))
+    image = Image.fromarray(np.clip(ramp / 2, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, w), rng.integers(0, h)
+        box = (x0, y0, x0 + rng.integers(10, w // 2), y0 + rng.integers(10, h // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def _write_chunk(args: tuple[Path, range]) -> None:
+    folder, seeds = args
+    for seed in seeds:
+        synthetic_image(seed).save(folder / f"{seed:06d}.jpg", quality=90)
+
+
+def make_synthetic_gallery(folder: Path, n: int) -> Path:
+    """``n`` JPEGs in ``folder`` (kept between runs: only missing ones are made)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(n) if not (folder / f"{i:06d}.jpg").exists()]
+    if missing:
+        print(f"making {len(missing)} synthetic images in {folder} ...", file=sys.stderr, flush=True)
+        step = 250
+        chunks = [(folder, missing[i : i + step]) for i in range(0, len(missing), step)]
+        with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(_write_chunk, chunks))
+    return folder
+
+
+@dataclass
+class IndexBenchResult:
+    model: str
+    device: str
+    images: int
+    batch_size: int
+    workers: int
+    forward_plain_img_s: float  # the timm forward alone (fused attention, no capture)
+    forward_img_s: float  # the indexer's forward: attention captured + rollout
+    indexing_img_s: float  # decode + forward + store + commit, end to end
+    ratio_indexing_to_forward: float
+    bytes_per_image_patch_store: float
+    bytes_per_image_directory: float
+    search_queries: int
+    rerank_k: int
+    latency_ms: dict[str, dict[str, float]]  # stage -> {p50, p95}
+
+
+def _forward_throughput(backbone, batches: list[torch.Tensor], weights: str, device: torch.device) -> float:
+    """Images per second of the indexer's forward over preprocessed batches already in memory."""
+    forward_features(backbone, batches[0], weights)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        forward_features(backbone, batch, weights)
+    synchronize(device)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def _directory_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and "reports" not in p.parts)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
+
+
+def run_index_bench(
+    *,
+    images: int = 10_000,
+    model: str = DEFAULT_MODEL,
+    device_name: str = "auto",
+    batch_size: int = 32,
+    workers: int = 2,
+    forward_images: int = 512,
+    queries: int = 20,
+    rerank_k: int = 100,
+    workdir: Path | None = None,
+    progress: bool = True,
+) -> IndexBenchResult:
+    device = resolve_device(device_name)
+    root = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "vit-rerank-bench-index"
+    gallery_dir = make_synthetic_gallery(root / "images", images + queries)
+    records = from_folder(gallery_dir)
+    gallery_records, query_records = records[:images], records[images : images + queries]
+
+    backbone = create_backbone(model, "random").to(device)
+    weights = "rollout" if backbone.supports_rollout else "uniform"
+
+    # The peer: the same forward on decoded, preprocessed images held in memory.
+    sample = [backbone.transform(load_image(r.path)) for r in gallery_records[: min(forward_images, images)]]
+    batches = [torch.stack(sample[i : i + batch_size]).to(device) for i in range(0, len(sample), batch_size)]
+    forward_img_s = _forward_throughput(backbone, batches, weights, device)
+    forward_plain_img_s = _forward_throughput(backbone, batches, "uniform", device)
+    del batches
+
+    index_dir = root / f"index-{model}"
+    if index_dir.exists():
+        shutil.rmtree(index_dir)
+    manifest = new_manifest(backbone, weights_source="random", patch_weights=weights)
+    with Gallery.create(index_dir, manifest) as gallery:
+        report = add_records(gallery, backbone, gallery_records, batch_size=batch_size, workers=workers,
+                             progress=progress)
+        if report.failures:
+            raise RuntimeError(f"{len(report.failures)} synthetic images failed to load: {report.failures[:3]}")
+        info = gallery.info()
+        searcher = Searcher(gallery, backbone, device)
+        settings = SearchSettings(top_k=10, rerank_k=rerank_k)
+        query_images = [load_image(r.path) for r in query_records]
+        searcher.search(query_images[:1], settings)  # warm-up
+        stages: dict[str, list[float]] = {"embed": [], "search": [], "rerank": [], "total": []}
+        for image in query_images:
+            timings = searcher.search([image], settings)[0].timings_ms
+            for stage in stages:
+                stages[stage].append(timings[stage])
+    return IndexBenchResult(
+        model=model, device=str(device), images=images, batch_size=batch_size, workers=workers,
+        forward_plain_img_s=forward_plain_img_s, forward_img_s=forward_img_s,
+        indexing_img_s=report.images_per_second,
+        ratio_indexing_to_forward=report.images_per_second / forward_img_s,
+        bytes_per_image_patch_store=info["bytes_per_image"],
+        bytes_per_image_directory=_directory_bytes(index_dir) / images,
+        search_queries=len(query_images), rerank_k=rerank_k,
+        latency_ms={stage: _percentiles(v) for stage, v in stages.items()},
+    )
+
+
+def format_index_table(r: IndexBenchResult) -> str:
+    lines = [
+        f"bench index: {r.images} synthetic images, {r.model} (random weights), {r.device}, "
+        f"batch {r.batch_size}, {r.workers} decoding workers",
+        "",
+        "| throughput | images/s | ratio to the indexer's forward |",
+        "|---|---|---|",
+        f"| model forward alone (timm, fused attention) | {r.forward_plain_img_s:.1f} | "
+        f"{r.forward_plain_img_s / r.forward_img_s:.2f} |",
+        f"| model forward + attention capture + rollout (peer) | {r.forward_img_s:.1f} | 1.00 |",
+        f"| indexing: decode + forward + store + commit | {r.indexing_img_s:.1f} | "
+        f"**{r.ratio_indexing_to_forward:.2f}** (goal >= 0.9) |",
+        "",
+        f"bytes per image: patch store {r.bytes_per_image_patch_store:,.0f}, "
+        f"whole index directory {r.bytes_per_image_directory:,.0f}",
+        "",
+        f"search latency over {r.search_queries} queries, K = {r.rerank_k} reranked (ms)",
+        "",
+        "| stage | p50 | p95 |",
+        "|---|---|---|",
+    ]
+    for stage, p in r.latency_ms.items():
+        lines.append(f"| {stage} | {p['p50']:.1f} | {p['p95']:.1f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    result = run_index_bench(
+        images=args.images, model=args.model, device_name=args.device, batch_size=args.batch_size,
+        workers=args.workers, queries=args.queries, rerank_k=args.rerank_k, workdir=args.workdir,
+        progress=not args.json,
+    )
+    print(json.dumps(asdict(result), indent=2) if args.json else format_index_table(result))
+    return 0
