@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import io
 import os
 import shutil
@@ -96,9 +97,15 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 12
 
 
 def stop_server(proc: subprocess.Popen) -> int:
+    """SIGTERM, then wait; uvicorn shuts down gracefully and re-raises the signal (exit -15)."""
+    if proc.poll() is not None:
+        return proc.returncode
     proc.terminate()
     try:
         return proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+GRACEFUL = (0, -signal.SIGTERM)
