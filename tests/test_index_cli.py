@@ -67,3 +67,26 @@ def test_build_resumes_without_reembedding(small_gallery, tmp_path):
     run_cli(*args)
     again = run_cli(*args)
     assert "resuming" in again.stdout and "added 0 images" in again.stdout and "30 already indexed" in again.stdout
+
+
+def test_user_errors_are_one_line_messages_not_tracebacks(small_gallery, tmp_path):
+    manifest, photos = small_gallery
+    out = run_cli("index", "info", str(tmp_path / "nowhere"), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "vit-rerank: error:" in out.stderr and "is not an index directory" in out.stderr
+
+    index = tmp_path / "index"
+    one = tmp_path / "one.csv"
+    one.write_text(f"path\n{photos[0]}\n")
+    run_cli("index", "build", str(index), "--from", str(one), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    out = run_cli("index", "build", str(index), "--from", str(one), "--model", "test_vit2", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "built with model 'test_vit'" in out.stderr
+
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    out = run_cli("search", str(not_an_image), "--index", str(index), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "notes.jpg" in out.stderr
+    out = run_cli("search", str(photos[0]), "--index", str(index), "--s", "1.5", check=False)
+    assert out.returncode == 1 and "s must be in (0, 1]" in out.stderr
+    assert "OK" in run_cli("index", "verify", str(index)).stdout  # nothing was changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,9 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, not a bug: reported in one line, no traceback."""
+    from reranker.backbones import WeightsUnavailableError
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            WeightsUnavailableError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    """Run one command; bad input ends with ``vit-rerank: error: ...`` and exit code 1
+    (set ``VIT_RERANK_DEBUG=1`` for the traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("vit-rerank: interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as err:
+        if os.environ.get("VIT_RERANK_DEBUG") == "1":
+            raise
+        print(f"vit-rerank: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
