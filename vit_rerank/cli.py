@@ -31,6 +31,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     idx.add_argument("--rerank-k", type=int, default=100)
     idx.add_argument("--workdir", type=Path, default=None, help="where the synthetic images and the index go")
     idx.set_defaults(handler=_run_bench_index)
+    from .bench.serve import add_parser as add_serve_bench
+
+    add_serve_bench(which)
 
 
 def _run_bench_ot(args: argparse.Namespace) -> int:
