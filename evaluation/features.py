@@ -58,9 +58,9 @@ class FeatureStore:
 
 def cache_key(
     dataset: str, root: str, records: Sequence[ImageRecord], backbone: Backbone, model_kwargs: dict[str, Any],
-    patch_weights: str,
+    patch_weights: str, head: str | None = None,
 ) -> dict[str, Any]:
-    """Everything the features depend on."""
+    """Everything the features depend on (``head``: the projection head's identity, if any)."""
     ids = hashlib.sha256("\n".join(f"{r.id}\t{r.path}" for r in records).encode()).hexdigest()
     return {
         "format": FORMAT_VERSION,
@@ -70,6 +70,7 @@ def cache_key(
         "ids_sha256": ids,
         "model": backbone.name,
         "weights": backbone.weights_id,
+        "head": head,
         "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True)),
         "grid": backbone.grid,
         "patch_weights": patch_weights,

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from reranker.backbones import Backbone, create_backbone
+from reranker.backbones import Backbone, create_backbone, weights_identity
 
 from .datasets import ClassSet, EvalSet, load_dataset
-from .features import FeatureStore, cache_key, compute_features, default_cache_dir
+from .features import FeatureStore, cache_key, compute_features
+from .head import load_linear_head
 from .protocol import Sweep, evaluate
 
 ALL_MARGINALS = ("rollout", "crosscorr", "uniform")
@@ -30,6 +31,7 @@ class EvalSettings:
     model: str
     weights: str = "pretrained"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str | None = None  # a fine-tuned linear projection head applied to global and patch vectors
     grid: int = 7
     marginals: list[str] | None = None  # None: every kind the backbone supports
     s_values: list[float] = field(default_factory=lambda: [1.0])
@@ -74,13 +76,17 @@ def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, An
         data = data.subset(settings.limit)
     backbone = create_backbone(settings.model, settings.weights, grid=settings.grid,
                                model_kwargs=settings.model_kwargs)
+    head_id = None
+    if settings.head is not None:
+        backbone.set_projection(load_linear_head(settings.head, backbone.embed_dim))
+        head_id = weights_identity(settings.head)
     marginals = resolve_marginals(backbone, settings.marginals)
     sweep = Sweep(marginals, list(settings.s_values), list(settings.k_values), settings.lam, settings.eps,
                   settings.count_query_in_r)
     kind = "rollout" if backbone.supports_rollout else "uniform"
     backbone = backbone.to(device).eval()
     records = _records(data)
-    key = cache_key(data.name, data.root, records, backbone, settings.model_kwargs, kind)
+    key = cache_key(data.name, data.root, records, backbone, settings.model_kwargs, kind, head_id)
     with tempfile.TemporaryDirectory(prefix="vit-rerank-eval-") as scratch:
         cache_dir = Path(settings.cache_dir) if settings.cache_dir is not None else Path(scratch)
         store = compute_features(backbone, records, key, cache_dir, batch_size=settings.batch_size,
@@ -88,6 +94,7 @@ def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, An
         outcome = evaluate(data, store, sweep, device, rerank_batch_size=settings.rerank_batch,
                            progress=settings.progress)
         doc = _document(settings, data, backbone, kind, sweep, store, outcome, device)
+    doc["settings"]["head"] = head_id
     doc["timings"]["total_s"] = time.perf_counter() - start
     return doc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -211,3 +212,44 @@ def test_rollout_needs_global_attention():
         resolve_marginals(vit, ["sinkhorn"])
     with pytest.raises(ValueError, match="s must be in"):
         Sweep(["uniform"], [1.5], [10])
+
+
+# --- a fine-tuned projection head -------------------------------------------------------------
+
+def test_projection_head_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from evaluation.head import load_linear_head
+
+    layer = torch.nn.Linear(32, 8)
+    torch.save({"state_dict": {"head.weight": layer.weight.detach(), "head.bias": layer.bias.detach()}},
+               tmp_path / "head.pth")
+    save_file({"proj.weight": layer.weight.detach().contiguous()}, str(tmp_path / "head.safetensors"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_linear_head(tmp_path / "head.pth", 32)(x), layer(x))
+        torch.testing.assert_close(load_linear_head(tmp_path / "head.safetensors", 32)(x), x @ layer.weight.T)
+    with pytest.raises(ValueError, match="takes 32-d input, the backbone gives 64-d"):
+        load_linear_head(tmp_path / "head.pth", 64)
+    with pytest.raises(FileNotFoundError, match="head file not found"):
+        load_linear_head(tmp_path / "none.pth", 32)
+
+
+def test_run_with_a_head_and_limit(tmp_path, image_records):
+    from evaluation.runner import EvalSettings, run_evaluation
+
+    root = tmp_path / "set"
+    for i, rec in enumerate(image_records):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"class{i % 2}" / Path(rec.path).name).symlink_to(rec.path)
+    torch.save(torch.nn.Linear(32, 8).state_dict(), tmp_path / "head.pth")
+    common = dict(dataset="folder", root=str(root), model="test_vit", weights="random",
+                  model_kwargs=tiny_vit_kwargs(), marginals=["rollout"], k_values=[3], workers=0,
+                  progress=False, cache_dir=tmp_path / "cache")
+    doc = run_evaluation(EvalSettings(**common, head=str(tmp_path / "head.pth"), limit=6), CPU)
+    assert doc["settings"]["head"].startswith("file:head.pth:")
+    assert doc["counts"]["images"] == 6 and doc["counts"]["images_failed"] == 1  # bad.jpg, kept in the first 6
+    assert any("--limit 6" in n for n in doc["notes"])
+    plain = run_evaluation(EvalSettings(**common, limit=6), CPU)
+    assert plain["embedding"]["cached"] is False  # the head is part of the features' identity
+    assert len(list((tmp_path / "cache").iterdir())) == 2

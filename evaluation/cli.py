@@ -1,0 +1,113 @@
+"""``vit-rerank eval``: the offline evaluation's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--model-kwargs is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from indexer.cli import DEFAULT_MODEL
+
+    from .datasets import LOADERS
+
+    p = sub.add_parser(
+        "eval", help="offline evaluation on CUB, Cars196, SOP, MSLS or your own set",
+        description="Global retrieval baseline beside structural reranking, by the published protocols.",
+    )
+    p.add_argument("--dataset", required=True, choices=list(LOADERS))
+    p.add_argument("--root", required=True, type=Path, help="the dataset's folder, in its official layout")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
+    p.add_argument("--weights", default="pretrained", help="pretrained | random | PATH of a checkpoint")
+    p.add_argument("--model-kwargs", type=_kwargs, default={}, help="JSON of extra model constructor arguments")
+    p.add_argument("--head", default=None,
+                   help="a fine-tuned linear projection head (.safetensors / .pth: one weight, optional bias), "
+                        "applied to the global and every patch vector")
+    p.add_argument("--grid", type=int, default=7, help="patch grid side G")
+    p.add_argument("--rerank-k", type=_ints, default=[100], help="candidates reranked; a comma list sweeps K")
+    p.add_argument("--s", type=_floats, default=[1.0], help="fractions of mass matched, comma list (e.g. 1.0,0.9)")
+    p.add_argument("--marginals", type=_names, default=None,
+                   help="comma list of rollout, crosscorr, uniform (default: every kind the backbone supports)")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the structural score")
+    p.add_argument("--eps", type=float, default=0.05, help="entropic regularisation")
+    p.add_argument("--reference-r", action="store_true",
+                   help="count the query itself in R (the reference code's R; deflates RP and MAP@R)")
+    p.add_argument("--json-out", type=Path, default=None, help="write the full report as JSON here")
+    p.add_argument("--markdown-out", type=Path, default=None, help="write the report as Markdown here")
+    p.add_argument("--plots", type=Path, default=None, help="write metric-vs-s and metric-vs-K plots (PNG) here")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="feature cache folder (default $XDG_CACHE_HOME/vit-rerank/eval, else ~/.cache/vit-rerank/eval)")
+    p.add_argument("--no-cache", action="store_true", help="embed into a temporary folder and forget it")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=32, help="images per embedding batch")
+    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--rerank-batch", type=int, default=None, help="queries per reranking batch (default: by memory)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (or queries) quickly")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from reranker.backbones.factory import WeightsUnavailableError
+    from reranker.device import resolve_device
+
+    from .datasets import DatasetError
+    from .features import default_cache_dir
+    from .report import summary_lines, terminal_table, write_json, write_markdown, write_plots
+    from .runner import EvalSettings, EvaluationError, run_evaluation
+
+    settings = EvalSettings(
+        dataset=args.dataset, root=str(args.root), model=args.model, weights=args.weights,
+        model_kwargs=args.model_kwargs, head=args.head, grid=args.grid, marginals=args.marginals, s_values=args.s,
+        k_values=args.rerank_k, lam=args.lam, eps=args.eps, count_query_in_r=args.reference_r, limit=args.limit,
+        cache_dir=None if args.no_cache else (args.cache or default_cache_dir()), batch_size=args.batch_size, workers=args.workers,
+        rerank_batch=args.rerank_batch, progress=not args.no_progress,
+    )
+    try:
+        doc = run_evaluation(settings, resolve_device(args.device))
+    except (DatasetError, EvaluationError, WeightsUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(doc)))
+    print()
+    print(terminal_table(doc))
+    if args.json_out:
+        write_json(args.json_out, doc)
+        print(f"\nJSON report: {args.json_out}")
+    if args.markdown_out:
+        write_markdown(args.markdown_out, doc)
+        print(f"Markdown report: {args.markdown_out}")
+    if args.plots:
+        for path in write_plots(args.plots, doc):
+            print(f"plot: {path}")
+    return 0
