@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from evaluation.cli import add_commands as add_eval_commands
     from indexer.cli import add_commands as add_index_commands
 
     add_index_commands(sub)
+    add_eval_commands(sub)
     _add_bench(sub)
     _add_serve(sub)
     return parser
