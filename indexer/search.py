@@ -6,14 +6,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from reranker.backbones import Backbone
-from reranker.rerank import Features, rerank_batch
+from reranker.rerank import Features, RerankResult, rerank_batch
 
 from .embedding import embed_pil_images
 from .gallery import Gallery
+from .patch_store import Gathered
 from .vector_index import VectorSearcher
 
 
@@ -98,7 +100,12 @@ class Searcher:
     def search(
         self, images: Sequence[Image.Image], settings: SearchSettings = SearchSettings(), keep_plans: bool = False
     ) -> list[QueryResult]:
-        """Search every image; results are sorted best first."""
+        """Search every image; results are sorted best first.
+
+        The batch is embedded in one forward, searched in one FAISS call and reranked in one
+        batched OT solve (the candidates' stored features go to the device together). Each
+        query's ``timings_ms`` are the batch's stage times: what every query of it waited.
+        """
         settings.validate()
         marginals = self.resolve_marginals(settings.marginals)
         t0 = time.perf_counter()
@@ -106,50 +113,81 @@ class Searcher:
         if self.gallery.pca is not None:
             p = torch.from_numpy(self.gallery.pca.transform(p.cpu().numpy())).to(self.device)
         t1 = time.perf_counter()
-        k = max(settings.top_k, settings.rerank_k)
-        scores, ids = self.vectors.search(g, k)
+        scores, ids = self.vectors.search(g, max(settings.top_k, settings.rerank_k))
         t2 = time.perf_counter()
-        results = []
-        for q in range(len(images)):
-            results.append(self._rerank_one(g[q], p[q], w[q], scores[q], ids[q], settings, marginals, keep_plans))
+        candidates = [self._candidates(scores[q], ids[q], settings.rerank_k) for q in range(len(images))]
+        reranked = self._rerank(g, p, w, candidates, settings, marginals)
+        results = [
+            self._result(g[q], p[q], w[q], candidates[q], reranked[q], settings, marginals, keep_plans)
+            for q in range(len(images))
+        ]
         t3 = time.perf_counter()
-        shared = {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3}
+        timings = {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3,
+                   "total": (t3 - t0) * 1e3}
         for r in results:
-            r.timings_ms = {**shared, "rerank": (t3 - t2) * 1e3 / len(results), "total": (t3 - t0) * 1e3}
+            r.timings_ms = dict(timings)
         return results
 
-    def _rerank_one(self, g, p, w, scores, ids, settings, marginals, keep_plans) -> QueryResult:
-        valid = ids >= 0
+    def _candidates(self, scores: np.ndarray, ids: np.ndarray, rerank_k: int) -> "_Candidates":
+        valid = ids >= 0  # FAISS pads with -1 when it finds fewer than asked
         scores, ids = scores[valid], ids[valid]
         rows, feats = self.gallery.features([int(i) for i in ids]) if len(ids) else ([], None)
-        K = min(settings.rerank_k, len(ids))
-        order = list(range(len(ids)))
-        structural: list[float | None] = [None] * len(ids)
-        final = [float(s) for s in scores]
-        plans: dict[str, torch.Tensor] = {}
-        if K > 0:
-            dev = self.device
-            cands = Features(
-                torch.from_numpy(feats.global_features[:K]).to(dev).unsqueeze(0),
-                torch.from_numpy(feats.patch_features[:K]).to(dev).unsqueeze(0),
-                torch.from_numpy(feats.patch_weights[:K]).to(dev).unsqueeze(0),
-            )
-            query = Features(g.unsqueeze(0), p.unsqueeze(0), w.unsqueeze(0))
+        return _Candidates(scores, ids, rows, feats, min(rerank_k, len(ids)))
+
+    def _rerank(self, g, p, w, candidates: list["_Candidates"], settings: SearchSettings, marginals: str):
+        """One batched solve over every query with the same number of candidates to rerank."""
+        out: list[tuple[RerankResult, int] | None] = [None] * len(candidates)  # (batch result, row)
+        by_k: dict[int, list[int]] = {}
+        for q, c in enumerate(candidates):
+            if c.k > 0:
+                by_k.setdefault(c.k, []).append(q)
+        dev = self.device
+        for K, qs in by_k.items():
+            def stacked(part: str) -> torch.Tensor:
+                return torch.from_numpy(np.stack([getattr(candidates[q].feats, part)[:K] for q in qs])).to(dev)
+
             res = rerank_batch(
-                query, cands, torch.from_numpy(scores[:K]).unsqueeze(0).to(dev),
+                Features(g[qs], p[qs], w[qs]),
+                Features(stacked("global_features"), stacked("patch_features"), stacked("patch_weights")),
+                torch.from_numpy(np.stack([candidates[q].scores[:K] for q in qs])).to(dev),
                 marginals=marginals, s=settings.s, lam=settings.lam, eps=settings.eps,
             )
-            order = res.order[0].tolist() + list(range(K, len(ids)))  # beyond K: global order, below
-            for i in range(K):
-                structural[i] = float(res.structural_scores[0, i])
-                final[i] = float(res.final_scores[0, i])
+            for i, q in enumerate(qs):
+                out[q] = (res, i)
+        return out
+
+    def _result(self, g, p, w, c: "_Candidates", reranked: "tuple[RerankResult, int] | None", settings, marginals,
+                keep_plans) -> QueryResult:
+        order = list(range(len(c.ids)))
+        structural: list[float | None] = [None] * len(c.ids)
+        final = [float(x) for x in c.scores]
+        plans: dict[str, torch.Tensor] = {}
+        if reranked is not None:
+            res, row = reranked
+            order = res.order[row].tolist() + order[c.k :]  # beyond K: global order, below the reranked
+            sigma, finals = res.structural_scores[row].tolist(), res.final_scores[row].tolist()
+            for i in range(c.k):
+                structural[i], final[i] = sigma[i], finals[i]
             if keep_plans:
-                plans = {rows[i].id: res.plans[0, i].cpu() for i in range(K)}
+                plan = res.plans[row].cpu()
+                plans = {c.rows[i].id: plan[i] for i in range(c.k)}
         hits = []
         for after, i in enumerate(order[: settings.top_k]):
-            r = rows[i]
-            hits.append(Hit(r.id, r.label, r.path, r.metadata, float(scores[i]), structural[i], final[i], i, after, int(ids[i])))
+            r = c.rows[i]
+            hits.append(Hit(r.id, r.label, r.path, r.metadata, float(c.scores[i]), structural[i], final[i], i, after,
+                            int(c.ids[i])))
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
             query_global=g.cpu(), query_patches=p.cpu(), query_weights=w.cpu(), plans=plans,
         )
+
+
+@dataclass
+class _Candidates:
+    """One query's FAISS candidates with their metadata and stored features."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    rows: list
+    feats: Gathered | None
+    k: int  # how many of them are reranked

@@ -237,6 +237,22 @@ def test_python_search_scores_orders_and_determinism(flat_gallery, backbone, pho
         assert set(res.timings_ms) == {"embed", "search", "rerank", "total"}
 
 
+def test_a_batch_of_queries_gives_what_each_query_gives_alone(flat_gallery, backbone, photos):
+    searcher = Searcher(flat_gallery, backbone)
+    images = [load_image(photos[i]) for i in (0, 7, 13)]
+    settings = SearchSettings(top_k=8, rerank_k=12, s=0.9)
+    together = searcher.search(images, settings, keep_plans=True)
+    for image, batched in zip(images, together):
+        (alone,) = searcher.search([image], settings, keep_plans=True)
+        assert [h.id for h in batched.hits] == [h.id for h in alone.hits]
+        # Equal up to the solver's tolerance (sigma within 1e-4) and float noise of a batched forward.
+        for a, b in zip(batched.hits, alone.hits):
+            assert abs(a.final_score - b.final_score) < 1e-4 and abs(a.structural_score - b.structural_score) < 1e-4
+        assert batched.plans.keys() == alone.plans.keys() and len(alone.plans) == 12
+        for key in alone.plans:
+            torch.testing.assert_close(batched.plans[key], alone.plans[key], atol=1e-4, rtol=0)
+
+
 def test_python_search_without_reranking_keeps_the_global_order(flat_gallery, backbone, photos):
     res = Searcher(flat_gallery, backbone).search([load_image(photos[9])], SearchSettings(top_k=5, rerank_k=0))[0]
     assert [h.rank_before for h in res.hits] == list(range(5))
