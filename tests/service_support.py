@@ -47,6 +47,14 @@ def build_index(folder: Path, photos: list[Path]) -> Path:
     return folder
 
 
+def session_index(tmp_path_factory, shared_data: Path) -> Path:
+    """The index of :func:`gallery_photos`, built once per test session (tests never change it)."""
+    folder = tmp_path_factory.getbasetemp() / "service-index"
+    if not (folder / "manifest.json").exists():
+        build_index(folder, gallery_photos(shared_data))
+    return folder
+
+
 def copy_index(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import io
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service import ServiceSettings, create_app
-from service_support import build_index, copy_index, gallery_photos, png_bytes
+from service_support import copy_index, gallery_photos, png_bytes, session_index
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +20,8 @@ def photos(shared_data) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(photos, tmp_path_factory) -> Path:
-    return build_index(tmp_path_factory.mktemp("service") / "index", photos)
+def index_dir(shared_data, tmp_path_factory) -> Path:
+    return session_index(tmp_path_factory, shared_data)
 
 
 def make_client(index: Path, **settings) -> TestClient:

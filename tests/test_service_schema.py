@@ -10,14 +10,14 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from service import ServiceSettings, create_app
-from service_support import build_index, gallery_photos
+from service_support import copy_index, session_index
 
 EXAMPLES = 15  # per operation and mode: the whole run stays well under a minute
 
 
 @pytest.fixture(scope="module")
 def api_schema(shared_data, tmp_path_factory):
-    index = build_index(tmp_path_factory.mktemp("schema") / "index", gallery_photos(shared_data)[::3])
+    index = copy_index(session_index(tmp_path_factory, shared_data), tmp_path_factory.mktemp("schema") / "index")
     app = create_app(ServiceSettings(index=index, device="cpu", load_in_background=False, api_key="key",
                                      max_upload_bytes=200_000, rerank_k=5))
     return schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -11,8 +11,8 @@ import httpx
 import psutil
 import pytest
 
-from service_support import (GRACEFUL, build_index, copy_index, free_port, gallery_photos, png_bytes,
-                             service_env, start_server, stop_server)
+from service_support import (GRACEFUL, copy_index, free_port, gallery_photos, png_bytes, service_env,
+                             session_index, start_server, stop_server)
 from conftest import tiny_vit_kwargs
 
 pytestmark = pytest.mark.slow  # starts real servers (each start imports torch)
@@ -24,8 +24,8 @@ def photos(shared_data) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(photos, tmp_path_factory) -> Path:
-    return build_index(tmp_path_factory.mktemp("server") / "index", photos)
+def index_dir(shared_data, tmp_path_factory) -> Path:
+    return session_index(tmp_path_factory, shared_data)
 
 
 class Server:
