@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -78,13 +77,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from reranker.backbones.factory import WeightsUnavailableError
     from reranker.device import resolve_device
 
-    from .datasets import DatasetError
     from .features import default_cache_dir
     from .report import summary_lines, terminal_table, write_json, write_markdown, write_plots
-    from .runner import EvalSettings, EvaluationError, run_evaluation
+    from .runner import EvalSettings, run_evaluation
 
     settings = EvalSettings(
         dataset=args.dataset, root=str(args.root), model=args.model, weights=args.weights,
@@ -93,11 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else (args.cache or default_cache_dir()), batch_size=args.batch_size, workers=args.workers,
         rerank_batch=args.rerank_batch, progress=not args.no_progress,
     )
-    try:
-        doc = run_evaluation(settings, resolve_device(args.device))
-    except (DatasetError, EvaluationError, WeightsUnavailableError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    doc = run_evaluation(settings, resolve_device(args.device))  # bad input: ValueError & co, see vit_rerank.cli
     print("\n".join(summary_lines(doc)))
     print()
     print(terminal_table(doc))
