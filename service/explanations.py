@@ -70,11 +70,6 @@ class ExplanationCache:
             except ValueError:  # larger than the whole cache: not kept
                 pass
 
-    def has(self, query_id: str, gallery_id: str) -> bool:
-        with self._lock:
-            entry = self._cache.get(query_id)
-        return entry is not None and gallery_id in entry.matches
-
     def picture(self, query_id: str, gallery_id: str) -> bytes:
         """The PNG for one hit of one query (rendered once, then kept with the query)."""
         with self._lock:

@@ -108,18 +108,23 @@ async def search(
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
     data = await read_upload(image, cfg.max_upload_bytes)
-    query = await run_in_threadpool(decode_upload, data, image.content_type, engine.limits)
+    query, view = await run_in_threadpool(_decode_with_view, data, image.content_type, engine)
     try:
         future = engine.submit(query, settings)
     except QueueFullError as err:
         raise HTTPException(503, str(err), headers={"Retry-After": str(err.retry_after)}) from None
     outcome: SearchOutcome = await asyncio.wrap_future(future)
     query_id = secrets.token_hex(12)
-    view = await run_in_threadpool(model_view, query, engine.transform)
     _remember(state, query_id, view, outcome)
     if explain:
         await run_in_threadpool(_render_all, state, query_id, outcome)
     return _response(state, query_id, settings, resolved, outcome)
+
+
+def _decode_with_view(data: bytes, declared_type: str | None, engine) -> tuple[Any, Any]:
+    """The decoded query and the centre-cropped view the model sees (kept for its explanations)."""
+    query = decode_upload(data, declared_type, engine.limits)
+    return query, model_view(query, engine.transform)
 
 
 def _remember(state: ServiceState, query_id: str, view: Any, outcome: SearchOutcome) -> None:
