@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import tiny_vit_kwargs
 from evaluation.datasets import ClassSet, PlaceSet
 from evaluation.features import FeatureStore, cache_key, compute_features, entry_folder, load_entry
-from evaluation.metrics import class_metrics, class_r, recall_at
+from evaluation.metrics import class_metrics, class_r
 from evaluation.protocol import (
     PAD, DeviceFeatures, Ranking, Sweep, evaluate, reranked_relevance, structural_scores, top_candidates,
 )
