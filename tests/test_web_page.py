@@ -9,7 +9,7 @@ fails in CI (``VIT_RERANK_REQUIRE_SHARED=1``), where ``.ci/run`` installs it.
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import socket
 import threading
 import time
@@ -19,6 +19,11 @@ import httpx
 import pytest
 
 from conftest import REQUIRE_SHARED, tiny_vit_kwargs
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the chromium fixture skips (or fails in CI) with the reason
+    expect = None
 
 CHROMIUM = Path(os.environ.get("VIT_RERANK_CHROMIUM", "/usr/bin/chromium"))
 CLASSES = ("hat", "shoes", "skirt", "dress")
@@ -171,6 +176,12 @@ def test_page_shows_the_reranked_results_and_their_explanations(page, server, ph
         assert card.get_by_test_id("score-global").inner_text() == score_text(hit["global_score"])
         assert card.get_by_test_id("score-structural").inner_text() == score_text(hit["structural_score"])
         assert card.get_by_test_id("result-movement").inner_text() == movement_badge(hit["rank_before"], hit["rank_after"])
+    # Screen readers get each result's label and movement in words.
+    first = shown["results"][0]
+    moved = first["rank_before"] - first["rank_after"]
+    words = "did not move" if moved == 0 else f"moved {'up' if moved > 0 else 'down'} {abs(moved)} place"
+    expect(cards.nth(0).get_by_role("button")).to_have_accessible_name(
+        re.compile(rf"{re.escape(first['label'])}.*{words}"))
     # The query is in the gallery, so it was first by global cosine.
     assert [h for h in shown["results"] if h["rank_before"] == 0][0]["label"] == query.parent.name
 

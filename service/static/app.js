@@ -219,8 +219,9 @@
   /** "▲3" moved up three places, "▼2" down two, "=" unchanged. */
   function movement(rankBefore, rankAfter) {
     const delta = rankBefore - rankAfter;
-    if (delta > 0) return { text: `▲${delta}`, cls: "up", words: `moved up ${delta}` };
-    if (delta < 0) return { text: `▼${-delta}`, cls: "down", words: `moved down ${-delta}` };
+    const places = (n) => `${n} place${n === 1 ? "" : "s"}`;
+    if (delta > 0) return { text: `▲${delta}`, cls: "up", words: `moved up ${places(delta)}` };
+    if (delta < 0) return { text: `▼${-delta}`, cls: "down", words: `moved down ${places(-delta)}` };
     return { text: "=", cls: "same", words: "did not move" };
   }
 
@@ -265,7 +266,8 @@
     badge.textContent = move.text;
     badge.classList.add(move.cls);
     badge.title = `Rank ${hit.rank_before + 1} → ${hit.rank_after + 1} after reranking`;
-    badge.setAttribute("aria-label", `${move.words} (rank ${hit.rank_before + 1} before reranking)`);
+    node.querySelector(".movement-words").textContent =
+      `, ${move.words} (rank ${hit.rank_before + 1} before reranking)`;
 
     q("result-label").textContent = hit.label || "(no label)";
     q("result-id").textContent = hit.id;
@@ -276,7 +278,7 @@
 
     const button = q("result-button");
     if (hit.explanation_url) {
-      button.setAttribute("aria-label", `${name}: show the patch matching`);
+      button.title = "Show the patch matching";
       button.addEventListener("click", () => openExplanation(hit, name));
     } else {
       button.disabled = true;
