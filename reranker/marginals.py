@@ -43,6 +43,7 @@ def image_patch_weights(
         grid=output.grid,
         head_fusion=head_fusion,
         discard_ratio=discard_ratio,
+        block_grids=output.attention_grids,
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_vit_kwargs
 from reranker.backbones import create_backbone
 from reranker.marginals import cross_correlation_weights, image_patch_weights
-from reranker.rollout import attention_rollout, cls_attention_rollout
+from reranker.rollout import attention_rollout, cls_attention_rollout, discard_lowest
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,14 @@ def test_rollout_rejects_mismatched_attention(vit_output):
         attention_rollout(vit_output.attentions, (14, 14), 1, head_fusion="median")
     with pytest.raises(ValueError, match="CLS"):
         cls_attention_rollout(vit_output.attentions, (14, 14), 0)
+
+
+def test_discard_breaks_ties_like_a_stable_sort():
+    att = torch.tensor([[[0.3, 0.1, 0.2], [0.1, 0.1, 0.5], [0.2, 0.4, 0.1]]]).repeat(2, 1, 1)
+    att[1] = att[1].flip(-1)
+    for ratio in (0.0, 0.2, 0.3, 0.5, 0.9):
+        expected = _fuse_and_discard(att.unsqueeze(1).numpy(), "min", ratio)
+        ours = discard_lowest(att, ratio)
+        assert int((ours == 0).sum()) == 2 * int(9 * ratio)
+        np.testing.assert_array_equal(ours.numpy(), expected.astype(np.float32))
+    assert torch.equal(att[0, 0], torch.tensor([0.3, 0.1, 0.2]))  # the input is not modified

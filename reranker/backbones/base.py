@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_GRID = 7
+
+
+class AttentionGrid(NamedTuple):
+    """The token layout of one block's attention ``(B, heads, N_q, N_k)``.
+
+    ``N_q = num_prefix_tokens + h_q * w_q`` and ``N_k = num_prefix_tokens + h_k * w_k``, prefix
+    tokens first, patch tokens row-major. A plain ViT block is square (``query_grid == key_grid``);
+    a CvT block's keys come from a strided convolution, so its key grid is coarser.
+    """
+
+    query_grid: tuple[int, int]
+    key_grid: tuple[int, int]
+    num_prefix_tokens: int
 
 
 @dataclass
@@ -19,11 +32,15 @@ class BackboneOutput:
     Attributes:
         global_features: ``(B, D)`` global vectors, L2-normalised.
         patch_features: ``(B, G*G, D)`` patch vectors on a ``G x G`` grid, row-major, L2-normalised.
-        attentions: per block, post-softmax attention ``(B, heads, N, N)`` over all tokens
+        attentions: per block, post-softmax attention ``(B, heads, N_q, N_k)`` over all tokens
             (prefix tokens first), when asked for and the backbone has global attention.
-        token_grid: the backbone's own patch grid ``(h, w)`` that ``attentions`` covers.
-        num_prefix_tokens: CLS / distillation / register tokens before the patch tokens.
+        token_grid: the backbone's own (final) patch grid ``(h, w)``.
+        num_prefix_tokens: CLS / distillation / register tokens before the final patch tokens.
         random_weights: True when the backbone was randomly initialised (not pretrained).
+        attention_grids: per block, the layout of ``attentions`` when the blocks differ from
+            square attention over ``token_grid`` (CvT: a grid per stage, strided keys, a CLS
+            token in the last stage only); None when every block is square over ``token_grid``
+            with ``num_prefix_tokens`` prefix tokens (plain ViTs).
     """
 
     global_features: torch.Tensor
@@ -32,6 +49,7 @@ class BackboneOutput:
     token_grid: tuple[int, int]
     num_prefix_tokens: int
     random_weights: bool
+    attention_grids: tuple[AttentionGrid, ...] | None = None
 
     @property
     def grid(self) -> int:
@@ -52,11 +70,23 @@ def pool_tokens(tokens: torch.Tensor, token_grid: tuple[int, int], grid: int) ->
     return x.flatten(2).transpose(1, 2)
 
 
+class RawFeatures(NamedTuple):
+    """What :meth:`Backbone._features` returns (a plain 5-tuple is accepted: no attention grids)."""
+
+    global_vec: torch.Tensor
+    patches: torch.Tensor
+    attentions: tuple[torch.Tensor, ...] | None
+    token_grid: tuple[int, int]
+    num_prefix_tokens: int
+    attention_grids: tuple[AttentionGrid, ...] | None = None
+
+
 class Backbone(nn.Module):
     """A pretrained image model seen as: images -> global vector, patch grid, attention.
 
     Subclasses implement :meth:`_features`, returning the un-normalised global vector,
-    the pooled patch grid and, when ``with_attention`` is set, the captured attention.
+    the pooled patch grid and, when ``with_attention`` is set, the captured attention
+    (and its per-block layout where the blocks are not square over the final grid).
     """
 
     #: True when the model has global self-attention whose rollout makes sense.
@@ -99,9 +129,8 @@ class Backbone(nn.Module):
         """Apply ``head`` (e.g. a fine-tuned 384->128 linear layer) to global and patch vectors alike."""
         self.projection = head
 
-    def _features(
-        self, images: torch.Tensor, with_attention: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[int, int], int]:
+    def _features(self, images: torch.Tensor, with_attention: bool) -> RawFeatures | tuple:
+        """``(global_vec, patches, attentions, token_grid, num_prefix_tokens[, attention_grids])``."""
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, with_attention: bool = False) -> BackboneOutput:
@@ -110,15 +139,17 @@ class Backbone(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         if with_attention and not self.supports_rollout:
             raise ValueError(f"{self.name} has no global attention to capture (use another marginal)")
-        global_vec, patches, attentions, token_grid, num_prefix = self._features(images, with_attention)
+        raw = RawFeatures(*self._features(images, with_attention))
+        global_vec, patches = raw.global_vec, raw.patches
         if self.projection is not None:
             global_vec = self.projection(global_vec)
             patches = self.projection(patches)
         return BackboneOutput(
             global_features=F.normalize(global_vec.float(), dim=-1),
             patch_features=F.normalize(patches.float(), dim=-1),
-            attentions=attentions,
-            token_grid=token_grid,
-            num_prefix_tokens=num_prefix,
+            attentions=raw.attentions,
+            token_grid=raw.token_grid,
+            num_prefix_tokens=raw.num_prefix_tokens,
             random_weights=self.random_weights,
+            attention_grids=raw.attention_grids,
         )
