@@ -56,8 +56,8 @@ def resolve_marginals(backbone: Backbone, requested: list[str] | None) -> list[s
     if "rollout" in requested and not backbone.supports_rollout:
         raise EvaluationError(
             f"rollout marginals need global self-attention, which {backbone.name!r} does not have "
-            "(windowed or convolutional attention): use --marginals crosscorr,uniform (the paper used "
-            "cross-correlation for Swin)"
+            "(windowed attention): use --marginals crosscorr,uniform (the paper used cross-correlation "
+            "for Swin)"
         )
     return list(dict.fromkeys(requested))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -16,6 +17,8 @@ from torch import nn
 
 from reranker.backbones import WeightsUnavailableError, create_backbone
 from reranker.backbones.hf_cvt import create_hf_cvt
+from reranker.marginals import image_patch_weights
+from reranker.rollout import attention_rollout, cls_attention_rollout
 
 # depth[i] > i: HF's CvtStage indexes its drop-path rates by stage number.
 TINY = dict(embed_dim=[16, 32, 48], depth=[1, 2, 3], num_heads=[1, 1, 1])
@@ -70,7 +73,7 @@ def test_shapes_and_flags(backbone, output):
     assert output.random_weights and backbone.random_weights
     assert backbone.embed_dim == D and backbone.output_dim == D
     assert backbone.input_size == (3, 224, 224)
-    assert not backbone.supports_rollout
+    assert backbone.supports_rollout
 
 
 def test_global_is_layernormed_cls_token(backbone, images, output):
@@ -147,9 +150,120 @@ def test_without_transformers_says_how_to_install(monkeypatch):
         create_hf_cvt("microsoft/cvt-13", "random", model_kwargs=TINY)
 
 
-def test_no_attention(backbone, images):
-    with pytest.raises(ValueError):
-        backbone(images, with_attention=True)
+# --- attention rollout -------------------------------------------------------------------------
+# Two heads per stage, so that min / mean / max head fusion differ.
+TWO_HEADS = dict(embed_dim=[16, 32, 48], depth=[1, 2, 3], num_heads=[2, 2, 2])
+# At 224 px: (query grid, key grid, prefix tokens) per block; keys are strided by 2 (3x3 conv, pad 1).
+GRIDS_224 = [((56, 56), (28, 28), 0)] + [((28, 28), (14, 14), 0)] * 2 + [((14, 14), (7, 7), 1)] * 3
+
+
+@pytest.fixture(scope="module")
+def two_heads():
+    torch.manual_seed(3)
+    return create_backbone("microsoft/cvt-13", "random", model_kwargs=TWO_HEADS)
+
+
+@pytest.fixture(scope="module")
+def with_attention(two_heads, images):
+    with torch.no_grad():
+        return two_heads(images, with_attention=True)
+
+
+def _pool_rows(a: np.ndarray, side: tuple[int, int], grid: int) -> np.ndarray:
+    """``(B, h*w, M) -> (B, G*G, M)``: mean over each (h/G x w/G) cell of the row grid."""
+    (h, w), B, M = side, a.shape[0], a.shape[-1]
+    return a.reshape(B, grid, h // grid, grid, w // grid, M).mean(axis=(2, 4)).reshape(B, grid * grid, M)
+
+
+def numpy_rollout(atts, grids, fusion="min", ratio=0.1, grid=7) -> np.ndarray:
+    """method.md's pooled rollout, block by block, each block pooled from its own grids."""
+    result = None
+    for att, (query_grid, key_grid, prefix) in zip(atts, grids):
+        fused = {"min": att.min(1), "mean": att.mean(1), "max": att.max(1)}[fusion].astype(np.float64)
+        for img in fused:  # zero the lowest `ratio` of each image's entries
+            flat = img.reshape(-1)
+            flat[np.argsort(flat, kind="stable")[: int(flat.size * ratio)]] = 0.0
+        a = fused[:, prefix:, prefix:]
+        a = _pool_rows(a, query_grid, grid)  # queries -> G*G rows
+        a = _pool_rows(a.transpose(0, 2, 1), key_grid, grid).transpose(0, 2, 1)  # keys -> G*G columns
+        a = a + np.eye(grid * grid)
+        a = a / a.sum(-1, keepdims=True)
+        result = a if result is None else a @ result
+    w = np.maximum(result.mean(axis=1), 0.0)
+    return w / w.sum(-1, keepdims=True)
+
+
+def test_captures_every_block_of_every_stage(with_attention):
+    atts, grids = with_attention.attentions, with_attention.attention_grids
+    assert [tuple(g) for g in grids] == GRIDS_224
+    assert len(atts) == 6
+    for a, ((qh, qw), (kh, kw), p) in zip(atts, GRIDS_224):
+        assert a.shape == (2, 2, p + qh * qw, p + kh * kw)
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5, rtol=0)
+    assert with_attention.token_grid == (14, 14) and with_attention.num_prefix_tokens == 1
+
+
+@pytest.mark.parametrize("fusion", ["min", "mean", "max"])
+def test_rollout_equals_numpy(with_attention, fusion):
+    expected = numpy_rollout([a.numpy() for a in with_attention.attentions], GRIDS_224, fusion)
+    ours = image_patch_weights(with_attention, "rollout", head_fusion=fusion)
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-6)
+    direct = attention_rollout(with_attention.attentions, (14, 14), 1, head_fusion=fusion, block_grids=GRIDS_224)
+    torch.testing.assert_close(direct, ours, atol=0, rtol=0)
+
+
+def test_fusions_differ(with_attention):
+    w = [image_patch_weights(with_attention, "rollout", head_fusion=f) for f in ("min", "mean", "max")]
+    assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
+
+
+@pytest.mark.parametrize("size", [224, 112])  # 112 px: 7x7 queries attend to 4x4 keys in stage 3
+def test_rollout_is_a_distribution(two_heads, size):
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = two_heads(x, with_attention=True)
+    w = image_patch_weights(out, "rollout")
+    assert w.shape == (3, 49) and bool((w >= 0).all())
+    torch.testing.assert_close(w.sum(-1), torch.ones(3), atol=1e-6, rtol=0)
+    if size == 112:
+        assert tuple(out.attention_grids[-1]) == ((7, 7), (4, 4), 1)
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_capture_changes_no_output_and_leaves_no_hooks(two_heads, images, with_attention):
+    with torch.no_grad():
+        plain = two_heads(images)
+    assert plain.attentions is None and plain.attention_grids is None
+    assert_same(plain, with_attention)
+    assert _hook_count(two_heads.model) == 0
+
+
+def test_hooks_are_removed_when_the_forward_fails(two_heads, images, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(two_heads.model.cvt.encoder.stages[1], "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        two_heads(images, with_attention=True)
+    assert _hook_count(two_heads.model) == 0
+
+
+def test_cls_rollout_is_undefined_for_strided_keys(with_attention):
+    with pytest.raises(ValueError, match="strided keys"):
+        image_patch_weights(with_attention, "cls_rollout")
+    with pytest.raises(ValueError, match="square attention"):
+        cls_attention_rollout(with_attention.attentions, (14, 14), 1, block_grids=GRIDS_224)
+
+
+def test_rollout_rejects_mismatched_grids(with_attention):
+    atts = with_attention.attentions
+    with pytest.raises(ValueError, match="does not match"):
+        attention_rollout(atts, (14, 14), 1)  # square over the final grid: not CvT's layout
+    with pytest.raises(ValueError, match="block grids"):
+        attention_rollout(atts, (14, 14), 1, block_grids=GRIDS_224[:-1])
 
 
 @pytest.mark.parametrize("size", [(300, 200), (64, 500), (224, 224)])

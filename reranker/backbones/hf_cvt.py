@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from timm.data import create_transform
 from torch import nn
 
-from .base import DEFAULT_GRID, Backbone, pool_tokens
+from .base import DEFAULT_GRID, AttentionGrid, Backbone, RawFeatures, pool_tokens
 
 INSTALL_HINT = "pip install 'vit-rerank[cvt]'"
 
@@ -45,11 +46,45 @@ def cvt_data_config(preprocessing: dict[str, Any] | None = None) -> dict[str, An
     )
 
 
+class _CapturedBlock:
+    """One self-attention block's post-softmax attention and the grids its forward used."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        self.num_prefix_tokens = num_prefix_tokens
+        self.query_grid: tuple[int, int] | None = None
+        self.key_grid: tuple[int, int] | None = None
+        self.attention: torch.Tensor | None = None
+
+    def on_query(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        self.query_grid = (int(out.shape[-2]), int(out.shape[-1]))  # (B, C, h, w) of the query conv
+
+    def on_key(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        self.key_grid = (int(out.shape[-2]), int(out.shape[-1]))  # (B, C, h/s, w/s) of the key conv
+
+    def on_attention(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        self.attention = out  # attention dropout's output: the softmax itself in eval mode
+
+    @property
+    def grid(self) -> AttentionGrid:
+        if self.query_grid is None or self.key_grid is None or self.attention is None:
+            raise RuntimeError("a CvT self-attention block did not run during the forward pass")
+        return AttentionGrid(self.query_grid, self.key_grid, self.num_prefix_tokens)
+
+
 class HfCvt(Backbone):
     """A ``CvtForImageClassification`` minus its head: the final LayerNorm of the stage-3 CLS token
-    is global; the stage-3 tokens (14 x 14 at 224), through the same LayerNorm, pool to G x G."""
+    is global; the stage-3 tokens (14 x 14 at 224), through the same LayerNorm, pool to G x G.
 
-    supports_rollout = False  # convolutional projections, no global rollout here
+    Attention rollout chains over *all* self-attention blocks of all stages, in forward order
+    (method.md: "chain over all blocks in order"): CvT-13 at 224 px has 1 block with 56 x 56
+    queries and 28 x 28 keys, 2 blocks with 28 x 28 / 14 x 14, then 10 blocks with a CLS token and
+    14 x 14 / 7 x 7. Each block is pooled from its own query and key grids to G x G, so the chain is
+    well defined across stages; the convolutional token embedding between stages is local (a few
+    pixels of the coarser grid) and taken as the identity at G x G, as the residual path is within
+    a stage. Only stage 3 has a prefix (CLS) token. The CLS-row rollout is undefined (strided keys).
+    """
+
+    supports_rollout = True
 
     def __init__(
         self,
@@ -76,8 +111,51 @@ class HfCvt(Backbone):
     def input_size(self) -> tuple[int, int, int]:
         return tuple(self._data_config["input_size"])
 
+    def _attention_modules(self) -> list[nn.Module]:
+        """Every ``CvtSelfAttention``, stage by stage, block by block (the forward order)."""
+        return [layer.attention.attention for stage in self.model.cvt.encoder.stages for layer in stage.layers]
+
+    @contextmanager
+    def _capture_attention(self) -> Iterator[list[_CapturedBlock]]:
+        """Record each block's post-softmax attention and grids; the hooks are removed afterwards.
+
+        HF's ``CvtSelfAttention`` applies ``self.dropout`` to the softmax output, and its
+        depthwise-convolution query and key projections output ``(B, C, h, w)`` maps; forward
+        hooks on those three modules record the attention, the query grid and the key grid.
+        """
+        modules = self._attention_modules()
+        blocks: list[_CapturedBlock] = []
+        hooks = []
+        try:
+            for m in modules:
+                try:
+                    query_conv = m.convolution_projection_query.convolution_projection
+                    key_conv = m.convolution_projection_key.convolution_projection
+                    dropout = m.dropout
+                except AttributeError as err:
+                    raise ValueError(
+                        f"{self.name}: self-attention module {type(m).__name__} cannot be captured "
+                        "(expected depthwise-convolution q/k projections and an attention dropout)"
+                    ) from err
+                block = _CapturedBlock(1 if m.with_cls_token else 0)
+                blocks.append(block)
+                hooks.append(query_conv.register_forward_hook(block.on_query))
+                hooks.append(key_conv.register_forward_hook(block.on_key))
+                hooks.append(dropout.register_forward_hook(block.on_attention))
+            yield blocks
+        finally:
+            for h in hooks:
+                h.remove()
+
     def _features(self, images, with_attention):
-        out = self.model.cvt(images, return_dict=True)
+        attentions = grids = None
+        if with_attention:
+            with self._capture_attention() as blocks:
+                out = self.model.cvt(images, return_dict=True)
+            grids = tuple(b.grid for b in blocks)
+            attentions = tuple(b.attention for b in blocks)
+        else:
+            out = self.model.cvt(images, return_dict=True)
         _, _, h, w = out.last_hidden_state.shape  # (B, C, h, w)
         norm = self.model.layernorm
         tokens = norm(out.last_hidden_state.flatten(2).transpose(1, 2))  # (B, h*w, C)
@@ -85,7 +163,8 @@ class HfCvt(Backbone):
             global_vec, num_prefix = norm(out.cls_token_value)[:, 0], 1
         else:  # no stage-3 CLS token: mean of the normed tokens, as HF's classifier does
             global_vec, num_prefix = tokens.mean(dim=1), 0
-        return global_vec, pool_tokens(tokens, (h, w), self.grid), None, (h, w), num_prefix
+        patches = pool_tokens(tokens, (h, w), self.grid)
+        return RawFeatures(global_vec, patches, attentions, (h, w), num_prefix, grids)
 
 
 def _check_keys(missing: Any, unexpected: Any, source: str) -> None:
