@@ -130,6 +130,7 @@ def _build(args) -> int:
         weights = args.weights or "pretrained"
         backbone = create_backbone(args.model, weights, grid=args.grid, model_kwargs=json.loads(args.model_kwargs))
         kind = args.patch_weights or ("rollout" if backbone.supports_rollout else "uniform")
+        _check_patch_weights(backbone, kind)  # before the index directory exists
         manifest = new_manifest(backbone, weights_source=weights, patch_weights=kind, factory=args.factory,
                                 pca_dim=args.pca_dim, model_kwargs=json.loads(args.model_kwargs))
         gallery = Gallery.create(args.dir, manifest)
@@ -138,6 +139,17 @@ def _build(args) -> int:
         print("note: random weights: results are meaningless except for testing", file=sys.stderr)
     with gallery:
         return _run_add(gallery, backbone, args)
+
+
+def _check_patch_weights(backbone, kind: str) -> None:
+    """Refuse patch weights the backbone cannot give (e.g. rollout on Swin), by embedding one blank image."""
+    from PIL import Image
+
+    from .embedding import embed_pil_images
+
+    if kind != "uniform" and not backbone.supports_rollout:
+        raise ValueError(f"{backbone.name!r} has no global attention for {kind} weights: use --patch-weights uniform")
+    embed_pil_images(backbone, [Image.new("RGB", (64, 64))], kind)
 
 
 def _add(args) -> int:

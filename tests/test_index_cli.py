@@ -90,3 +90,14 @@ def test_user_errors_are_one_line_messages_not_tracebacks(small_gallery, tmp_pat
     out = run_cli("search", str(photos[0]), "--index", str(index), "--s", "1.5", check=False)
     assert out.returncode == 1 and "s must be in (0, 1]" in out.stderr
     assert "OK" in run_cli("index", "verify", str(index)).stdout  # nothing was changed
+
+
+def test_patch_weights_the_backbone_cannot_give_are_refused_before_anything_is_written(small_gallery, tmp_path):
+    manifest, _ = small_gallery
+    index = tmp_path / "index"
+    tiny_swin = '{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}'
+    out = run_cli("index", "build", str(index), "--from", str(manifest), "--model", "swin_tiny_patch4_window7_224",
+                  "--model-kwargs", tiny_swin, "--weights", "random", "--patch-weights", "rollout", "--no-progress",
+                  "--workers", "0", check=False)
+    assert out.returncode == 1 and "no global attention" in out.stderr and "Traceback" not in out.stderr
+    assert not index.exists()
