@@ -51,8 +51,11 @@ def discard_lowest(attention: torch.Tensor, ratio: float) -> torch.Tensor:
     if not k:
         return attention.clone()
     threshold = flat.kthvalue(k, dim=1, keepdim=True).values
+    at_most = flat <= threshold
+    if bool((torch.count_nonzero(at_most, dim=1) == k).all()):  # the usual case: no tie straddles the k-th entry
+        return flat.masked_fill(at_most, 0.0).view_as(attention)
     below = flat < threshold
-    tied = flat == threshold
+    tied = at_most & ~below
     room = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)  # tied entries still to zero
     zero = below | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
     return flat.masked_fill(zero, 0.0).view_as(attention)
