@@ -134,7 +134,8 @@ def _remember(state: ServiceState, query_id: str, view: Any, outcome: SearchOutc
             path=h.path,
             plan=np.asarray(result.plans[h.id], dtype=np.float32),
             candidate_weights=outcome.candidate_weights[h.id],
-            title=f"#{h.rank_after} (was #{h.rank_before})  {h.id}  final {h.final_score:.3f}",
+            # ranks shown 1-based, as on the page
+            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}",
         )
         for h in result.hits
         if h.id in result.plans
