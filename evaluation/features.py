@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from indexer.atomic import fsync_dir, write_json, write_npy
+from indexer.atomic import fsync_path, write_json, write_npy
 from indexer.embedding import embed_records
 from indexer.sources import ImageRecord
 from reranker.backbones import Backbone
@@ -127,7 +127,7 @@ def compute_features(
         failures, seconds = _embed_into(staging, backbone, records, key["patch_weights"], batch_size, workers, progress)
         write_json(staging / META, {"key": key, "ids": [r.id for r in records], "failures": failures,
                                     "seconds": seconds})
-        fsync_dir(staging)
+        fsync_path(staging)
         _publish_entry(staging, folder, key)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -163,19 +163,11 @@ def _embed_into(
     seconds = time.perf_counter() - start
     patches.flush()
     del patches
-    _fsync_file(folder / "patches.npy")
+    fsync_path(folder / "patches.npy")
     write_npy(folder / "global.npy", global_features)
     write_npy(folder / "weights.npy", weights)
     write_npy(folder / "ok.npy", ok)
     return failures, seconds
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _publish_entry(staging: Path, folder: Path, key: dict[str, Any]) -> None:
@@ -195,7 +187,7 @@ def _publish_entry(staging: Path, folder: Path, key: dict[str, Any]) -> None:
         if not _matches(folder, key):
             raise
         shutil.rmtree(staging, ignore_errors=True)
-    fsync_dir(folder.parent)
+    fsync_path(folder.parent)
 
 
 def _matches(folder: Path, key: dict[str, Any]) -> bool:

@@ -13,8 +13,8 @@ import numpy as np
 TMP_SUFFIX = ".tmp"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (making a rename in it durable), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -24,13 +24,9 @@ def fsync_dir(path: Path) -> None:
 
 def _publish(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, rename it over ``path`` and make the rename durable."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_with(path: Path, writer: Callable[[str], None]) -> None:
