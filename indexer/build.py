@@ -95,8 +95,13 @@ def add_records(
     skip_duplicates: bool = False,
     limits: LoadLimits = LoadLimits(),
     progress: bool = True,
+    save_report: bool = True,
 ) -> BuildReport:
-    """Embed and commit every record whose id the index does not hold yet."""
+    """Embed and commit every record whose id the index does not hold yet.
+
+    With ``save_report`` the report is also written to ``DIR/reports/`` (a build's record;
+    single-image adds, such as the service's, pass False).
+    """
     start = time.perf_counter()
     report = BuildReport(duplicates_skipped=skip_duplicates)
     existing = gallery.ids()
@@ -148,6 +153,8 @@ def add_records(
     if not gallery.trained and len(gallery):
         gallery.train()
     report.seconds = time.perf_counter() - start
+    if not save_report:
+        return report
     reports = gallery.folder / "reports"
     reports.mkdir(exist_ok=True)
     write_json(reports / f"build-{now_iso().replace(':', '')}-{gallery.generation:08d}.json", report.to_dict())

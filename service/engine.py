@@ -285,7 +285,7 @@ class Engine:
                 report = add_records(
                     self.gallery, self.searcher.backbone,
                     [ImageRecord(str(path), image_id, label, dict(metadata or {}))],
-                    workers=0, limits=self.limits, progress=False,
+                    workers=0, limits=self.limits, progress=False, save_report=False,
                 )
                 if report.failures:
                     failure = report.failures[0]

@@ -271,6 +271,7 @@ def _add(client, data: bytes, headers=None, **form):
 
 def test_add_search_serve_remove(own_index):
     red = png_bytes((80, 60), (220, 20, 20))
+    reports = sorted((own_index / "reports").glob("*"))
     with make_client(own_index) as c:
         r = _add(c, red, id="red square", label="red", metadata='{"colour": "red", "n": 1}')
         assert r.status_code == 201 and r.json() == {"id": "red square", "added": True}
@@ -298,6 +299,7 @@ def test_add_search_serve_remove(own_index):
         assert_error(c.get("/images/red%20square"), 404)
         assert c.get("/index").json()["images"] == 31  # the auto-named one stays
         assert len(list((own_index / "uploads").iterdir())) == 1
+    assert sorted((own_index / "reports").glob("*")) == reports  # single adds leave no build reports
 
 
 def test_remove_a_built_image(own_index, photos):
