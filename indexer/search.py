@@ -84,18 +84,18 @@ class Searcher:
         self.vectors = VectorSearcher(self.gallery.faiss, self.device, self.vector_backend)
 
     def resolve_marginals(self, marginals: str) -> str:
-        """The marginals a search uses: ``auto`` is rollout where stored, else cross-correlation."""
+        """The marginals a search uses. ``auto``: the stored rollout weights where the index has
+        them, else cross-correlation (uniform when PCA-reduced patches rule cross-correlation out)."""
         manifest = self.gallery.manifest
+        has_rollout = manifest.patch_weights in ("rollout", "cls_rollout")
+        if marginals == "auto":
+            return "rollout" if has_rollout else ("uniform" if manifest.pca_dim else "crosscorr")
+        if marginals == "rollout" and not has_rollout:
+            raise ValueError("this index stores no rollout weights: use crosscorr or uniform")
         if marginals == "crosscorr" and manifest.pca_dim:
             raise ValueError("this index's patches are reduced by a PCA: cross-correlation needs full-size "
                              "patches; use rollout or uniform")
-        if marginals == "auto" and manifest.pca_dim and manifest.patch_weights == "uniform":
-            return "uniform"
-        if marginals != "auto":
-            if marginals == "rollout" and self.gallery.manifest.patch_weights == "uniform":
-                raise ValueError("this index stores no rollout weights: use crosscorr or uniform")
-            return marginals
-        return "rollout" if self.gallery.manifest.patch_weights in ("rollout", "cls_rollout") else "crosscorr"
+        return marginals
 
     def search(
         self, images: Sequence[Image.Image], settings: SearchSettings = SearchSettings(), keep_plans: bool = False
