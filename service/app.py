@@ -12,6 +12,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine
 from .metrics import MetricsMiddleware, ServiceMetrics
@@ -67,14 +68,10 @@ def _validation_detail(err: RequestValidationError) -> str:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(err.detail)}, err.status_code, headers=getattr(err, "headers", None))
-
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
+    # FastAPI's HTTPException subclasses Starlette's, and handlers are looked up along the MRO:
+    # this one handler answers both (the routes' errors and Starlette's own 404 / 405).
     @app.exception_handler(StarletteHTTPException)
-    async def starlette_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": str(err.detail)}, err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
