@@ -11,13 +11,12 @@ from typing import Any
 import torch
 
 from reranker.backbones import Backbone, create_backbone, weights_identity
+from reranker.marginals import MARGINALS
 
 from .datasets import ClassSet, EvalSet, load_dataset
 from .features import FeatureStore, cache_key, compute_features
 from .head import load_linear_head
 from .protocol import Sweep, evaluate
-
-ALL_MARGINALS = ("rollout", "crosscorr", "uniform")
 
 
 class EvaluationError(ValueError):
@@ -50,9 +49,9 @@ class EvalSettings:
 def resolve_marginals(backbone: Backbone, requested: list[str] | None) -> list[str]:
     """The marginals to sweep; rollout needs a backbone with global attention."""
     if requested is None:
-        return [m for m in ALL_MARGINALS if m != "rollout" or backbone.supports_rollout]
-    if unknown := [m for m in requested if m not in ALL_MARGINALS]:
-        raise EvaluationError(f"unknown marginals {unknown[0]!r}: use {', '.join(ALL_MARGINALS)}")
+        return [m for m in MARGINALS if m != "rollout" or backbone.supports_rollout]
+    if unknown := [m for m in requested if m not in MARGINALS]:
+        raise EvaluationError(f"unknown marginals {unknown[0]!r}: use {', '.join(MARGINALS)}")
     if "rollout" in requested and not backbone.supports_rollout:
         raise EvaluationError(
             f"rollout marginals need global self-attention, which {backbone.name!r} does not have "
