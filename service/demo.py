@@ -8,9 +8,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from indexer.sources import ImageRecord
 
 DEMO_GALLERY = Path(__file__).parent / "demo_gallery"
 
@@ -42,16 +45,12 @@ def ensure_demo_index(
 
     Raises ``WeightsUnavailableError`` when the weights cannot be had; nothing is written then.
     """
-    from indexer.build import add_records, backbone_for, new_manifest
+    from indexer.build import add_records, backbone_for
     from indexer.gallery import Gallery
-    from indexer.sources import from_folder
-    from reranker.backbones import create_backbone
 
     folder = demo_index_dir(model, weights, model_kwargs)
-    records = from_folder(DEMO_GALLERY, label_from_parent=True)
-    for r in records:
-        r.metadata = {"source": "clothing-dataset-small (demo gallery)"}
     if (folder / "manifest.json").exists():
+        records = demo_records()
         with Gallery.open(folder) as gallery:
             if {r.id for r in records} <= gallery.ids():
                 return folder
@@ -59,6 +58,32 @@ def ensure_demo_index(
             print(f"completing the demo index in {folder}", file=sys.stderr)
             add_records(gallery, backbone, records, workers=0, progress=progress)
         return folder
+    return build_demo_index(folder, model, weights, device, model_kwargs, progress=progress)
+
+
+def demo_records() -> list[ImageRecord]:
+    """The demo gallery's photos as index records (label: their folder)."""
+    from indexer.sources import from_folder
+
+    records = from_folder(DEMO_GALLERY, label_from_parent=True)
+    for r in records:
+        r.metadata = {"source": "clothing-dataset-small (demo gallery)"}
+    return records
+
+
+def build_demo_index(
+    folder: Path, model: str, weights: str, device: torch.device, model_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """A new index of the demo gallery in ``folder`` (rollout weights where the backbone has them).
+
+    The backbone is made first: when its weights cannot be had, nothing is written.
+    """
+    from indexer.build import add_records, new_manifest
+    from indexer.gallery import Gallery
+    from reranker.backbones import create_backbone
+
+    records = demo_records()
     backbone = create_backbone(model, weights, model_kwargs=model_kwargs)  # may raise: nothing written yet
     kind = "rollout" if backbone.supports_rollout else "uniform"
     manifest = new_manifest(backbone, weights_source=weights, patch_weights=kind, model_kwargs=model_kwargs)

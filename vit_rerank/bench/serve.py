@@ -56,22 +56,6 @@ def _measure(latencies: list[float], errors: int, wall: float) -> Measure:
     return Measure(len(latencies) + errors, errors, statistics.median(lat), p95, len(latencies) / wall)
 
 
-def _build_index(folder: Path, model: str, weights: str, model_kwargs: dict | None, device) -> Path:
-    from indexer.build import add_records, new_manifest
-    from indexer.gallery import Gallery
-    from indexer.sources import from_folder
-    from reranker.backbones import create_backbone
-    from service.demo import DEMO_GALLERY
-
-    backbone = create_backbone(model, weights, model_kwargs=model_kwargs)
-    kind = "rollout" if backbone.supports_rollout else "uniform"
-    manifest = new_manifest(backbone, weights_source=weights, patch_weights=kind, model_kwargs=model_kwargs)
-    with Gallery.create(folder, manifest) as gallery:
-        add_records(gallery, backbone.to(device), from_folder(DEMO_GALLERY, label_from_parent=True), workers=0,
-                    progress=False)
-    return folder
-
-
 def _queries() -> list[bytes]:
     from service.demo import DEMO_GALLERY
 
@@ -192,6 +176,7 @@ def run(
     """Measure both sides at each concurrency and print a table (or JSON)."""
     from indexer.search import SearchSettings
     from reranker.device import resolve_device
+    from service.demo import build_demo_index
     from service.engine import Engine
     from service.settings import ServiceSettings
 
@@ -205,7 +190,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="vit-rerank-bench-") as tmp:
         if index is None:
             print(f"building a demo index with {model} ({weights} weights)...", file=sys.stderr)
-            index = _build_index(Path(tmp) / "index", model, weights, model_kwargs, device)
+            index = build_demo_index(Path(tmp) / "index", model, weights, device, model_kwargs, progress=False)
         cfg = ServiceSettings(index=index, device=device.type, queue_size=queue_size)
         engine = Engine.open(cfg).start()
         from indexer.loading import load_image
