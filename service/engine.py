@@ -205,16 +205,10 @@ class Engine:
             batch, stop = [job], False
             deadline = time.perf_counter() + self.batch_wait_s
             while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
+                try:  # a timeout of 0 still takes a query that is already waiting
+                    item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = self._queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
+                    break
                 if item is None:
                     stop = True
                     break
