@@ -72,9 +72,10 @@ async def readyz(request: Request) -> Any:
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text: requests, latencies per route, time per search stage, queue depth."""
-    m = service(request).metrics
-    if service(request).engine is not None:
-        m.queue_depth.set(service(request).engine.queue_depth())
+    state = service(request)
+    m = state.metrics
+    if state.engine is not None:
+        m.queue_depth.set(state.engine.queue_depth())
     return Response(m.render(), media_type=m.content_type)
 
 
