@@ -107,6 +107,11 @@ class DeviceFeatures:
     def patches(self, rows: torch.Tensor) -> torch.Tensor:
         return self.patch_features[rows.to(self.patch_features.device)].to(self.device, torch.float32)
 
+    def features(self, rows: torch.Tensor) -> Features:
+        """Global vectors, patches and weights of the store rows ``rows`` (any shape), on ``device``."""
+        on_device = rows.to(self.device)
+        return Features(self.global_features[on_device], self.patches(rows), self.patch_weights[on_device])
+
 
 def top_candidates(
     queries: torch.Tensor, gallery: torch.Tensor, length: int, exclude: torch.Tensor | None = None, chunk: int = 1024
@@ -215,10 +220,8 @@ def structural_scores(
             rows = torch.where(rows == PAD, q[:, None], rows)  # a stand-in; its score stays -inf
             scores = torch.from_numpy(ranking.scores[start:start + batch, :k])
             scores = torch.where(torch.isfinite(scores), scores, torch.zeros(()))
-            dev = feats.device
-            query = Features(feats.global_features[q.to(dev)], feats.patches(q), feats.patch_weights[q.to(dev)])
-            cands = Features(feats.global_features[rows.to(dev)], feats.patches(rows), feats.patch_weights[rows.to(dev)])
-            result = rerank_batch(query, cands, scores.to(dev), marginals=marginals, s=s, lam=lam, eps=eps)
+            result = rerank_batch(feats.features(q), feats.features(rows), scores.to(feats.device),
+                                  marginals=marginals, s=s, lam=lam, eps=eps)
             out[start:start + len(q)] = result.structural_scores.float().cpu().numpy()
             bar.update(len(q))
     finally:
