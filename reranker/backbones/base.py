@@ -71,7 +71,7 @@ def pool_tokens(tokens: torch.Tensor, token_grid: tuple[int, int], grid: int) ->
 
 
 class RawFeatures(NamedTuple):
-    """What :meth:`Backbone._features` returns (a plain 5-tuple is accepted: no attention grids)."""
+    """What :meth:`Backbone._features` returns."""
 
     global_vec: torch.Tensor
     patches: torch.Tensor
@@ -129,8 +129,7 @@ class Backbone(nn.Module):
         """Apply ``head`` (e.g. a fine-tuned 384->128 linear layer) to global and patch vectors alike."""
         self.projection = head
 
-    def _features(self, images: torch.Tensor, with_attention: bool) -> RawFeatures | tuple:
-        """``(global_vec, patches, attentions, token_grid, num_prefix_tokens[, attention_grids])``."""
+    def _features(self, images: torch.Tensor, with_attention: bool) -> RawFeatures:
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, with_attention: bool = False) -> BackboneOutput:
@@ -139,7 +138,7 @@ class Backbone(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         if with_attention and not self.supports_rollout:
             raise ValueError(f"{self.name} has no global attention to capture (use another marginal)")
-        raw = RawFeatures(*self._features(images, with_attention))
+        raw = self._features(images, with_attention)
         global_vec, patches = raw.global_vec, raw.patches
         if self.projection is not None:
             global_vec = self.projection(global_vec)

@@ -10,7 +10,7 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
-from .base import DEFAULT_GRID, Backbone, pool_tokens
+from .base import DEFAULT_GRID, Backbone, RawFeatures, pool_tokens
 
 
 class TimmBackbone(Backbone):
@@ -80,7 +80,7 @@ class TimmViT(TimmBackbone):
             attentions = None
         global_vec = model.forward_head(tokens, pre_logits=True)
         patches = pool_tokens(tokens[:, num_prefix:], token_grid, self.grid)
-        return global_vec, patches, attentions, token_grid, num_prefix
+        return RawFeatures(global_vec, patches, attentions, token_grid, num_prefix)
 
 
 class TimmSwin(TimmBackbone):
@@ -93,7 +93,7 @@ class TimmSwin(TimmBackbone):
         B, h, w, C = tokens.shape
         global_vec = self.model.forward_head(tokens, pre_logits=True)
         patches = pool_tokens(tokens.reshape(B, h * w, C), (h, w), self.grid)
-        return global_vec, patches, None, (h, w), 0
+        return RawFeatures(global_vec, patches, None, (h, w), 0)
 
 
 def is_plain_vit(model: nn.Module) -> bool:
