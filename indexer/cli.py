@@ -243,9 +243,8 @@ def _write_explanations(folder: Path, query, result, gallery, transform) -> None
     for h in result.hits:
         if h.id not in result.plans:
             continue
-        _, feats = gallery.features([h.faiss_id])
         png = render_match(model_view(query, transform), model_view(load_image(h.path), transform),
                            result.plans[h.id], grid=grid,
-                           query_weights=result.query_weights, candidate_weights=feats.patch_weights[0],
+                           query_weights=result.query_weights, candidate_weights=result.candidate_weights[h.id],
                            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}")
         write_bytes(folder / f"{h.rank_after:03d}.png", png)

@@ -65,6 +65,7 @@ class QueryResult:
     query_patches: torch.Tensor | None = None
     query_weights: torch.Tensor | None = None
     plans: dict[str, torch.Tensor] = field(default_factory=dict)  # gallery id -> (n, m) plan
+    candidate_weights: dict[str, np.ndarray] = field(default_factory=dict)  # gallery id -> stored (m,) weights
 
 
 class Searcher:
@@ -105,6 +106,8 @@ class Searcher:
         The batch is embedded in one forward, searched in one FAISS call and reranked in one
         batched OT solve (the candidates' stored features go to the device together). Each
         query's ``timings_ms`` are the batch's stage times: what every query of it waited.
+        With ``keep_plans`` each result also keeps, per reranked candidate, its transport plan
+        and its stored patch weights (what an explanation picture needs).
         """
         settings.validate()
         marginals = self.resolve_marginals(settings.marginals)
@@ -162,6 +165,7 @@ class Searcher:
         structural: list[float | None] = [None] * len(c.ids)
         final = [float(x) for x in c.scores]
         plans: dict[str, torch.Tensor] = {}
+        weights: dict[str, np.ndarray] = {}
         if reranked is not None:
             res, row = reranked
             order = res.order[row].tolist() + order[c.k :]  # beyond K: global order, below the reranked
@@ -171,6 +175,7 @@ class Searcher:
             if keep_plans:
                 plan = res.plans[row].cpu()
                 plans = {c.rows[i].id: plan[i] for i in range(c.k)}
+                weights = {c.rows[i].id: c.feats.patch_weights[i].astype(np.float32) for i in range(c.k)}
         hits = []
         for after, i in enumerate(order[: settings.top_k]):
             r = c.rows[i]
@@ -179,6 +184,7 @@ class Searcher:
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
             query_global=g.cpu(), query_patches=p.cpu(), query_weights=w.cpu(), plans=plans,
+            candidate_weights=weights,
         )
 
 

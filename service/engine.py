@@ -255,10 +255,7 @@ class Engine:
         """Keep the plans of the returned hits only, with their stored patch weights."""
         hits = [h for h in result.hits if h.id in result.plans]
         result.plans = {h.id: result.plans[h.id] for h in hits}
-        if not hits:
-            return {}
-        _, feats = self.gallery.features([h.faiss_id for h in hits])
-        return {h.id: np.array(feats.patch_weights[k], dtype=np.float32) for k, h in enumerate(hits)}
+        return {h.id: result.candidate_weights[h.id] for h in hits}
 
     # --- changing the index ----------------------------------------------------------
     def add_image(

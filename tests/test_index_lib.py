@@ -251,6 +251,13 @@ def test_a_batch_of_queries_gives_what_each_query_gives_alone(flat_gallery, back
         assert batched.plans.keys() == alone.plans.keys() and len(alone.plans) == 12
         for key in alone.plans:
             torch.testing.assert_close(batched.plans[key], alone.plans[key], atol=1e-4, rtol=0)
+        # The kept candidate weights are the stored ones.
+        assert alone.candidate_weights.keys() == alone.plans.keys()
+        hits = {h.id: h for h in alone.hits}
+        for key, weights in alone.candidate_weights.items():
+            if key in hits:
+                _, stored = flat_gallery.features([hits[key].faiss_id])
+                np.testing.assert_array_equal(weights, stored.patch_weights[0])
 
 
 def test_python_search_without_reranking_keeps_the_global_order(flat_gallery, backbone, photos):
