@@ -11,7 +11,10 @@ marginals are met. ``s = 1`` is plain balanced OT.
 
 Iterations run in fp32 (inputs may be fp16/bf16), in the plain domain by default
 (at ``eps = 0.05`` and ``C <= 2`` the kernel is at least ``exp(-40)``, far from
-fp32 underflow) and in the log domain when ``eps`` is too small for that. They
+fp32 underflow) and in the log domain when ``eps`` is too small for that. A
+problem whose plain-domain scalings overflow anyway (a patch far from every patch of
+the other side: its kernel row is tiny, its scaling huge) is solved again on its own,
+with plain updates and, should those overflow too, in the log domain. They
 stop when the row-marginal error (L1, per problem) of every problem in the batch
 is below ``tol``, checked every ``check_every`` iterations, or at ``max_iter``.
 
@@ -95,8 +98,10 @@ class _PlainState:
     Vectors are rows ``(B, 1, n)``: ``v K^T`` and ``u K`` are the fast forms of ``bmm``.
     Updates are over-relaxed: ``u <- u * (a / (u * K v))^omega``, which is plain Sinkhorn
     at ``omega = 1`` and needs about half the iterations at ``omega = 1.5`` (Thibault et
-    al., "Overrelaxed Sinkhorn-Knopp", 2017). Should the error ever grow or stop being
-    finite, the state falls back to plain Sinkhorn, which converges from any positive start.
+    al., "Overrelaxed Sinkhorn-Knopp", 2017). Should the error ever grow, the state falls
+    back to plain Sinkhorn, which converges from any positive start. A problem whose error
+    stops being finite (its scalings overflowed) leaves the active set before its ``K v``
+    is used, and its batch index is added to ``broken``; the others are not touched.
     """
 
     def __init__(self, K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, omega: float) -> None:
@@ -108,6 +113,7 @@ class _PlainState:
         self.last_error = math.inf
         # 0/0 can only arise where a marginal entry is 0; skip the guard when none is.
         self.has_zero_mass = bool((a == 0).any() or (b == 0).any())
+        self.broken: list[torch.Tensor] = []
 
     def _update(self, scaling, marginal, product, omega):
         if omega == 1.0:
@@ -120,25 +126,36 @@ class _PlainState:
     def step(self, measure: bool, exact_columns: bool) -> torch.Tensor | None:
         """One iteration. With ``measure``, first compute the L1 row error of the current
         scalings from the ``K v`` the iteration needs anyway; it is the whole marginal error
-        because the previous iteration was asked for ``exact_columns`` (a plain v update)."""
-        Kv = torch.bmm(self.v, self.Kt)
+        because the previous iteration was asked for ``exact_columns`` (a plain v update).
+        The errors and the scalings they belong to (``measured_u``, ``measured_v``) are
+        those of the problems still active after the broken ones are dropped."""
+        Kv = torch.bmm(self.v, self.Kt)  # (B, 1, n)
         err = None
         if measure:
             err = (self.u * Kv - self.a).abs_().sum(-1).squeeze(-1)
-            if self.omega != 1.0:
-                self._guard(err)
+            finite = self._guard(err)
+            if finite is not None:  # drop the broken problems before their K v is used
+                self.keep(finite)
+                Kv, err = Kv[finite], err[finite]
+            self.measured_u, self.measured_v = self.u, self.v
         self.u = self._update(self.u, self.a, Kv, self.omega)
         v_omega = 1.0 if exact_columns else self.omega
         self.v = self._update(self.v, self.b, torch.bmm(self.u, self.K), v_omega)
         return err
 
-    def _guard(self, err: torch.Tensor) -> None:
-        worst = float(err.max()) if err.numel() else 0.0
-        if not math.isfinite(worst) or worst > self.last_error:
+    def _guard(self, err: torch.Tensor) -> torch.Tensor | None:
+        """Fall back to ``omega = 1`` if the worst finite error grew; when some error is not
+        finite, list those problems as broken and return the mask of the finite ones."""
+        worst = float(err.max()) if err.numel() else 0.0  # NaN if any error is NaN
+        finite = None
+        if not math.isfinite(worst):
+            finite = torch.isfinite(err)
+            self.broken.append(self.index[~finite])
+            worst = float(err[finite].max()) if bool(finite.any()) else 0.0
+        if worst > self.last_error:
             self.omega = 1.0
-            if not math.isfinite(worst):
-                self.u, self.v = torch.ones_like(self.u), torch.ones_like(self.v)
         self.last_error = worst
+        return finite
 
     def keep(self, mask: torch.Tensor) -> None:
         """Restrict the active set to ``mask``."""
@@ -151,35 +168,44 @@ def _sinkhorn_plain(K, a, b, max_iter, tol, check_every, omega):
 
     Problems that have converged are dropped from the batch (once at least a quarter
     of those still running have), so the hard ones do not make the easy ones iterate.
+    A problem whose scalings overflow is dropped too and solved again from ``u = v = 1``
+    with plain updates (``omega = 1``: ``u = a / K v`` cannot overshoot); if those
+    overflow as well, ``K`` is beyond fp32 for it and its error comes back as inf (with
+    ``u = v = 1``) for the caller to solve it in the log domain.
     Returns the scalings ``u (B, 1, n)``, ``v (B, 1, m)``, the L1 marginal errors and
     the largest iteration count.
     """
     state = _PlainState(K, a, b, omega)
-    u, v = torch.empty_like(state.u), torch.empty_like(state.v)
+    u, v = torch.ones_like(state.u), torch.ones_like(state.v)
     err = torch.full((K.shape[0],), math.inf, dtype=K.dtype, device=K.device)
-    saved_u, saved_v = state.u, state.v
     it = 0
     while True:
         measure = it > 0 and (it % check_every == 0 or it == max_iter)
-        if measure:
-            saved_u, saved_v = state.u, state.v
         next_measures = (it + 1) % check_every == 0 or it + 1 >= max_iter
         errors = state.step(measure, exact_columns=next_measures)
         if errors is None:
             it += 1
             continue
-        # `errors` belong to (saved_u, saved_v), the scalings after `it` iterations.
+        # `errors` belong to (measured_u, measured_v), the scalings after `it` iterations.
+        saved_u, saved_v = state.measured_u, state.measured_v
         done = errors < tol
         n_done = int(done.sum())
         if n_done == len(done) or it >= max_iter:
             idx = state.index
             u[idx], v[idx], err[idx] = saved_u, saved_v, errors
-            return u, v, err, it
+            break
         if n_done * 4 >= len(done):
             idx = state.index[done]
             u[idx], v[idx], err[idx] = saved_u[done], saved_v[done], errors[done]
             state.keep(~done)
         it += 1
+    if state.broken and omega != 1.0:
+        idx = torch.cat(state.broken)
+        u[idx], v[idx], err[idx], retry_it = _sinkhorn_plain(
+            K[idx], a[idx], b[idx], max_iter, tol, check_every, 1.0
+        )
+        it = max(it, retry_it)
+    return u, v, err, it
 
 
 def _plain_kernel(S, a, b, eps, s):
@@ -201,6 +227,24 @@ def _chunk_size(n: int, m: int, device: torch.device) -> int:
     if device.type != "cpu":
         return 1 << 62
     return max(64, (4 << 20) // (4 * n * m))
+
+
+def _solve_log(S, a, b, eps, s, max_iter, tol, check_every):
+    """Log-domain solve of ``S (B, n, m)``: the plan between the real points, the errors
+    and the iteration count."""
+    n, m = S.shape[-2:]
+    log_kernel = (S - 1.0) / eps
+    if s < 1.0:
+        log_kernel, a, b = _add_dummy(log_kernel, a, b, s)
+    f, g, err, n_iter = _sinkhorn_log(log_kernel, a, b, max_iter, tol, check_every)
+    plan = (log_kernel + f.unsqueeze(2) + g.unsqueeze(1)).exp()[:, :n, :m]
+    return plan, err, n_iter
+
+
+def _transport_similarity(plan, S):
+    """sigma ``sum(plan * S)`` of ``(B, n, m)`` plans, ``(B,)``."""
+    B, n, m = S.shape
+    return torch.bmm(plan.reshape(B, 1, n * m), S.reshape(B, n * m, 1)).view(B)
 
 
 def _sinkhorn_log(logK, a, b, max_iter, tol, check_every):
@@ -272,13 +316,7 @@ def sinkhorn(
         log_domain = max_cost / eps > _PLAIN_DOMAIN_MAX_EXPONENT
 
     if log_domain:
-        log_kernel = (S - 1.0) / eps
-        if s < 1.0:
-            log_kernel, a_full, b_full = _add_dummy(log_kernel, a, b, s)
-        else:
-            a_full, b_full = a, b
-        f, g, err, n_iter = _sinkhorn_log(log_kernel, a_full, b_full, max_iter, tol, check_every)
-        plan = (log_kernel + f.unsqueeze(2) + g.unsqueeze(1)).exp()[:, :n, :m]
+        plan, err, n_iter = _solve_log(S, a, b, eps, s, max_iter, tol, check_every)
     else:
         kernel, a_full, b_full = _plain_kernel(S, a, b, eps, s)
         step = _chunk_size(n, m, kernel.device)
@@ -293,8 +331,17 @@ def sinkhorn(
             n_iter = max(n_iter, iters)
         err = torch.cat(errors)
         plan = kernel[:, :n, :m]
-    B = plan.shape[0]
-    sigma = torch.bmm(plan.reshape(B, 1, n * m), S.reshape(B, n * m, 1)).view(B)
+    sigma = _transport_similarity(plan, S)
+    if not log_domain:
+        # Problems the plain domain cannot represent even with plain updates (error inf) are
+        # solved in the log domain; so is any whose plan overflowed (sigma not finite).
+        redo = (~(torch.isfinite(err) & torch.isfinite(sigma))).nonzero().squeeze(1)
+        if len(redo):
+            plan[redo], err[redo], iters = _solve_log(
+                S[redo], a[redo], b[redo], eps, s, max_iter, tol, check_every
+            )
+            sigma[redo] = _transport_similarity(plan[redo], S[redo])
+            n_iter = max(n_iter, iters)
     return OTResult(
         plan=plan.reshape(*batch_shape, n, m),
         sigma=sigma.reshape(batch_shape),

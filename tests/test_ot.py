@@ -142,3 +142,84 @@ def test_invalid_inputs_raise():
         sinkhorn(S, -a, b)
     with pytest.raises(ValueError, match="shape"):
         sinkhorn(torch.ones(3), a, b)
+
+
+def far_patch_problem(K: int, far=None, n: int = 49, m: int = 49, dim: int = 16, spread: float = 0.2, seed: int = 0):
+    """A query whose first patch points away from the candidates' patches.
+
+    The patches of the candidates ``far`` (all by default) cluster around one direction and
+    the query's first patch is the negative of their mean direction: it is at cosine <= -0.9
+    from every one of their patches, so its kernel row is ~exp(-1.9 / eps). The other
+    candidates' patches are random unit vectors. Returns ``S (K, n, m)``, ``a (n)``, ``b (K, m)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    center = torch.randn(dim, generator=g)
+    fq = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    fx = torch.nn.functional.normalize(torch.randn(K, m, dim, generator=g), dim=-1)
+    far = torch.arange(K) if far is None else torch.as_tensor(far)
+    fx[far] = torch.nn.functional.normalize(center + spread * torch.randn(len(far), m, dim, generator=g), dim=-1)
+    fq[0] = -torch.nn.functional.normalize(fx[far].mean(dim=(0, 1)), dim=0)
+    S = torch.matmul(fq, fx.transpose(1, 2)).contiguous()
+    a = torch.softmax(torch.randn(n, generator=g), -1)
+    b = torch.softmax(torch.randn(K, m, generator=g), -1)
+    return S, a, b
+
+
+@pytest.mark.parametrize("log_domain", [False, None])
+@pytest.mark.parametrize("s", [1.0, 0.7])
+@pytest.mark.parametrize("eps", [0.025, 0.03, 0.035])
+def test_far_query_patch_keeps_sigma_finite(eps, s, log_domain):
+    # Over-relaxed updates overflow on the far patch's row within a few iterations; the
+    # plain domain must recover (or hand the problem to the log domain), never return NaN.
+    S, a, b = far_patch_problem(100)
+    assert (1.0 - float(S.min())) / eps <= 80.0  # the default path is the plain domain too
+    res = sinkhorn(S, a, b, eps=eps, s=s, log_domain=log_domain)
+    assert torch.isfinite(res.sigma).all() and torch.isfinite(res.plan).all()
+    ref = sinkhorn(S, a, b, eps=eps, s=s, log_domain=True)
+    torch.testing.assert_close(res.sigma, ref.sigma, atol=1e-4, rtol=0)
+    if s == 1.0:
+        pot = pot_reference_sigma(S[:4], a, b[:4], eps)
+        assert np.abs(res.sigma[:4].double().numpy() - pot).max() <= 1e-4
+
+
+def test_plain_domain_underflow_is_solved_in_the_log_domain():
+    # At eps = 0.02 the far patch's kernel row is below fp32's range: even plain Sinkhorn
+    # overflows there, so forcing the plain domain must still give the log-domain answer.
+    S, a, b = far_patch_problem(20)
+    eps = 0.02
+    assert (1.0 - float(S.min())) / eps > 80.0
+    res = sinkhorn(S, a, b, eps=eps, log_domain=False)
+    assert torch.isfinite(res.sigma).all() and torch.isfinite(res.plan).all()
+    assert float(res.marginal_error.max()) < 2e-4
+    ref = sinkhorn(S, a, b, eps=eps, log_domain=True)
+    torch.testing.assert_close(res.sigma, ref.sigma, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sinkhorn(S, a, b, eps=eps).sigma, ref.sigma, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("side", [1.0 - 1e-3, 1.0 + 1e-3])
+def test_far_query_patch_at_the_plain_log_threshold(side):
+    # Just on either side of the switch (max cost / eps = 80) the default path is finite and
+    # agrees with the log domain.
+    S, a, b = far_patch_problem(20)
+    eps = (1.0 - float(S.min())) / 80.0 * side
+    res = sinkhorn(S, a, b, eps=eps)
+    assert torch.isfinite(res.sigma).all() and torch.isfinite(res.plan).all()
+    ref = sinkhorn(S, a, b, eps=eps, log_domain=True)
+    torch.testing.assert_close(res.sigma, ref.sigma, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("s", [1.0, 0.7])
+def test_far_patch_problem_does_not_disturb_its_batch(s):
+    # One pathological problem among 99 easy ones: every sigma is finite and the log-domain
+    # answer, and the easy problems come out as they do when solved without it.
+    at, eps = 37, 0.03
+    S, a, b = far_patch_problem(100, far=[at])
+    assert float(S[at, 0].max()) < -0.8 and float(torch.cat([S[:at], S[at + 1:]])[:, 0].max()) > 0.5
+    res = sinkhorn(S, a, b, eps=eps, s=s)
+    assert torch.isfinite(res.sigma).all() and torch.isfinite(res.plan).all()
+    ref = sinkhorn(S, a, b, eps=eps, s=s, log_domain=True)
+    torch.testing.assert_close(res.sigma, ref.sigma, atol=1e-4, rtol=0)
+    easy = torch.cat([torch.arange(at), torch.arange(at + 1, 100)])
+    alone = sinkhorn(S[easy], a, b[easy], eps=eps, s=s)
+    torch.testing.assert_close(res.sigma[easy], alone.sigma, atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.plan[easy], alone.plan, atol=1e-6, rtol=0)
