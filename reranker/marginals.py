@@ -7,10 +7,12 @@ from typing import Literal
 import torch
 
 from .backbones.base import BackboneOutput
-from .rollout import HeadFusion, attention_rollout, cls_attention_rollout
+from .rollout import PER_IMAGE_KINDS, HeadFusion, attention_rollout, cls_attention_rollout
 
+#: At search time: ``rollout`` uses the per-image weights stored with the index (whichever
+#: kind of :data:`PER_IMAGE_KINDS` it stores), ``crosscorr`` is DIML's per-pair weights.
 Marginals = Literal["rollout", "crosscorr", "uniform"]
-PerImageWeights = Literal["rollout", "cls_rollout", "uniform"]
+PerImageWeights = Literal["rollout", "rollout_mean", "rollout_max", "cls_rollout", "last_cls", "uniform"]
 MARGINALS: tuple[str, ...] = ("rollout", "crosscorr", "uniform")
 
 _DIML_EPS = 1e-5
@@ -27,12 +29,15 @@ def image_patch_weights(
     head_fusion: HeadFusion = "min",
     discard_ratio: float = 0.1,
 ) -> torch.Tensor:
-    """Per-image patch weights ``(B, G*G)`` from a backbone output (stored at index time)."""
+    """Per-image patch weights ``(B, G*G)`` from a backbone output: the ones computed during its
+    forward when it has them, else (pooled or CLS-row rollout) from its captured attention."""
     B, n = output.patch_features.shape[:2]
+    if kind in output.patch_weights:
+        return output.patch_weights[kind]
     if kind == "uniform":
         return uniform_weights((B,), n, output.patch_features.device)
     if kind not in ("rollout", "cls_rollout"):
-        raise ValueError(f"unknown patch weights {kind!r}: use rollout, cls_rollout or uniform")
+        raise ValueError(f"unknown patch weights {kind!r}: use {', '.join(PER_IMAGE_KINDS)}")
     if output.attentions is None:
         raise ValueError(f"{kind} weights need the attention: embed with with_attention=True")
     fn = attention_rollout if kind == "rollout" else cls_attention_rollout

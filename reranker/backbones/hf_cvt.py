@@ -11,7 +11,7 @@ import torch
 from timm.data import create_transform
 from torch import nn
 
-from .base import DEFAULT_GRID, AttentionGrid, Backbone, RawFeatures, pool_tokens
+from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
 
 INSTALL_HINT = "pip install 'vit-rerank[cvt]'"
 
@@ -46,14 +46,15 @@ def cvt_data_config(preprocessing: dict[str, Any] | None = None) -> dict[str, An
     )
 
 
-class _CapturedBlock:
-    """One self-attention block's post-softmax attention and the grids its forward used."""
+class _ObservedBlock:
+    """Hooks of one self-attention block: its query and key grids, then its attention, handed on."""
 
-    def __init__(self, num_prefix_tokens: int) -> None:
+    def __init__(self, num_prefix_tokens: int, observe: AttentionObserver) -> None:
         self.num_prefix_tokens = num_prefix_tokens
+        self.observe = observe
         self.query_grid: tuple[int, int] | None = None
         self.key_grid: tuple[int, int] | None = None
-        self.attention: torch.Tensor | None = None
+        self.seen = False
 
     def on_query(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
         self.query_grid = (int(out.shape[-2]), int(out.shape[-1]))  # (B, C, h, w) of the query conv
@@ -62,13 +63,11 @@ class _CapturedBlock:
         self.key_grid = (int(out.shape[-2]), int(out.shape[-1]))  # (B, C, h/s, w/s) of the key conv
 
     def on_attention(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
-        self.attention = out  # attention dropout's output: the softmax itself in eval mode
-
-    @property
-    def grid(self) -> AttentionGrid:
-        if self.query_grid is None or self.key_grid is None or self.attention is None:
-            raise RuntimeError("a CvT self-attention block did not run during the forward pass")
-        return AttentionGrid(self.query_grid, self.key_grid, self.num_prefix_tokens)
+        # attention dropout's output: the softmax itself in eval mode; q and k ran before it
+        if self.query_grid is None or self.key_grid is None:
+            raise RuntimeError("a CvT self-attention block ran its attention before its projections")
+        self.seen = True
+        self.observe(out, AttentionGrid(self.query_grid, self.key_grid, self.num_prefix_tokens))
 
 
 class HfCvt(Backbone):
@@ -104,6 +103,10 @@ class HfCvt(Backbone):
         return int(self.model.config.embed_dim[-1])
 
     @property
+    def data_config(self) -> dict:
+        return dict(self._data_config)
+
+    @property
     def transform(self) -> Callable:
         return self._transform
 
@@ -116,15 +119,15 @@ class HfCvt(Backbone):
         return [layer.attention.attention for stage in self.model.cvt.encoder.stages for layer in stage.layers]
 
     @contextmanager
-    def _capture_attention(self) -> Iterator[list[_CapturedBlock]]:
-        """Record each block's post-softmax attention and grids; the hooks are removed afterwards.
+    def _observe_attention(self, observe: AttentionObserver) -> Iterator[list[_ObservedBlock]]:
+        """Hand each block's post-softmax attention and grids to ``observe``; hooks removed afterwards.
 
         HF's ``CvtSelfAttention`` applies ``self.dropout`` to the softmax output, and its
         depthwise-convolution query and key projections output ``(B, C, h, w)`` maps; forward
-        hooks on those three modules record the attention, the query grid and the key grid.
+        hooks on those three modules read the query grid, the key grid and the attention.
         """
         modules = self._attention_modules()
-        blocks: list[_CapturedBlock] = []
+        blocks: list[_ObservedBlock] = []
         hooks = []
         try:
             for m in modules:
@@ -137,7 +140,7 @@ class HfCvt(Backbone):
                         f"{self.name}: self-attention module {type(m).__name__} cannot be captured "
                         "(expected depthwise-convolution q/k projections and an attention dropout)"
                     ) from err
-                block = _CapturedBlock(1 if m.with_cls_token else 0)
+                block = _ObservedBlock(1 if m.with_cls_token else 0, observe)
                 blocks.append(block)
                 hooks.append(query_conv.register_forward_hook(block.on_query))
                 hooks.append(key_conv.register_forward_hook(block.on_key))
@@ -147,13 +150,12 @@ class HfCvt(Backbone):
             for h in hooks:
                 h.remove()
 
-    def _features(self, images, with_attention):
-        attentions = grids = None
-        if with_attention:
-            with self._capture_attention() as blocks:
+    def _features(self, images, observe):
+        if observe is not None:
+            with self._observe_attention(observe) as blocks:
                 out = self.model.cvt(images, return_dict=True)
-            grids = tuple(b.grid for b in blocks)
-            attentions = tuple(b.attention for b in blocks)
+            if not all(b.seen for b in blocks):
+                raise RuntimeError("a CvT self-attention block did not run during the forward pass")
         else:
             out = self.model.cvt(images, return_dict=True)
         _, _, h, w = out.last_hidden_state.shape  # (B, C, h, w)
@@ -164,7 +166,7 @@ class HfCvt(Backbone):
         else:  # no stage-3 CLS token: mean of the normed tokens, as HF's classifier does
             global_vec, num_prefix = tokens.mean(dim=1), 0
         patches = pool_tokens(tokens, (h, w), self.grid)
-        return RawFeatures(global_vec, patches, attentions, (h, w), num_prefix, grids)
+        return RawFeatures(global_vec, patches, (h, w), num_prefix)
 
 
 def _check_keys(missing: Any, unexpected: Any, source: str) -> None:
