@@ -6,11 +6,25 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import timm
-import torch
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
-from .base import DEFAULT_GRID, Backbone, RawFeatures, pool_tokens
+from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """timm's data config for ``model`` as built, not as its name's default.
+
+    ``resolve_model_data_config`` reads the pretrained config, whose input size is the
+    checkpoint's (518 px for DINOv2) even when the model was built with another
+    ``img_size``; the size the model really takes wins here, and the crop fraction,
+    interpolation and mean/std stay the pretrained config's.
+    """
+    cfg = dict(resolve_model_data_config(model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        cfg["input_size"] = (3, int(img_size[0]), int(img_size[1]))
+    return cfg
 
 
 class TimmBackbone(Backbone):
@@ -19,11 +33,16 @@ class TimmBackbone(Backbone):
     def __init__(self, model: nn.Module, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
         super().__init__(name, weights_id, grid)
         self.model = model.eval()
-        self._transform = create_transform(**resolve_model_data_config(model), is_training=False)
+        self._data_config = model_data_config(model)
+        self._transform = create_transform(**self._data_config, is_training=False)
 
     @property
     def embed_dim(self) -> int:
         return int(self.model.num_features)
+
+    @property
+    def data_config(self) -> dict:
+        return dict(self._data_config)
 
     @property
     def transform(self) -> Callable:
@@ -31,56 +50,55 @@ class TimmBackbone(Backbone):
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return tuple(resolve_model_data_config(self.model)["input_size"])
+        return tuple(self._data_config["input_size"])
 
 
 class TimmViT(TimmBackbone):
     """A plain timm ViT: the CLS token (or the model's own pooling) is global; patch tokens pool to G x G."""
 
     supports_rollout = True
+    square_attention = True
 
     def _attention_modules(self) -> list[nn.Module]:
         return [blk.attn for blk in self.model.blocks]
 
     @contextmanager
-    def _capture_attention(self) -> Iterator[list[torch.Tensor]]:
-        """Record each block's post-softmax attention, for this model only.
+    def _observe_attention(self, observe: AttentionObserver, layout: AttentionGrid) -> Iterator[None]:
+        """Hand each block's post-softmax attention to ``observe`` as it is computed.
 
         Fused attention never materialises the matrix, so it is switched off on this
         model's attention modules for the duration and restored after; other models
-        and timm's global setting are untouched.
+        and timm's global setting are untouched. Nothing keeps the maps: each block's
+        is freed once its forward is done, unless ``observe`` keeps it.
         """
-        captured: list[torch.Tensor] = []
         modules = self._attention_modules()
         for m in modules:
             if not hasattr(m, "fused_attn") or not hasattr(m, "attn_drop"):
                 raise ValueError(f"{self.name}: attention module {type(m).__name__} cannot be captured")
         saved = [m.fused_attn for m in modules]
-        hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out)) for m in modules]
+        hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: observe(out, layout)) for m in modules]
         try:
             for m in modules:
                 m.fused_attn = False
-            yield captured
+            yield
         finally:
             for m, fused in zip(modules, saved):
                 m.fused_attn = fused
             for h in hooks:
                 h.remove()
 
-    def _features(self, images, with_attention):
+    def _features(self, images, observe):
         model = self.model
         token_grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
         num_prefix = int(model.num_prefix_tokens)
-        if with_attention:
-            with self._capture_attention() as captured:
+        if observe is not None:
+            with self._observe_attention(observe, AttentionGrid(token_grid, token_grid, num_prefix)):
                 tokens = model.forward_features(images)
-            attentions = tuple(captured)
         else:
             tokens = model.forward_features(images)
-            attentions = None
         global_vec = model.forward_head(tokens, pre_logits=True)
         patches = pool_tokens(tokens[:, num_prefix:], token_grid, self.grid)
-        return RawFeatures(global_vec, patches, attentions, token_grid, num_prefix)
+        return RawFeatures(global_vec, patches, token_grid, num_prefix)
 
 
 class TimmSwin(TimmBackbone):
@@ -88,12 +106,12 @@ class TimmSwin(TimmBackbone):
 
     supports_rollout = False  # windowed attention has no global rollout
 
-    def _features(self, images, with_attention):
+    def _features(self, images, observe):
         tokens = self.model.forward_features(images)  # (B, h, w, C), after the final norm
         B, h, w, C = tokens.shape
         global_vec = self.model.forward_head(tokens, pre_logits=True)
         patches = pool_tokens(tokens.reshape(B, h * w, C), (h, w), self.grid)
-        return RawFeatures(global_vec, patches, None, (h, w), 0)
+        return RawFeatures(global_vec, patches, (h, w), 0)
 
 
 def is_plain_vit(model: nn.Module) -> bool:
@@ -109,9 +127,14 @@ def is_swin(model: nn.Module) -> bool:
 
 
 def create_timm_model(name: str, pretrained: bool, weights_file: str | None, **kwargs) -> nn.Module:
-    """Create a timm model, optionally with weights from a local file (original checkpoints too)."""
+    """Create a timm model, optionally with weights from a local file (original checkpoints too).
+
+    A ``pretrained_cfg_overlay`` among ``kwargs`` (e.g. another ``crop_pct``) is merged with the file's.
+    """
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if weights_file is not None:
-        return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay=dict(file=weights_file), **kwargs
-        )
+        overlay["file"] = weights_file
+        pretrained = True
+    if overlay:
+        kwargs["pretrained_cfg_overlay"] = overlay
     return timm.create_model(name, pretrained=pretrained, **kwargs)
