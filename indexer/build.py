@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from reranker.backbones import Backbone, create_backbone, weights_identity
+from reranker.backbones.factory import NAMED_WEIGHTS
 
 from .atomic import write_json
 from .embedding import Failure, embed_records
@@ -47,26 +47,32 @@ class BuildReport:
         return d
 
 
+def default_patch_weights(backbone: Backbone) -> str:
+    """The per-image patch weights an index stores unless told: rollout where the backbone has
+    global attention (a calibration may then choose other marginals at search time), else uniform."""
+    return "rollout" if backbone.supports_rollout else "uniform"
+
+
 def new_manifest(
     backbone: Backbone,
     *,
-    weights_source: str,
     patch_weights: str,
     factory: str = "Flat",
     pca_dim: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Manifest:
+    """The manifest of a new index made with ``backbone`` (its weights source and preprocessing)."""
     return Manifest(
         model=backbone.name,
         weights=backbone.weights_id,
-        weights_source=weights_source,
+        weights_source=backbone.weights_source,
         grid=backbone.grid,
         global_dim=backbone.output_dim,
         patch_dim=pca_dim or backbone.output_dim,
         patch_weights=patch_weights,
         factory=factory,
         model_kwargs=dict(model_kwargs or {}),
-        preprocessing=repr(backbone.transform),
+        preprocessing=backbone.preprocessing,
         pca_dim=pca_dim,
     )
 
@@ -74,7 +80,7 @@ def new_manifest(
 def backbone_for(manifest: Manifest, device: torch.device, weights: str | None = None) -> Backbone:
     """The backbone that made the index, checked against the manifest's weights identity."""
     source = weights or manifest.weights_source
-    if source not in ("pretrained", "random") and weights_identity(source) != manifest.weights:
+    if source not in NAMED_WEIGHTS and weights_identity(source) != manifest.weights:
         raise IndexMismatchError(
             f"weights file {source!r} is not the one the index was built with ({manifest.weights})"
         )
@@ -129,7 +135,7 @@ def add_records(
         pending.clear()
 
     for batch in embed_records(
-        backbone, todo, weights=gallery.manifest.patch_weights, batch_size=batch_size,
+        backbone, todo, kinds=(gallery.manifest.patch_weights,), batch_size=batch_size,
         workers=workers, limits=limits, progress=progress,
     ):
         report.failures += batch.failures
@@ -146,7 +152,8 @@ def add_records(
                 width=batch.sizes[k][0], height=batch.sizes[k][1], bytes=batch.nbytes[k],
                 metadata=rec.metadata, added_at=now_iso(),
             )
-            pending.append((row, batch.global_features[k], batch.patch_features[k], batch.patch_weights[k]))
+            pending.append((row, batch.global_features[k], batch.patch_features[k],
+                            batch.patch_weights[gallery.manifest.patch_weights][k]))
         if len(pending) >= commit_every:
             flush()
     flush()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "vit_small_patch16_224.dino"
+from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
+from reranker.rollout import PER_IMAGE_KINDS
+
+from .search_params import add_search_arguments, settings_from_args
 
 
 def _device(name: str):
@@ -19,7 +23,8 @@ def _device(name: str):
 def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
-        p.add_argument("--model-kwargs", default="{}", help="JSON of extra model constructor arguments")
+        p.add_argument("--model-kwargs", default=None,
+                       help='JSON of extra model constructor arguments (default for DINOv2: {"img_size": 224})')
         p.add_argument("--grid", type=int, default=7, help="patch grid side G")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -35,7 +40,9 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Register ``index ...`` and ``search``; returns the ``index`` subcommands, for higher layers to
+    add theirs (``index calibrate`` comes from the evaluation package)."""
     index = sub.add_parser("index", help="build and manage an index directory")
     which = index.add_subparsers(dest="index_command", required=True)
 
@@ -43,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("dir", type=Path)
     _source_options(build)
     _embed_options(build)
-    build.add_argument("--patch-weights", default=None, choices=["rollout", "cls_rollout", "uniform"],
+    build.add_argument("--patch-weights", default=None, choices=list(PER_IMAGE_KINDS),
                        help="per-image patch weights (default: rollout where the backbone has global attention)")
     build.add_argument("--factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...)")
     build.add_argument("--pca-dim", type=int, default=None, help="reduce stored patch vectors to this size")
@@ -72,15 +79,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search = sub.add_parser("search", help="search an index with a query image")
     search.add_argument("image", type=Path)
     search.add_argument("--index", type=Path, required=True)
-    search.add_argument("--top-k", type=int, default=10)
-    search.add_argument("--rerank-k", type=int, default=100)
-    search.add_argument("--s", type=float, default=1.0, help="fraction of patch mass matched, in (0, 1]")
-    search.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the structural score")
-    search.add_argument("--marginals", default="auto", choices=["auto", "rollout", "crosscorr", "uniform"])
+    add_search_arguments(search)
     search.add_argument("--json", action="store_true")
     search.add_argument("--explain", type=Path, default=None, help="write each result's matching picture here")
     _embed_options(search, with_model=False)
     search.set_defaults(handler=_search)
+    return which
+
+
+def model_kwargs_arg(model: str, text: str | None) -> dict:
+    """``--model-kwargs`` as a dict: the model's defaults when not given."""
+    if text is None:
+        return default_model_kwargs(model)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-kwargs is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--model-kwargs must be a JSON object")
+    return value
 
 
 def _records(args):
@@ -117,7 +134,7 @@ def _run_add(gallery, backbone, args) -> int:
 def _build(args) -> int:
     from reranker.backbones import create_backbone
 
-    from .build import backbone_for, new_manifest
+    from .build import backbone_for, default_patch_weights, new_manifest
     from .gallery import Gallery
 
     device = _device(args.device)
@@ -128,11 +145,12 @@ def _build(args) -> int:
         backbone = backbone_for(gallery.manifest, device, args.weights)
     else:
         weights = args.weights or "pretrained"
-        backbone = create_backbone(args.model, weights, grid=args.grid, model_kwargs=json.loads(args.model_kwargs))
-        kind = args.patch_weights or ("rollout" if backbone.supports_rollout else "uniform")
+        model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
+        backbone = create_backbone(args.model, weights, grid=args.grid, model_kwargs=model_kwargs)
+        kind = args.patch_weights or default_patch_weights(backbone)
         _check_patch_weights(backbone, kind)  # before the index directory exists
-        manifest = new_manifest(backbone, weights_source=weights, patch_weights=kind, factory=args.factory,
-                                pca_dim=args.pca_dim, model_kwargs=json.loads(args.model_kwargs))
+        manifest = new_manifest(backbone, patch_weights=kind, factory=args.factory, pca_dim=args.pca_dim,
+                                model_kwargs=model_kwargs)
         gallery = Gallery.create(args.dir, manifest)
         backbone = backbone.to(device)
     if backbone.random_weights:
@@ -206,8 +224,8 @@ def _search(args) -> int:
     device = _device(args.device)
     with Gallery.open(args.index) as gallery:
         searcher = Searcher(gallery, backbone_for(gallery.manifest, device, args.weights), device)
-        settings = SearchSettings(top_k=args.top_k, rerank_k=args.rerank_k, s=args.s, lam=args.lam,
-                                  marginals=args.marginals)
+        values = settings_from_args(args)
+        settings = SearchSettings(**{**values, "marginals": values["marginals"] or "auto"})
         result = searcher.search([image], settings, keep_plans=args.explain is not None)[0]
         if args.explain is not None:
             _write_explanations(args.explain, image, result, gallery, searcher.backbone.transform)
@@ -215,12 +233,16 @@ def _search(args) -> int:
         print(json.dumps({
             "results": [h.__dict__ for h in result.hits],
             "timings_ms": result.timings_ms,
+            "settings": dataclasses.asdict(result.settings),
             "marginals": result.marginals,
             "random_weights": result.random_weights,
         }, indent=2))
         return 0
     if result.random_weights:
         print("note: random weights: results are meaningless except for testing")
+    st = result.settings
+    print(f"settings: rerank_k {st.rerank_k}, marginals {st.marginals}, s {st.s:g}, lambda {st.lam:g}"
+          + (" (the index's calibration)" if searcher.calibration is not None else ""))
     print(f"{'after':>5} {'before':>6}  {'final':>7} {'global':>7} {'struct':>7}  id (label)")
     for h in result.hits:
         struct = "-" if h.structural_score is None else f"{h.structural_score:7.4f}"

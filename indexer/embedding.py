@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from reranker.backbones import Backbone
-from reranker.marginals import PerImageWeights, image_patch_weights
+from reranker.marginals import PerImageWeights
 
 from .loading import ImageLoadError, LoadLimits, content_hash, load_image, read_bytes
 from .sources import ImageRecord
@@ -44,7 +44,7 @@ class EmbeddedBatch:
     nbytes: list[int]
     global_features: np.ndarray  # (b, D) float32
     patch_features: np.ndarray  # (b, G*G, D) float32
-    patch_weights: np.ndarray  # (b, G*G) float32
+    patch_weights: dict[str, np.ndarray]  # kind -> (b, G*G) float32
     failures: list[Failure] = field(default_factory=list)
 
 
@@ -83,27 +83,31 @@ def autocast_for(device: torch.device):
 
 @torch.inference_mode()
 def forward_features(
-    backbone: Backbone, images: torch.Tensor, weights: PerImageWeights
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global vectors, patch grids and patch weights of a preprocessed batch (on its device)."""
+    backbone: Backbone, images: torch.Tensor, kinds: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Global vectors, patch grids and each kind of patch weights of a preprocessed batch (on its
+    device), all from one forward; rollout is folded block by block as the forward runs."""
     device = backbone.device
     with autocast_for(device):
-        out = backbone(images.to(device, non_blocking=True), with_attention=weights != "uniform")
-    w = image_patch_weights(out, weights)
-    return out.global_features.float(), out.patch_features.float(), w.float()
+        out = backbone(images.to(device, non_blocking=True), patch_weights=tuple(kinds))
+    weights = {k: w.float() for k, w in out.patch_weights.items()}
+    return out.global_features.float(), out.patch_features.float(), weights
 
 
-def embed_pil_images(backbone: Backbone, images: Sequence[Image.Image], weights: PerImageWeights):
-    """Features of in-memory images (e.g. a query): tensors on the backbone's device."""
+def embed_pil_images(
+    backbone: Backbone, images: Sequence[Image.Image], kind: PerImageWeights
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features of in-memory images (e.g. a query) with one kind of patch weights, on the backbone's device."""
     batch = torch.stack([backbone.transform(im.convert("RGB")) for im in images])
-    return forward_features(backbone, batch, weights)
+    g, p, w = forward_features(backbone, batch, (kind,))
+    return g, p, w[kind]
 
 
 def embed_records(
     backbone: Backbone,
     records: Sequence[ImageRecord],
     *,
-    weights: PerImageWeights = "rollout",
+    kinds: Sequence[str] = ("rollout",),
     batch_size: int = 32,
     workers: int = 2,
     limits: LoadLimits = LoadLimits(),
@@ -133,10 +137,11 @@ def embed_records(
             ]
             skipped += len(failures)
             if good:
-                g, p, w = forward_features(backbone, torch.stack([it[1] for it in good]), weights)
-                g, p, w = g.cpu().numpy(), p.cpu().numpy(), w.cpu().numpy()
+                g, p, w = forward_features(backbone, torch.stack([it[1] for it in good]), kinds)
+                g, p, w = g.cpu().numpy(), p.cpu().numpy(), {k: v.cpu().numpy() for k, v in w.items()}
             else:
-                g = p = w = None
+                g = p = None
+                w = {}
             yield EmbeddedBatch(
                 positions=[it[0] for it in good],
                 hashes=[it[2] for it in good],

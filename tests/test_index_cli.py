@@ -48,8 +48,9 @@ def test_build_search_remove_add_verify(small_gallery, tmp_path):
     assert first_global and first_global[0]["id"] == str(photos[0])
     assert abs(first_global[0]["global_score"] - 1.0) < 1e-4
     assert [h["rank_after"] for h in hits] == list(range(5))
+    lam = res["settings"]["lam"]
     for h in hits:
-        assert abs(h["final_score"] - (h["global_score"] + h["structural_score"])) < 1e-5
+        assert abs(h["final_score"] - (h["global_score"] + lam * h["structural_score"])) < 1e-5
     assert len(list((tmp_path / "explain").glob("*.png"))) == 5
 
     out = run_cli("index", "remove", str(index), str(photos[0]), "no-such-id", check=False)
@@ -88,7 +89,7 @@ def test_user_errors_are_one_line_messages_not_tracebacks(small_gallery, tmp_pat
     out = run_cli("search", str(not_an_image), "--index", str(index), check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr and "notes.jpg" in out.stderr
     out = run_cli("search", str(photos[0]), "--index", str(index), "--s", "1.5", check=False)
-    assert out.returncode == 1 and "s must be in (0, 1]" in out.stderr
+    assert out.returncode == 1 and "s must be at most 1" in out.stderr
     assert "OK" in run_cli("index", "verify", str(index)).stdout  # nothing was changed
 
 
@@ -101,3 +102,42 @@ def test_patch_weights_the_backbone_cannot_give_are_refused_before_anything_is_w
                   "--workers", "0", check=False)
     assert out.returncode == 1 and "no global attention" in out.stderr and "Traceback" not in out.stderr
     assert not index.exists()
+
+
+def test_calibrate_stores_a_choice_that_search_info_and_overrides_respect(small_gallery, tmp_path):
+    manifest, photos = small_gallery
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    out = run_cli("index", "calibrate", str(index), "--json", "--no-progress", "--seed", "1")
+    cal = json.loads(out.stdout)
+    assert cal["metric"] == "precision_at_1" and cal["queries"] == {"tuning": 15, "heldout": 15}
+    assert cal["source"].startswith("the index's own labels")
+    # Never worse than the baseline on the held-out half: either it reranks with a gain >= 0, or it does not.
+    assert cal["calibrated_heldout"] >= cal["baseline_heldout"]
+    assert cal["rerank"] == (cal["rerank_k"] > 0)
+    stored = json.loads((index / "calibration.json").read_text())
+    assert stored["seed"] == 1 and stored["rerank"] == cal["rerank"]
+
+    info = json.loads(run_cli("index", "info", str(index), "--json").stdout)
+    assert info["calibration"] == cal
+    assert info["preprocessing"]["crop"] == [112, 112]
+
+    res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "3", "--json").stdout)
+    for key in ("rerank_k", "s", "lam"):
+        assert res["settings"][key] == cal[key]
+    res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "3", "--json",
+                             "--lambda", "0.7", "--rerank-k", "12", "--s", "0.9").stdout)
+    assert (res["settings"]["lam"], res["settings"]["rerank_k"], res["settings"]["s"]) == (0.7, 12, 0.9)
+    assert sum(h["structural_score"] is not None for h in res["results"]) == 3
+
+
+def test_search_flags_are_checked_against_their_declared_bounds(small_gallery, tmp_path):
+    manifest, photos = small_gallery
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    for flag, value, word in (("--s", "0", "s must be greater than 0"), ("--lambda", "-1", "lam must be at least 0"),
+                              ("--rerank-k", "5000", "rerank_k must be at most 1000")):
+        out = run_cli("search", str(photos[0]), "--index", str(index), flag, value, check=False)
+        assert out.returncode == 1 and word in out.stderr, out.stderr

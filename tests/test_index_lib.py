@@ -20,7 +20,7 @@ from indexer.gallery import Gallery
 from indexer.loading import LoadLimits, load_image
 from indexer.manifest import FORMAT_VERSION, IndexMismatchError, Manifest
 from indexer.search import Searcher, SearchSettings
-from indexer.sources import ImageRecord, from_folder
+from indexer.sources import ImageRecord
 from indexer.vector_index import VectorSearcher, build_index
 from reranker.backbones import create_backbone
 
@@ -46,7 +46,7 @@ def records_of(paths: list[Path]) -> list[ImageRecord]:
 
 
 def build(folder: Path, backbone, records, *, factory="Flat", pca_dim=None, patch_weights="rollout", **kwargs):
-    manifest = new_manifest(backbone, weights_source="random", patch_weights=patch_weights, factory=factory,
+    manifest = new_manifest(backbone, patch_weights=patch_weights, factory=factory,
                             pca_dim=pca_dim, model_kwargs=tiny_vit_kwargs())
     gallery = Gallery.create(folder, manifest)
     report = add_records(gallery, backbone, records, workers=0, progress=False, **kwargs)

@@ -94,11 +94,11 @@ class IndexBenchResult:
 
 def _forward_throughput(backbone, batches: list[torch.Tensor], weights: str, device: torch.device) -> float:
     """Images per second of the indexer's forward over preprocessed batches already in memory."""
-    forward_features(backbone, batches[0], weights)  # warm-up
+    forward_features(backbone, batches[0], (weights,))  # warm-up
     synchronize(device)
     start = time.perf_counter()
     for batch in batches:
-        forward_features(backbone, batch, weights)
+        forward_features(backbone, batch, (weights,))
     synchronize(device)
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
@@ -144,7 +144,7 @@ def run_index_bench(
     index_dir = root / f"index-{model}"
     if index_dir.exists():
         shutil.rmtree(index_dir)
-    manifest = new_manifest(backbone, weights_source="random", patch_weights=weights)
+    manifest = new_manifest(backbone, patch_weights=weights)
     with Gallery.create(index_dir, manifest) as gallery:
         report = add_records(gallery, backbone, gallery_records, batch_size=batch_size, workers=workers,
                              progress=progress)
