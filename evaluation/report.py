@@ -56,6 +56,19 @@ def terminal_table(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def calibration_line(cal: dict[str, Any]) -> str:
+    """One line on a calibration's decision and its held-out evidence."""
+    lo, hi = cal["gain_ci95"]
+    metric = short_name(cal["metric"])
+    held = (f"held-out {metric} {_pct(cal['baseline_heldout'])} -> {_pct(cal['calibrated_heldout'])} "
+            f"(gain {100 * cal['gain_heldout']:+.2f}, 95% CI {100 * lo:+.2f} .. {100 * hi:+.2f}; "
+            f"{cal['queries']['tuning']} tuning / {cal['queries']['heldout']} held-out queries)")
+    if not cal["rerank"]:
+        return f"calibration: no setting beat the baseline above noise: no rerank; {held}"
+    return (f"calibration: marginals {cal['marginals']}, s {cal['s']:g}, lambda {cal['lam']:g}, "
+            f"K {cal['rerank_k']}; {held}")
+
+
 def summary_lines(doc: dict[str, Any]) -> list[str]:
     """Counts, timings and notes in a few lines."""
     emb, t = doc["embedding"], doc["timings"]
@@ -70,6 +83,13 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         f"({t['rerank_queries_per_s']:.1f} queries/s per variant)",
     ]
     lines += [f"  rerank {name}: {sec:.3f} s" for name, sec in doc["rerank_timings_s"].items()]
+    for grid, kinds in doc.get("patch_weight_entropy", {}).items():
+        lines.append(f"patch-weight mean normalised entropy ({grid}; 1 = uniform): "
+                     + ", ".join(f"{kind} {value:.4f}" for kind, value in kinds.items()))
+    pre = doc["settings"].get("preprocessing")
+    if pre:
+        lines.append(f"preprocessing: resize {pre['resize']} ({pre['interpolation']}), centre crop "
+                     f"{pre['crop'][0]}x{pre['crop'][1]}, mean {pre['mean']}, std {pre['std']}")
     if doc["failures"]:
         lines.append(f"{len(doc['failures'])} images failed to load and were left out:")
         lines += [f"  {f['path']}: {f['reason']}: {f['message']}" for f in doc["failures"][:20]]

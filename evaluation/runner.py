@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from reranker.backbones import Backbone, create_backbone, weights_identity
-from reranker.marginals import MARGINALS
+from reranker.rollout import PER_IMAGE_KINDS
 
+from .calibrate import calibrate
 from .datasets import ClassSet, EvalSet, load_dataset
 from .features import FeatureStore, cache_key, compute_features
 from .head import load_linear_head
@@ -31,11 +34,11 @@ class EvalSettings:
     weights: str = "pretrained"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     head: str | None = None  # a fine-tuned linear projection head applied to global and patch vectors
-    grid: int = 7
+    grids: list[int] = field(default_factory=lambda: [7])  # patch grid sides G (0: the native token grid)
     marginals: list[str] | None = None  # None: every kind the backbone supports
     s_values: list[float] = field(default_factory=lambda: [1.0])
     k_values: list[int] = field(default_factory=lambda: [100])
-    lam: float = 1.0
+    lam_values: list[float] = field(default_factory=lambda: [1.0])
     eps: float = 0.05
     count_query_in_r: bool = False
     limit: int | None = None
@@ -44,21 +47,42 @@ class EvalSettings:
     workers: int = 2
     rerank_batch: int | None = None
     progress: bool = True
+    calibrate: bool = False  # also choose a setting on half the queries and report it on the other half
+    seed: int = 0
+
+
+#: What an evaluation sweeps unless told: the method's three kinds (every other per-image kind on request).
+DEFAULT_EVAL_MARGINALS = ("rollout", "crosscorr", "uniform")
+
+
+def eval_marginals(backbone: Backbone) -> list[str]:
+    """Every marginal the backbone supports: its per-image kinds and DIML's cross-correlation."""
+    kinds = [k for k in backbone.per_image_kinds if k != "uniform"]
+    return kinds + ["crosscorr", "uniform"]
 
 
 def resolve_marginals(backbone: Backbone, requested: list[str] | None) -> list[str]:
-    """The marginals to sweep; rollout needs a backbone with global attention."""
+    """The marginals to sweep; rollout kinds need a backbone with global attention."""
+    supported = eval_marginals(backbone)
     if requested is None:
-        return [m for m in MARGINALS if m != "rollout" or backbone.supports_rollout]
-    if unknown := [m for m in requested if m not in MARGINALS]:
-        raise EvaluationError(f"unknown marginals {unknown[0]!r}: use {', '.join(MARGINALS)}")
-    if "rollout" in requested and not backbone.supports_rollout:
+        return [m for m in DEFAULT_EVAL_MARGINALS if m in supported]
+    known = set(PER_IMAGE_KINDS) | {"crosscorr"}
+    if unknown := [m for m in requested if m not in known]:
+        raise EvaluationError(f"unknown marginals {unknown[0]!r}: use {', '.join(sorted(known))}")
+    if missing := [m for m in requested if m not in supported]:
         raise EvaluationError(
-            f"rollout marginals need global self-attention, which {backbone.name!r} does not have "
-            "(windowed attention): use --marginals crosscorr,uniform (the paper used cross-correlation "
-            "for Swin)"
+            f"{missing[0]} marginals need global self-attention, which {backbone.name!r} does not have "
+            f"in that form (it supports {', '.join(supported)}; the paper used cross-correlation for Swin)"
         )
     return list(dict.fromkeys(requested))
+
+
+def native_grid(backbone: Backbone) -> int:
+    """The side of the backbone's own final token grid (16 for a 224-px patch-14 ViT)."""
+    size = backbone.data_config["input_size"][-1]
+    with torch.no_grad():
+        out = backbone(torch.zeros(1, 3, size, size, device=backbone.device))
+    return int(out.token_grid[0])
 
 
 def _records(data: EvalSet):
@@ -66,39 +90,84 @@ def _records(data: EvalSet):
 
 
 def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, Any]:
-    """Evaluate and return the report document (see :mod:`evaluation.report`)."""
+    """Evaluate and return the report document (see :mod:`evaluation.report`).
+
+    Features are embedded (or read from the cache) once per grid G; every marginals, s,
+    lambda and K of the sweep reuses them. With several grids, variant names start with ``G=..,``.
+    """
     start = time.perf_counter()
     data = load_dataset(settings.dataset, settings.root)
     if settings.limit is not None:
         if settings.limit < 2:
             raise EvaluationError("--limit must be at least 2")
         data = data.subset(settings.limit)
-    backbone = create_backbone(settings.model, settings.weights, grid=settings.grid,
+    if not settings.grids or any(g < 0 for g in settings.grids):
+        raise EvaluationError("--grid takes sides G >= 1, or 0 for the backbone's native token grid")
+    backbone = create_backbone(settings.model, settings.weights, grid=max(settings.grids[0], 1),
                                model_kwargs=settings.model_kwargs)
     head_id = None
     if settings.head is not None:
         backbone.set_projection(load_linear_head(settings.head, backbone.embed_dim))
         head_id = weights_identity(settings.head)
     marginals = resolve_marginals(backbone, settings.marginals)
-    sweep = Sweep(marginals, list(settings.s_values), list(settings.k_values), settings.lam, settings.eps,
-                  settings.count_query_in_r)
-    kind = "rollout" if backbone.supports_rollout else "uniform"
+    sweep = Sweep(marginals, list(settings.s_values), list(settings.k_values), list(settings.lam_values),
+                  settings.eps, settings.count_query_in_r)
+    # Only the per-image kinds the sweep reads are computed (the CLS-row rollout alone costs more than the forward).
+    kinds = [m for m in marginals if m in PER_IMAGE_KINDS and m != "uniform"] or ["uniform"]
     backbone = backbone.to(device).eval()
+    grids = list(dict.fromkeys(g or native_grid(backbone) for g in settings.grids))
     records = _records(data)
-    key = cache_key(data.name, data.root, records, backbone, settings.model_kwargs, kind, head_id)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="vit-rerank-eval-") as scratch:
         cache_dir = Path(settings.cache_dir) if settings.cache_dir is not None else Path(scratch)
-        store = compute_features(backbone, records, key, cache_dir, batch_size=settings.batch_size,
-                                 workers=settings.workers, progress=settings.progress)
-        outcome = evaluate(data, store, sweep, device, rerank_batch_size=settings.rerank_batch,
-                           progress=settings.progress)
-        doc = _document(settings, data, backbone, kind, sweep, store, outcome, device)
+        for grid in grids:
+            backbone.grid = grid
+            key = cache_key(data.name, data.root, records, backbone, settings.model_kwargs, kinds, head_id)
+            store = compute_features(backbone, records, key, cache_dir, batch_size=settings.batch_size,
+                                     workers=settings.workers, progress=settings.progress)
+            outcome = evaluate(data, store, sweep, device, rerank_batch_size=settings.rerank_batch,
+                               progress=settings.progress)
+            runs.append((grid, store, outcome))
+        doc = _document(settings, data, backbone, kinds, sweep, runs, device)
     doc["settings"]["head"] = head_id
     doc["timings"]["total_s"] = time.perf_counter() - start
     return doc
 
 
-def _document(settings, data, backbone, kind, sweep, store: FeatureStore, outcome, device) -> dict[str, Any]:
+def weight_entropy(weights: np.ndarray) -> float:
+    """Mean normalised entropy of patch weights ``(N, n)``: 1 for uniform, 0 for one patch."""
+    w = np.clip(weights.astype(np.float64), 1e-30, None)
+    w = w / w.sum(axis=1, keepdims=True)
+    return float(np.mean(-(w * np.log(w)).sum(axis=1) / np.log(w.shape[1]))) if len(w) else float("nan")
+
+
+def _merge(runs: list) -> tuple[Any, dict[str, Any]]:
+    """One outcome from the per-grid runs: variants, timings and sigma keyed ``G=..,`` when several."""
+    first = runs[0][2]
+    if len(runs) == 1:
+        return first, {"embedding_s": runs[0][1].seconds}
+    merged = dataclasses.replace(first, variants={}, sweep=[], rerank_timings={}, sigma={}, notes=[])
+    for grid, _store, outcome in runs:
+        prefix = f"G={grid},"
+        merged.variants.update({prefix + k: v for k, v in outcome.variants.items()})
+        merged.sweep += [{**row, "name": prefix + row["name"], "grid": grid} for row in outcome.sweep]
+        merged.rerank_timings.update({prefix + k: v for k, v in outcome.rerank_timings.items()})
+        merged.sigma.update({(prefix + m, s): v for (m, s), v in outcome.sigma.items()})
+        merged.notes += [n for n in outcome.notes if n not in merged.notes]
+    merged.timings = {
+        "search_s": first.timings["search_s"],
+        "rerank_s": sum(o.timings["rerank_s"] for *_, o in runs),
+        "rerank_batch": first.timings["rerank_batch"],
+    }
+    total = merged.timings["rerank_s"]
+    queries = len(first.ranking.query_rows) if first.ranking is not None else 0
+    merged.timings["rerank_queries_per_s"] = queries * len(merged.rerank_timings) / total if total > 0 else 0.0
+    return merged, {"embedding_s": sum(st.seconds for _, st, _ in runs)}
+
+
+def _document(settings, data, backbone, kinds, sweep, runs, device) -> dict[str, Any]:
+    outcome, embed_timing = _merge(runs)
+    store: FeatureStore = runs[0][1]
     notes = list(outcome.notes)
     if backbone.random_weights:
         notes.append("random weights: the figures are meaningless except for testing")
@@ -106,13 +175,23 @@ def _document(settings, data, backbone, kind, sweep, store: FeatureStore, outcom
         notes.append("R counts the query itself (the reference code's R); this deflates RP and MAP@R")
     if settings.limit is not None:
         notes.append(f"subset: --limit {settings.limit}")
+    embedded = sum(st.images_embedded for _, st, _ in runs)
+    seconds = embed_timing["embedding_s"]
     embedding = {
-        "cached": store.cached,
-        "images_embedded": store.images_embedded,
-        "seconds": store.seconds,
-        "images_per_second": store.images_embedded / store.seconds if store.seconds > 0 else 0.0,
+        "cached": all(st.cached for _, st, _ in runs),
+        "images_embedded": embedded,
+        "seconds": seconds,
+        "images_per_second": embedded / seconds if seconds > 0 else 0.0,
         "cache_folder": str(store.folder) if settings.cache_dir is not None else None,
     }
+    grids = [grid for grid, *_ in runs]
+    calibration = None
+    if settings.calibrate:
+        cal = calibrate(outcome.ranking, outcome.sigma, outcome.protocol, lambdas=sweep.lam_values,
+                        ks=sweep.k_values, seed=settings.seed, source=f"{data.name} at {data.root}")
+        calibration = cal.summary()
+    entropy = {f"G={grid}": {kind: weight_entropy(st.patch_weights[kind][st.ok]) for kind in kinds}
+               for grid, st, _ in runs}
     return {
         "dataset": data.name,
         "root": data.root,
@@ -120,19 +199,24 @@ def _document(settings, data, backbone, kind, sweep, store: FeatureStore, outcom
         "settings": {
             "model": backbone.name, "weights": settings.weights, "weights_id": backbone.weights_id,
             "random_weights": backbone.random_weights, "model_kwargs": settings.model_kwargs,
-            "grid": backbone.grid, "patch_weights": kind, "marginals": sweep.marginals, "s": sweep.s_values,
-            "k": sweep.k_values, "lambda": sweep.lam, "eps": sweep.eps, "count_query_in_r": sweep.count_query_in_r,
+            "preprocessing": backbone.preprocessing,
+            "grid": grids[0] if len(grids) == 1 else grids, "patch_weights": list(kinds),
+            "marginals": sweep.marginals, "s": sweep.s_values, "k": sweep.k_values,
+            "lambda": sweep.lam_values[0] if len(sweep.lam_values) == 1 else sweep.lam_values,
+            "eps": sweep.eps, "count_query_in_r": sweep.count_query_in_r,
             "limit": settings.limit, "device": str(device), "batch_size": settings.batch_size,
         },
         "dataset_summary": data.summary(),
         "counts": outcome.counts,
         "embedding": embedding,
-        "timings": {"embedding_s": store.seconds, **outcome.timings},
+        "timings": {**embed_timing, **outcome.timings},
         "rerank_timings_s": outcome.rerank_timings,
         "metric_names": outcome.metric_names,
         "baseline": outcome.baseline,
         "variants": outcome.variants,
         "sweep": outcome.sweep,
+        "patch_weight_entropy": entropy,
+        "calibration": calibration,
         "failures": store.failures,
         "notes": notes,
     }

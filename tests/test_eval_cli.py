@@ -120,3 +120,25 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", "folder", "--root", str(tmp_path), "--model-kwargs", "{bad"])
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_grid_lambda_and_weight_kinds_sweep_with_calibration(clothing_folder, tmp_path):
+    """Several G (0: the native grid, 14 for the tiny 112/8 ViT), several lambdas, every per-image kind."""
+    kinds = "rollout,rollout_mean,rollout_max,cls_rollout,last_cls,crosscorr,uniform"
+    run_eval("--dataset", "folder", "--root", str(clothing_folder), *TINY, "--rerank-k", "10", "--s", "1,0.5",
+             "--grid", "7,0", "--lambda", "0,0.5", "--marginals", kinds, "--calibrate", "--cache",
+             str(tmp_path / "cache"), "--json-out", str(tmp_path / "a.json"))
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["settings"]["grid"] == [7, 14] and doc["settings"]["lambda"] == [0.0, 0.5]
+    assert len(doc["variants"]) == 2 * 7 * 2 * 2
+    for grid in (7, 14):
+        for kind in kinds.split(","):
+            name = f"G={grid},s=0.5,marginals={kind},k=10,lambda=0"
+            assert doc["variants"][name] == doc["baseline"]  # lambda = 0 changes nothing
+        entropy = doc["patch_weight_entropy"][f"G={grid}"]
+        assert set(entropy) == set(kinds.split(",")) - {"crosscorr", "uniform"}
+        assert all(0.0 < e <= 1.0 for e in entropy.values())
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # features cached once per grid
+    cal = doc["calibration"]
+    assert cal["metric"] == "precision_at_1" and cal["calibrated_heldout"] >= cal["baseline_heldout"]
+    assert doc["settings"]["preprocessing"]["crop"] == [112, 112]

@@ -40,7 +40,7 @@ def synthetic_store(n: int, seed: int = 0, dim: int = 16, patches: int = 9, clas
     w = rng.uniform(0.1, 1, (n, patches)).astype(np.float32)
     w /= w.sum(1, keepdims=True)
     store = FeatureStore(folder=None, key={}, ids=[str(i) for i in range(n)], ok=np.ones(n, bool),
-                         global_features=g, patch_features=p.astype(np.float16), patch_weights=w)
+                         global_features=g, patch_features=p.astype(np.float16), patch_weights={"rollout": w})
     return store, labels
 
 
@@ -75,9 +75,9 @@ def test_reranking_for_a_smaller_k_reuses_the_largest_solve():
     sigma = structural_scores(ranking, feats, 30, "rollout", 0.9, lam=1.0, eps=0.05, batch=17, progress=False)
     k = 12
     direct = rerank_batch(
-        Features(g, torch.from_numpy(store.patch_features.astype(np.float32)), torch.from_numpy(store.patch_weights)),
+        Features(g, torch.from_numpy(store.patch_features.astype(np.float32)), torch.from_numpy(store.patch_weights["rollout"])),
         Features(g[rows[:, :k]], torch.from_numpy(store.patch_features[rows[:, :k]].astype(np.float32)),
-                 torch.from_numpy(store.patch_weights[rows[:, :k]])),
+                 torch.from_numpy(store.patch_weights["rollout"][rows[:, :k]])),
         torch.from_numpy(scores[:, :k]), marginals="rollout", s=0.9,
     )
     np.testing.assert_allclose(sigma[:, :k], direct.structural_scores.numpy(), atol=2e-4)
@@ -171,14 +171,14 @@ def image_records(tmp_path):
 def test_feature_cache_reuse_failures_and_model_identity(tmp_path, image_records):
     kwargs = tiny_vit_kwargs()
     backbone = create_backbone("test_vit", "random", model_kwargs=kwargs)
-    key = cache_key("folder", str(tmp_path), image_records, backbone, kwargs, "rollout")
+    key = cache_key("folder", str(tmp_path), image_records, backbone, kwargs, ["rollout"])
     cache = tmp_path / "cache"
     first = compute_features(backbone, image_records, key, cache, batch_size=4, workers=0, progress=False)
     assert not first.cached and first.images_embedded == 6
     assert first.ok.tolist() == [True, True, False, True, True, True, True]
     assert [f["id"] for f in first.failures] == ["bad.jpg"] and first.failures[0]["reason"] == "corrupt"
     assert first.patch_features.shape == (7, 49, 32) and first.patch_features.dtype == np.float16
-    np.testing.assert_allclose(first.patch_weights[first.ok].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(first.patch_weights["rollout"][first.ok].sum(1), 1, atol=1e-5)
     assert [p.name for p in cache.iterdir()] == [entry_folder(cache, key).name]  # no staging left
 
     again = compute_features(backbone, image_records, key, cache, workers=0, progress=False)
@@ -189,7 +189,7 @@ def test_feature_cache_reuse_failures_and_model_identity(tmp_path, image_records
     # another model (here: other constructor arguments) gets its own entry, never this one
     other_kwargs = {**kwargs, "depth": 2}
     other = create_backbone("test_vit", "random", model_kwargs=other_kwargs)
-    other_key = cache_key("folder", str(tmp_path), image_records, other, other_kwargs, "rollout")
+    other_key = cache_key("folder", str(tmp_path), image_records, other, other_kwargs, ["rollout"])
     assert entry_folder(cache, other_key) != entry_folder(cache, key)
     # even an entry whose folder name matched would be refused on its recorded key
     assert load_entry(entry_folder(cache, key), other_key) is None

@@ -31,9 +31,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     idx.add_argument("--rerank-k", type=int, default=100)
     idx.add_argument("--workdir", type=Path, default=None, help="where the synthetic images and the index go")
     idx.set_defaults(handler=_run_bench_index)
+    from .bench.quality import add_parser as add_quality_bench
     from .bench.serve import add_parser as add_serve_bench
 
     add_serve_bench(which)
+    add_quality_bench(which)
 
 
 def _run_bench_ot(args: argparse.Namespace) -> int:
@@ -65,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from evaluation.cli import add_calibrate_command
     from evaluation.cli import add_commands as add_eval_commands
     from indexer.cli import add_commands as add_index_commands
 
-    add_index_commands(sub)
+    add_calibrate_command(add_index_commands(sub))
     add_eval_commands(sub)
     _add_bench(sub)
     _add_serve(sub)
