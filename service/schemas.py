@@ -19,6 +19,7 @@ class AppliedSettings(BaseModel):
     s: float
     lam: float = Field(serialization_alias="lambda", validation_alias="lambda")
     marginals: str
+    calibrated: bool = Field(False, description="True when unset parameters came from the index's calibration")
 
 
 class Timings(BaseModel):

@@ -8,7 +8,19 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Marginals = Literal["auto", "rollout", "crosscorr", "uniform"]
+from indexer.search_params import MARGINALS_CHOICES, SEARCH_PARAMS
+from reranker.defaults import DEFAULT_MODEL
+
+Marginals = Literal[MARGINALS_CHOICES]  # type: ignore[valid-type]
+
+
+def _bounds(name: str) -> dict:
+    return SEARCH_PARAMS[name].bounds()
+
+
+def _help(name: str) -> str:
+    p = SEARCH_PARAMS[name]
+    return f"{p.help}; unset: the index's calibration, else {p.default}"
 
 
 class ServiceSettings(BaseSettings):
@@ -17,16 +29,17 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIT_RERANK_", extra="ignore", populate_by_name=True)
 
     index: Path | None = Field(None, description="index directory to serve")
-    model: str = Field("vit_small_patch16_224.dino", description="backbone of the demo index (--demo)")
+    model: str = Field(DEFAULT_MODEL, description="backbone of the demo index (--demo)")
     weights: str | None = Field(None, description="pretrained | random | PATH; default: the index's own")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    top_k: int = Field(10, ge=1, le=100, description="results per query, unless the query says")
-    rerank_k: int = Field(100, ge=0, le=1000, description="candidates reranked by partial OT")
-    s: float = Field(1.0, gt=0, le=1, description="fraction of patch mass matched")
-    lam: float = Field(
-        1.0, ge=0, validation_alias=AliasChoices("lam", "VIT_RERANK_LAMBDA"),
-        description="weight of the structural score (env VIT_RERANK_LAMBDA)",
+    # Search defaults: unset means the index's calibration, else the project's defaults (indexer.search_params).
+    top_k: int | None = Field(None, **_bounds("top_k"), description=_help("top_k"))
+    rerank_k: int | None = Field(None, **_bounds("rerank_k"), description=_help("rerank_k"))
+    s: float | None = Field(None, **_bounds("s"), description=_help("s"))
+    lam: float | None = Field(
+        None, **_bounds("lam"), validation_alias=AliasChoices("lam", "VIT_RERANK_LAMBDA"),
+        description=_help("lam") + " (env VIT_RERANK_LAMBDA)",
     )
     marginals: Marginals = "auto"
 

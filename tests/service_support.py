@@ -37,7 +37,7 @@ def build_index(folder: Path, photos: list[Path]) -> Path:
     from reranker.backbones import create_backbone
 
     backbone = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
-    manifest = new_manifest(backbone, weights_source="random", patch_weights="rollout",
+    manifest = new_manifest(backbone, patch_weights="rollout",
                             model_kwargs=tiny_vit_kwargs())
     records = [ImageRecord(str(p), f"{p.parent.name}/{p.name}", p.parent.name, {"source": "clothing-small"})
                for p in photos]

@@ -95,8 +95,10 @@ def test_search_matches_the_library(client, index_dir, photos):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results"}
-    assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "rollout"
-    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "s": 0.9, "lambda": 0.5, "marginals": "auto"}
+    # an uncalibrated index: unset marginals take the measured default (cross-correlation)
+    assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "crosscorr"
+    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "s": 0.9, "lambda": 0.5, "marginals": "crosscorr",
+                                "calibrated": False}
     assert set(body["timings_ms"]) == {"queue", "embed", "search", "rerank", "total"}
     t = body["timings_ms"]
     assert all(v >= 0 for v in t.values()) and t["total"] >= t["embed"] + t["search"]
@@ -350,3 +352,28 @@ def test_failed_mutation_changes_nothing(own_index, photos, monkeypatch):
         report = gallery.verify()
         assert report.ok, report.problems
         assert len(gallery) == 31 and "doomed" not in gallery.ids()
+
+
+def test_a_stored_calibration_sets_the_defaults_and_requests_override_it(index_dir, photos, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from indexer.calibration import Calibration
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    folder = tmp_path / "calibrated"
+    shutil.copytree(index_dir, folder)
+    Calibration(rerank=True, marginals="uniform", s=0.7, lam=0.05, rerank_k=15, metric="precision_at_1",
+                baseline_heldout=0.5, calibrated_heldout=0.55, gain_heldout=0.05, gain_ci95=(0.01, 0.09),
+                tuning_queries=10, heldout_queries=10, seed=0, source="test").save(folder)
+    with TestClient(create_app(ServiceSettings(index=folder, device="cpu", load_in_background=False))) as c:
+        info = c.get("/index").json()
+        assert info["calibration"]["rerank"] is True and info["calibration"]["rerank_k"] == 15
+        body = search(c, photos[3].read_bytes(), top_k=4).json()
+        assert body["settings"] == {"top_k": 4, "rerank_k": 15, "s": 0.7, "lambda": 0.05, "marginals": "uniform",
+                                    "calibrated": True}
+        assert body["marginals"] == "uniform"
+        body = search(c, photos[3].read_bytes(), top_k=4, s=1.0, marginals="rollout").json()
+        assert (body["settings"]["s"], body["settings"]["marginals"], body["settings"]["lambda"]) == (1.0, "rollout", 0.05)

