@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ot clean
+.PHONY: install demo test bench-ot bench-quality clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: install
 
 bench-ot: install
 	$(VENV)/bin/vit-rerank bench ot
+
+# Quality with the real backbone on the shared photos (../shared), beside the global baseline.
+bench-quality: install
+	$(VENV)/bin/vit-rerank bench quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,17 +12,29 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_WEIGHTS = SHARED_DATA.parent / "weights" / "dinov2_vits14.safetensors"
 REQUIRE_SHARED = os.environ.get("VIT_RERANK_REQUIRE_SHARED") == "1"
+
+
+def _shared(path: Path) -> Path:
+    """``path`` under ``../shared``: skipped in a user's clone, a failure in CI (``.ci/run``)."""
+    if not path.exists():
+        if REQUIRE_SHARED:
+            pytest.fail(f"{path} is missing, and VIT_RERANK_REQUIRE_SHARED=1 forbids skipping")
+        pytest.skip(f"{path} is not present in this checkout")
+    return path
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data``: skipped in a user's clone, a failure in CI (``.ci/run``)."""
-    if not SHARED_DATA.is_dir():
-        if REQUIRE_SHARED:
-            pytest.fail(f"{SHARED_DATA} is missing, and VIT_RERANK_REQUIRE_SHARED=1 forbids skipping")
-        pytest.skip("../shared/data is not present in this checkout")
-    return SHARED_DATA
+    """``../shared/data``, the real photos."""
+    return _shared(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> Path:
+    """The real pretrained DINOv2 ViT-S/14 of ``../shared/weights``."""
+    return _shared(REAL_WEIGHTS)
 
 
 @pytest.fixture(autouse=True)
