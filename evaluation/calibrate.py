@@ -113,7 +113,7 @@ def calibrate(
             passing.append(st)
     chosen = max(passing, key=lambda st: (scores[st][tune].mean(), -st.lam), default=None)
     held_gain = (scores[chosen][held] - base[held]) if chosen is not None else np.zeros(len(held))
-    rerank = chosen is not None and held_gain.mean() >= 0
+    rerank = bool(chosen is not None and held_gain.mean() >= 0)
     if not rerank:
         held_gain = np.zeros(len(held))
     boots = bootstrap_means(held_gain, n_boot, rng)

@@ -121,7 +121,7 @@ def test_calibrate_stores_a_choice_that_search_info_and_overrides_respect(small_
 
     info = json.loads(run_cli("index", "info", str(index), "--json").stdout)
     assert info["calibration"] == cal
-    assert info["preprocessing"]["crop"] == [112, 112]
+    assert info["preprocessing"]["crop"] == [160, 160]  # test_vit is built at 160 px
 
     res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "3", "--json").stdout)
     for key in ("rerank_k", "s", "lam"):
