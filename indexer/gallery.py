@@ -11,12 +11,22 @@ Layout of ``DIR``::
 Every change writes new files first (atomically), then commits one SQLite transaction
 that makes them current; files of older generations and half-written ones are removed
 afterwards or on the next open. ``kill -9`` at any moment leaves the last commit intact.
+
+Segments are bounded in number by compaction: each commit (add or remove) ends by merging
+the small segments (under ``COMPACT_SMALL_ROWS`` images) into one new segment once there are
+more than ``COMPACT_MAX_SMALL`` of them, synchronously. The merged segment is written first,
+then one transaction repoints the images' ``(segment, offset)`` and the segment list, then
+the old files are deleted; a crash leaves the old or the new layout, and the next open
+removes the files of the other. Segments left without images are dropped the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sqlite3
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +43,11 @@ from .pca import PatchPCA
 from .vector_index import add_vectors, build_index, load_index, remove_ids, save_index
 
 DB_NAME = "meta.sqlite"
+
+COMPACT_SMALL_ROWS = 256  # a segment holding fewer images than this is small
+COMPACT_MAX_SMALL = 32  # more small segments than this are merged into one
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +83,7 @@ class Gallery:
         self.segments: list[int] = state.get("segments", [])
         self.next_segment: int = state.get("next_segment", 1)
         self.trained: bool = state.get("trained", manifest.factory == "Flat")
+        self._counts: dict[int, int] | None = None  # images per live segment, read when first needed
         faiss_file = state.get("faiss_file")
         if faiss_file:
             self.faiss = load_index(self.folder / faiss_file)
@@ -93,6 +109,7 @@ class Gallery:
         return cls(folder, Manifest.load(folder))
 
     def close(self) -> None:
+        self.store.close()
         self.db.close()
 
     def __enter__(self) -> "Gallery":
@@ -164,7 +181,11 @@ class Gallery:
             self._commit_faiss(insert=new.rows, segments=[*self.segments, segment], next_segment=segment + 1)
         except BaseException:
             self._reload_faiss()
+            self._counts = None
             raise
+        if self._counts is not None:
+            self._counts[segment] = len(new.rows)
+        self._compact_after_commit()
 
     def remove(self, ids: Sequence[str]) -> list[str]:
         """Remove images by id; returns the ids that were not in the index (nothing else changes)."""
@@ -172,6 +193,11 @@ class Gallery:
         unknown = [i for i in ids if i not in rows]
         if not rows:
             return unknown
+        # Segments left without images leave the live list in the same transaction; their
+        # files are deleted after it (or, after a crash, by the next open).
+        counts = self._segment_counts()
+        taken = Counter(r.segment for r in rows.values())
+        emptied = {seg for seg, k in taken.items() if seg in counts and counts[seg] <= k}
         faiss_ids = np.array([r.row for r in rows.values()], np.int64)
         try:
             removed = remove_ids(self.faiss, faiss_ids)
@@ -181,11 +207,73 @@ class Gallery:
             self._reload_faiss()
             raise RuntimeError(f"FAISS removed {removed} of {len(faiss_ids)} vectors; nothing was changed")
         try:
-            self._commit_faiss(delete_ids=list(rows))
+            self._commit_faiss(delete_ids=list(rows), segments=[s for s in self.segments if s not in emptied])
         except BaseException:
             self._reload_faiss()
+            self._counts = None
             raise
+        for seg, k in taken.items():
+            if seg in counts:
+                counts[seg] -= k
+        for seg in emptied:
+            counts.pop(seg, None)
+        self.store.remove_segments(emptied)
+        self._compact_after_commit()
         return unknown
+
+    # --- compaction ----------------------------------------------------------
+    def _segment_counts(self) -> dict[int, int]:
+        """Images per live segment (0 for a segment whose images were all removed)."""
+        if self._counts is None:
+            stored = self.db.segment_counts()
+            self._counts = {seg: stored.get(seg, 0) for seg in self.segments}
+        return self._counts
+
+    def compact(self, *, force: bool = False) -> int:
+        """Merge the small segments into one new segment when there are more than
+        ``COMPACT_MAX_SMALL`` of them (with ``force``: when there are two or more), and drop
+        the segments without images. Every image keeps its FAISS id and exact features; the
+        change is one transaction (see the module's docstring). Returns the segments removed."""
+        counts = self._segment_counts()
+        empty = [seg for seg in self.segments if counts.get(seg, 0) == 0]
+        small = [seg for seg in self.segments if 0 < counts.get(seg, 0) < COMPACT_SMALL_ROWS]
+        merge = small if len(small) > COMPACT_MAX_SMALL or (force and len(small) > 1) else []
+        if not merge and not empty:
+            return 0
+        segments = [seg for seg in self.segments if seg not in set(merge) | set(empty)]
+        next_segment = self.next_segment
+        relocate: list[tuple[int, int, int]] = []
+        if merge:
+            target = next_segment
+            next_segment += 1
+            locations = self.db.locations_in(merge)
+            try:
+                self.store.write_merged(target, [(seg, off) for _, seg, off in locations])
+            except BaseException:
+                self.store.remove_segments([target])  # never committed: nothing refers to it
+                raise
+            relocate = [(row, target, k) for k, (row, _, _) in enumerate(locations)]
+            segments.append(target)
+        # On a failed commit the new segment is left to the next open's garbage collection:
+        # whether it became live is then read from the database, not guessed here.
+        self.db.commit(relocate=relocate, state={"segments": segments, "next_segment": next_segment})
+        gone = [*merge, *empty]
+        self.segments, self.next_segment = segments, next_segment
+        for seg in gone:
+            counts.pop(seg, None)
+        if merge:
+            counts[target] = len(relocate)
+        self.store.remove_segments(gone)
+        return len(gone)
+
+    def _compact_after_commit(self) -> None:
+        """Compact after a change that is already committed: a failure leaves the previous
+        (valid) layout and is logged, not raised, since the change itself succeeded."""
+        try:
+            self.compact()
+        except (OSError, sqlite3.Error) as err:
+            self._counts = None
+            log.warning("compacting the patch store of %s failed; the index is unchanged: %s", self.folder, err)
 
     def train(self) -> None:
         """Build the configured (non-flat) FAISS index from every stored vector and commit it."""

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS images (
     offset INTEGER NOT NULL             -- row inside the segment
 );
 CREATE INDEX IF NOT EXISTS images_hash ON images(content_hash);
+CREATE INDEX IF NOT EXISTS images_segment ON images(segment);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -112,6 +113,20 @@ class MetadataDB:
         """(faiss row, segment, offset) of every image, in row order."""
         return list(self.conn.execute("SELECT row, segment, offset FROM images ORDER BY row"))
 
+    def segment_counts(self) -> dict[int, int]:
+        """segment -> number of images stored in it (segments without images are absent)."""
+        return dict(self.conn.execute("SELECT segment, COUNT(*) FROM images GROUP BY segment"))
+
+    def locations_in(self, segments: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(faiss row, segment, offset) of the images stored in ``segments``, in row order."""
+        if not segments:
+            return []
+        marks = ",".join("?" * len(segments))
+        return list(self.conn.execute(
+            f"SELECT row, segment, offset FROM images WHERE segment IN ({marks}) ORDER BY row",
+            [int(s) for s in segments],
+        ))
+
     @staticmethod
     def _to_row(r: tuple) -> ImageRow:
         row, id_, path, label, h, w, hgt, nbytes, added, meta, seg, off = r
@@ -123,9 +138,11 @@ class MetadataDB:
         *,
         insert: Iterable[ImageRow] = (),
         delete_ids: Iterable[str] = (),
+        relocate: Iterable[tuple[int, int, int]] = (),
         state: dict[str, Any],
     ) -> None:
-        """Insert / delete rows and replace the state, all in one transaction."""
+        """Insert / delete rows, move rows to new ``(row, segment, offset)`` locations (compaction)
+        and replace the state, all in one transaction."""
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -138,6 +155,10 @@ class MetadataDB:
                 ],
             )
             cur.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in delete_ids])
+            cur.executemany(
+                "UPDATE images SET segment = ?, \"offset\" = ? WHERE row = ?",
+                [(int(seg), int(off), int(row)) for row, seg, off in relocate],
+            )
             cur.executemany(
                 "INSERT OR REPLACE INTO state VALUES (?, ?)",
                 [(k, json.dumps(v)) for k, v in state.items()],

@@ -9,20 +9,32 @@ together:
 
 Segments are written atomically and never modified; which ones are live is recorded in
 the metadata database, so a half-written segment is simply ignored (and removed later).
+
+Open files are bounded: at most ``max_open`` segments are held open at a time (least recently
+used first out). A memory-mapped segment holds three file descriptors (Python's ``mmap`` keeps
+one per mapping); a segment whose files are small (``in_memory_bytes``, e.g. an image added
+alone) is read into memory instead and holds none. A removed segment is dropped from the
+cache, so its mapping is released once no caller holds its arrays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .atomic import write_npy
+from .atomic import atomic_open, write_npy
 
 PARTS = ("global", "patches", "weights")
+DTYPES = {"global": np.float32, "patches": np.float16, "weights": np.float32}
+
+MAX_OPEN_SEGMENTS = 32  # segments held open at once: at most 3 * 32 file descriptors
+IN_MEMORY_BYTES = 1 << 20  # a segment up to this size (all parts) is read, not memory-mapped
 
 
 @dataclass
@@ -37,10 +49,17 @@ class Gathered:
 class PatchStore:
     """Reads and writes the segments of one index directory."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, max_open: int | None = None, in_memory_bytes: int | None = None) -> None:
+        max_open = MAX_OPEN_SEGMENTS if max_open is None else max_open
+        in_memory_bytes = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
+        if max_open < 1:
+            raise ValueError("max_open must be at least 1")
         self.folder = Path(folder) / "segments"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._open: dict[int, dict[str, np.ndarray]] = {}
+        self.max_open = max_open
+        self.in_memory_bytes = in_memory_bytes
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
 
     def _path(self, segment: int, part: str) -> Path:
         return self.folder / f"{segment:08d}.{part}.npy"
@@ -52,20 +71,59 @@ class PatchStore:
         n = len(global_features)
         if len(patches) != n or len(weights) != n:
             raise ValueError("a segment's global vectors, patches and weights must have the same length")
-        arrays = {
-            "global": np.ascontiguousarray(global_features, dtype=np.float32),
-            "patches": np.ascontiguousarray(patches, dtype=np.float16),
-            "weights": np.ascontiguousarray(weights, dtype=np.float32),
-        }
+        arrays = {part: np.ascontiguousarray(a, dtype=DTYPES[part])
+                  for part, a in zip(PARTS, (global_features, patches, weights))}
         for part, array in arrays.items():
             write_npy(self._path(segment, part), array)
         return sum(a.nbytes for a in arrays.values())
 
+    def write_merged(self, segment: int, locations: Sequence[tuple[int, int]], chunk: int = 256) -> int:
+        """Write ``segment`` holding the features at ``locations``, in that order, copied exactly
+        (a chunk of rows at a time, so a large merge never sits in memory). Returns its bytes."""
+        if not locations:
+            raise ValueError("nothing to merge")
+        first = self.segment(locations[0][0])
+        n = len(locations)
+        total = 0
+        with contextlib.ExitStack() as stack:
+            files = {}
+            for part in PARTS:
+                fh = stack.enter_context(atomic_open(self._path(segment, part)))
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPES[part])),
+                          "fortran_order": False, "shape": (n, *first[part].shape[1:])}
+                np.lib.format.write_array_header_1_0(fh, header)
+                files[part] = fh
+            del first
+            for start in range(0, n, chunk):
+                got = self.gather(locations[start:start + chunk])
+                for part, array in zip(PARTS, (got.global_features, got.patch_features, got.patch_weights)):
+                    data = np.ascontiguousarray(array, dtype=DTYPES[part])
+                    files[part].write(data.tobytes())
+                    total += data.nbytes
+        return total
+
     def segment(self, segment: int) -> dict[str, np.ndarray]:
-        """The memory-mapped arrays of a segment (opened once, then cached)."""
-        if segment not in self._open:
-            self._open[segment] = {p: np.load(self._path(segment, p), mmap_mode="r") for p in PARTS}
-        return self._open[segment]
+        """The arrays of a segment: memory-mapped (or, for a small one, read), kept among the
+        ``max_open`` most recently used."""
+        with self._lock:
+            arrays = self._open.get(segment)
+            if arrays is not None:
+                self._open.move_to_end(segment)
+                return arrays
+        paths = {p: self._path(segment, p) for p in PARTS}
+        small = sum(path.stat().st_size for path in paths.values()) <= self.in_memory_bytes
+        arrays = {p: np.load(path, mmap_mode=None if small else "r", allow_pickle=False) for p, path in paths.items()}
+        with self._lock:
+            self._open[segment] = arrays
+            self._open.move_to_end(segment)
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)  # its mappings close when no gather holds them
+        return arrays
+
+    def open_segments(self) -> list[int]:
+        """The segments held open now, least recently used first."""
+        with self._lock:
+            return list(self._open)
 
     def gather(self, locations: Sequence[tuple[int, int]]) -> Gathered:
         """Features at ``(segment, offset)`` locations, in that order (one read per segment)."""
@@ -78,6 +136,7 @@ class PatchStore:
             np.empty((k, *first["patches"].shape[1:]), np.float16),
             np.empty((k, *first["weights"].shape[1:]), np.float32),
         )
+        del first
         by_segment: dict[int, list[tuple[int, int]]] = {}
         for i, (seg, off) in enumerate(locations):
             by_segment.setdefault(seg, []).append((i, off))
@@ -88,18 +147,25 @@ class PatchStore:
             out.global_features[where] = arrays["global"][rows]
             out.patch_features[where] = arrays["patches"][rows]
             out.patch_weights[where] = arrays["weights"][rows]
+            del arrays  # an evicted segment's mapping is released here, not after the loop
         return out
 
     def segment_ids_on_disk(self) -> set[int]:
         return {int(p.name.split(".")[0]) for p in self.folder.glob("*.npy")}
 
     def remove_segments(self, segments: Iterable[int]) -> None:
-        """Delete segments that no committed state refers to."""
+        """Delete segments that no committed state refers to (and release their mappings)."""
         for seg in segments:
-            self._open.pop(seg, None)
+            with self._lock:
+                self._open.pop(seg, None)
             for part in PARTS:
                 with contextlib.suppress(FileNotFoundError):
                     self._path(seg, part).unlink()
+
+    def close(self) -> None:
+        """Release every open segment."""
+        with self._lock:
+            self._open.clear()
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("*.npy"))
