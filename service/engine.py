@@ -29,6 +29,7 @@ from indexer.sources import ImageRecord
 from reranker.device import resolve_device
 
 from .catalog import Catalog
+from .decoding import DecodeGate, model_side, release_memory
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
 
@@ -88,6 +89,7 @@ class Engine:
         batch_wait_ms: float = 0.0,
         limits: LoadLimits = LoadLimits(),
         metrics: ServiceMetrics | None = None,
+        decode_gate: DecodeGate | None = None,
     ) -> None:
         self.gallery = gallery
         self.searcher = searcher
@@ -95,6 +97,8 @@ class Engine:
         self.uploads = gallery.folder.resolve() / UPLOADS
         self.limits = limits
         self.metrics = metrics
+        self.decode_gate = decode_gate or DecodeGate()  # bounds the decoding of queries (service.decoding)
+        self.query_side = model_side(searcher.backbone)  # queries are kept at a few times this side
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1e3
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
@@ -270,7 +274,11 @@ class Engine:
         self, data: bytes, suffix: str, image_id: str | None = None, label: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> str:
-        """Store the upload under ``<index>/uploads/`` and index it; all or nothing. Returns the id."""
+        """Store the upload under ``<index>/uploads/`` and index it; all or nothing. Returns the id.
+
+        The file is written and indexed under the same lock as :meth:`remove_image` removes an image and
+        then its file, so an indexed image always has its file. A failed add removes only a file it wrote.
+        """
         digest = content_hash(data)
         image_id = image_id or f"upload-{digest[:16]}"
         name = f"{hashlib.sha256(image_id.encode()).hexdigest()[:16]}-{digest[:16]}{suffix}"
@@ -279,6 +287,7 @@ class Engine:
             if self.gallery.db.rows_by_id([image_id]):
                 raise DuplicateIdError(f"an image with id {image_id!r} is already indexed")
             self.uploads.mkdir(exist_ok=True)
+            created = not path.exists()  # else an orphan of a crash, with these very bytes: left as it is
             write_bytes(path, data)
             try:
                 report = add_records(
@@ -292,17 +301,23 @@ class Engine:
                 if report.added != 1:
                     raise RuntimeError(f"the indexer added {report.added} images instead of 1")
             except BaseException:
-                if image_id not in self.gallery.ids():
+                if created and image_id not in self.gallery.ids():
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
             finally:
                 self.searcher.refresh()
                 self._info = self.gallery.info()
+                release_memory()  # the indexer decoded the image at full size
         return image_id
 
     def remove_image(self, image_id: str) -> bool:
-        """Remove one image (and its upload, if it came through the service); False if unknown."""
+        """Remove one image (and its upload, if it came through the service); False if unknown.
+
+        The image leaves the index first, then its upload file, both under the lock: a re-add of the same
+        id and bytes (same file name) waits for both, and a crash in between leaves only an orphan file,
+        removed at the next start.
+        """
         with self._lock:
             row = self.gallery.db.rows_by_id([image_id]).get(image_id)
             if row is None:
@@ -312,10 +327,10 @@ class Engine:
             finally:
                 self.searcher.refresh()
                 self._info = self.gallery.info()
-        path = Path(row.path)
-        if path.parent == self.uploads:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            path = Path(row.path)
+            if path.parent == self.uploads:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         return True
 
     def _remove_orphan_uploads(self) -> None:
