@@ -8,6 +8,8 @@ gallery build can skip and report bad files instead of aborting:
 ``empty``               zero bytes
 ``too_large_file``      more than ``LoadLimits.max_file_bytes`` bytes
 ``decompression_bomb``  more than ``LoadLimits.max_pixels`` pixels (or over PIL's own limit)
+``bad_aspect_ratio``    long side / short side over ``LoadLimits.max_aspect_ratio``: resizing the
+                        short side to the model's input would blow a tiny file up to gigabytes
 ``unsupported``         not an image format PIL knows, or a pixel mode that cannot become RGB
 ``truncated``           the image data stops early
 ``corrupt``             any other decode error
@@ -36,6 +38,7 @@ Reason = Literal[
     "empty",
     "too_large_file",
     "decompression_bomb",
+    "bad_aspect_ratio",
     "unsupported",
     "truncated",
     "corrupt",
@@ -76,10 +79,16 @@ class LoadLimits:
     checked here, per call. PIL's global limit still applies on top of it: PIL
     refuses images over twice its limit when opening them (reported as
     ``decompression_bomb`` too), so a larger ``max_pixels`` has no effect past that.
+
+    ``max_aspect_ratio`` bounds long side / short side (inclusive): a 40000 x 1 PNG is 118
+    bytes and 40,000 pixels, but scaled to a 256-pixel short side it is 10 million x 256.
+    Both limits are checked from the header, before any pixel is decoded. An image
+    with a side of 0 pixels is refused too (``corrupt``; PIL itself refuses most of them).
     """
 
     max_pixels: int = 89_478_485
     max_file_bytes: int = 64 * 2**20
+    max_aspect_ratio: float = 20.0
 
 
 def content_hash(data: bytes) -> str:
@@ -147,18 +156,31 @@ def _check_size(name: str, size: int, limits: LoadLimits) -> None:
         raise ImageLoadError(name, "empty", "file is empty")
 
 
+def check_dimensions(name: str, width: int, height: int, limits: LoadLimits) -> None:
+    """Refuse a ``width`` x ``height`` image (from its header) over ``limits``' pixels or aspect ratio.
+
+    For decoders that read the header themselves; :func:`load_image` calls it before decoding.
+    """
+    if width * height > limits.max_pixels:
+        raise ImageLoadError(
+            name, "decompression_bomb", f"{width}x{height} is over the limit of {limits.max_pixels} pixels"
+        )
+    if width * height == 0:
+        raise ImageLoadError(name, "corrupt", f"image has no pixels ({width}x{height})")
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side > limits.max_aspect_ratio * short_side:
+        raise ImageLoadError(
+            name,
+            "bad_aspect_ratio",
+            f"{width}x{height} has an aspect ratio of {long_side / short_side:.1f}:1, over the limit "
+            f"of {limits.max_aspect_ratio:g}:1 (long side / short side)",
+        )
+
+
 def _decode(data: bytes, name: str, limits: LoadLimits) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > limits.max_pixels:  # before load(): only the header is read
-                raise ImageLoadError(
-                    name,
-                    "decompression_bomb",
-                    f"{width}x{height} is over the limit of {limits.max_pixels} pixels",
-                )
-            if width * height == 0:
-                raise ImageLoadError(name, "corrupt", f"image has no pixels ({width}x{height})")
+            check_dimensions(name, *img.size, limits)  # before load(): only the header is read
             img.seek(0)  # first frame of an animation
             img.load()
             mode = img.mode

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from typing import Any
+
+TIMEOUT_KEEP_ALIVE_S = 5  # idle connections, and request heads that take longer, are closed after this
+MAX_HEADER_BYTES = 16 * 1024  # a request line + headers larger than this: 400 (uvicorn's h11 parser)
+LIMIT_CONCURRENCY = 128  # open connections + running requests; beyond: 503 from uvicorn
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +37,12 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--max-batch", type=int)
     serve.add_argument("--batch-wait-ms", type=float)
+    serve.add_argument("--timeout-keep-alive", type=int, default=TIMEOUT_KEEP_ALIVE_S,
+                       help="seconds a connection may stay idle, or take to send a request head "
+                            f"(default {TIMEOUT_KEEP_ALIVE_S})")
+    serve.add_argument("--limit-concurrency", type=int, default=LIMIT_CONCURRENCY,
+                       help=f"open connections + running requests before uvicorn answers 503 "
+                            f"(default {LIMIT_CONCURRENCY}; 0: no limit)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-progress", action="store_true", help="no progress bar while indexing the demo")
     serve.set_defaults(handler=run_serve)
@@ -77,10 +89,48 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"index": index})  # weights: the index's own
     if settings.index is None:
         return _fail("nothing to serve: give --index DIR (or VIT_RERANK_INDEX), or --demo")
-    return _serve(settings, args.log_level)
+    if args.timeout_keep_alive < 1 or args.limit_concurrency < 0:
+        return _fail("--timeout-keep-alive must be >= 1 and --limit-concurrency >= 0")
+    options = uvicorn_options(args.timeout_keep_alive, args.limit_concurrency or None)
+    return _serve(settings, args.log_level, options)
 
 
-def _serve(settings, log_level: str = "info") -> int:
+def uvicorn_options(timeout_keep_alive: int = TIMEOUT_KEEP_ALIVE_S,
+                    limit_concurrency: int | None = LIMIT_CONCURRENCY) -> dict[str, Any]:
+    """The connection limits ``serve`` gives uvicorn (keyword arguments of ``uvicorn.Config``).
+
+    uvicorn's own keep-alive timeout only starts after a response, and any byte received stops it: a
+    connection that never sends a request, or sends its head a byte at a time, was never closed. The
+    protocol here also runs it from the moment of connecting until a whole request head has arrived.
+    A request body that stops arriving is the app's to time out (``app.BODY_READ_TIMEOUT_S``).
+    """
+    return {"http": _head_timeout_protocol(), "timeout_keep_alive": timeout_keep_alive,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "limit_concurrency": limit_concurrency}
+
+
+@functools.cache
+def _head_timeout_protocol() -> type:
+    """uvicorn's h11 protocol, with its keep-alive timer also covering the wait for a request head."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+        def data_received(self, data: bytes) -> None:
+            # As H11Protocol's, but a byte does not stop the timer: a whole request head does.
+            self.conn.receive_data(data)
+            self.handle_events()
+            if self.cycle is not None and not self.cycle.response_complete and self.timeout_keep_alive_task:
+                self.timeout_keep_alive_task.cancel()  # a request is running (newer uvicorn cancels it too)
+                self.timeout_keep_alive_task = None
+
+    return HeadTimeoutH11Protocol
+
+
+def _serve(settings, log_level: str = "info", options: dict[str, Any] | None = None) -> int:
     import uvicorn
 
     from indexer.manifest import IndexMismatchError
@@ -100,5 +150,5 @@ def _serve(settings, log_level: str = "info") -> int:
     if engine.random_weights:
         print("note: random weights: results are meaningless except for testing", file=sys.stderr)
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, workers=1,
-                log_level=log_level)
+                log_level=log_level, **(options if options is not None else uvicorn_options()))
     return 0

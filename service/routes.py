@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -13,6 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
+from pydantic import SecretStr
 
 from indexer.search import SearchSettings
 from indexer.search_params import SEARCH_PARAMS
@@ -24,11 +24,11 @@ from .gallery_images import gallery_image, thumbnail
 from .settings import Marginals
 from .schemas import ERRORS, Added, AppliedSettings, IndexInfo, Removed, Result, SearchResponse, Status
 from .state import ServiceState
-from .uploads import decode_upload, file_suffix, read_upload
+from .decoding import decode_bounded  # 503 + Retry-After when too many images are being decoded
+from .uploads import check_image_id, file_suffix, parse_metadata, read_upload, single_valued_form
 
 router = APIRouter()
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has a key")
-MAX_ID_CHARS = 512
 
 
 def service(request: Request) -> ServiceState:
@@ -36,7 +36,12 @@ def service(request: Request) -> ServiceState:
 
 
 def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)] = None) -> None:
-    expected = service(request).settings.api_key
+    """The routes' check; ``app.ApiKeyMiddleware`` makes the same one before the body is read."""
+    check_api_key(service(request).settings.api_key, key)
+
+
+def check_api_key(expected: SecretStr | None, key: str | None) -> None:
+    """401 without a key, 403 with a wrong one; nothing when the service has no key."""
     if expected is None:
         return
     if not key:
@@ -88,7 +93,8 @@ def _param(name: str) -> dict[str, Any]:
     return {**p.bounds(), "description": f"{p.help}; unset: the index's calibration, else {p.default}"}
 
 
-@router.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+@router.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"],
+             dependencies=[Depends(single_valued_form)])
 async def search(
     request: Request,
     image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
@@ -130,8 +136,9 @@ async def search(
 
 
 def _decode_with_view(data: bytes, declared_type: str | None, engine) -> tuple[Any, Any]:
-    """The decoded query and the centre-cropped view the model sees (kept for its explanations)."""
-    query = decode_upload(data, declared_type, engine.limits)
+    """The decoded query (bounded, reduced to what the model needs) and the centre-cropped view the model
+    sees (kept for its explanations)."""
+    query = decode_bounded(data, declared_type, engine)
     return query, model_view(query, engine.transform)
 
 
@@ -218,28 +225,8 @@ async def index_info(request: Request) -> Any:
     return service(request).ready_engine().info()
 
 
-def _metadata(text: str | None) -> dict[str, Any]:
-    if text is None or text == "":
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise HTTPException(422, f"metadata: not valid JSON ({err.msg})") from None
-    if not isinstance(value, dict):
-        raise HTTPException(422, "metadata: must be a JSON object")
-    return value
-
-
-def _check_id(image_id: str | None) -> str | None:
-    if image_id is None or image_id == "":
-        return None
-    if len(image_id) > MAX_ID_CHARS or image_id != image_id.strip() or not image_id.isprintable():
-        raise HTTPException(422, f"id: 1 to {MAX_ID_CHARS} printable characters, no surrounding spaces")
-    return image_id
-
-
 @router.post("/index/images", status_code=201, response_model=Added, responses=ERRORS, tags=["index"],
-             dependencies=[Depends(require_api_key)])
+             dependencies=[Depends(require_api_key), Depends(single_valued_form)])
 async def add_image(
     request: Request,
     image: Annotated[UploadFile, File(description="the image to index")],
@@ -250,9 +237,9 @@ async def add_image(
     """Index one more image; it is stored in the index directory and survives restarts."""
     state = service(request)
     engine = state.ready_engine()
-    image_id, meta = _check_id(id), _metadata(metadata)
+    image_id, meta = check_image_id(id), parse_metadata(metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
-    await run_in_threadpool(decode_upload, data, image.content_type, engine.limits)
+    await run_in_threadpool(decode_bounded, data, image.content_type, engine)  # validated, through the decode gate
     try:
         added = await run_in_threadpool(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
     except DuplicateIdError as err:

@@ -1,10 +1,14 @@
-"""Uploaded images: bounded reading, decoding, and the HTTP status of each way it can fail."""
+"""Uploads: bounded reading and decoding of the image, checks of the form fields around it, and the
+HTTP status of each way they can fail."""
 
 from __future__ import annotations
 
 import io
+import json
+import math
+from typing import Any
 
-from fastapi import HTTPException, UploadFile
+from fastapi import HTTPException, Request, UploadFile
 from PIL import Image
 
 from indexer.loading import ImageLoadError, LoadLimits, load_image
@@ -21,12 +25,24 @@ _KNOWN_UNSUPPORTED = {
 _READABLE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"}
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
+MAX_ID_CHARS = 512
+MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 32
+
 
 class BodyTooLarge(HTTPException):
     """The request body passed the limit while it was being read."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the upload is over the limit of {limit} bytes")
+
+
+class BodyStalled(HTTPException):
+    """The request body stopped arriving: nothing came for ``seconds``. The connection is closed after."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body stopped arriving (nothing for {seconds:g} s)",
+                         headers={"Connection": "close"})
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -59,6 +75,8 @@ def decode_upload(data: bytes, declared_type: str | None, limits: LoadLimits) ->
     except ImageLoadError as err:
         if err.reason in ("too_large_file", "decompression_bomb"):
             raise HTTPException(413, f"image too large: {err.message}") from None
+        if err.reason == "bad_aspect_ratio":  # small and well-formed, but a shape the service refuses
+            raise HTTPException(422, f"image aspect ratio too extreme: {err.message}") from None
         if err.reason == "unsupported":
             kind = _unsupported_kind(data, declared_type)
             if err.message.startswith("cannot convert mode"):
@@ -75,3 +93,82 @@ def file_suffix(data: bytes) -> str:
     """The file name suffix of the (already decoded) image's format."""
     with Image.open(io.BytesIO(data)) as img:
         return _SUFFIX.get(img.format or "", ".img")
+
+
+# --- the form fields ------------------------------------------------------------------------------
+async def single_valued_form(request: Request) -> None:
+    """Refuse (422) a form that gives any field more than once (two ``image`` parts, ``top_k`` twice...).
+
+    A dependency: FastAPI has parsed the form before it runs, so this reads the parsed, cached form.
+    """
+    form = await request.form()
+    for name in dict.fromkeys(form.keys()):
+        if len(form.getlist(name)) > 1:
+            raise HTTPException(422, f"{name}: give this form field once, not {len(form.getlist(name))} times")
+
+
+def check_image_id(image_id: str | None) -> str | None:
+    """A client's id for a new image (None: let the service name it), or 422.
+
+    Ids become URL paths (``/images/<id>``, with ``/`` kept as a separator by many clients), so no
+    path segment may be empty, ``.`` or ``..``: clients and proxies rewrite those.
+    """
+    if image_id is None or image_id == "":
+        return None
+    if len(image_id) > MAX_ID_CHARS or image_id != image_id.strip() or not image_id.isprintable():
+        raise HTTPException(422, f"id: 1 to {MAX_ID_CHARS} printable characters, no surrounding spaces")
+    if any(segment in ("", ".", "..") for segment in image_id.split("/")):
+        raise HTTPException(
+            422, "id: no empty, '.' or '..' segments between slashes (they change the URL of the image)"
+        )
+    return image_id
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise _NotFinite(text)
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise _NotFinite(text)  # NaN, Infinity, -Infinity: not JSON, though Python's json reads them
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in ``value`` (``{}`` is 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_metadata(text: str | None) -> dict[str, Any]:
+    """The ``metadata`` form field: a JSON object of at most 64 KiB, nested at most 32 deep, with finite
+    numbers only; else 422. Empty or absent: ``{}``."""
+    if text is None or text == "":
+        return {}
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise HTTPException(422, f"metadata: over the limit of {MAX_METADATA_BYTES} bytes of JSON")
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as err:
+        raise HTTPException(422, f"metadata: not valid JSON ({err.msg})") from None
+    except _NotFinite as err:
+        raise HTTPException(422, f"metadata: numbers must be finite, not {err}") from None
+    except RecursionError:
+        raise HTTPException(422, f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise HTTPException(422, f"metadata: {err}") from None
+    if not isinstance(value, dict):
+        raise HTTPException(422, "metadata: must be a JSON object")
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise HTTPException(422, f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)")
+    return value
