@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import signal
 import io
@@ -117,3 +119,25 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 GRACEFUL = (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def photos(shared_data) -> list[Path]:
+    """The gallery's photos (import this fixture into a test module to use it)."""
+    return gallery_photos(shared_data)
+
+
+@pytest.fixture(scope="module")
+def index_dir(shared_data, tmp_path_factory) -> Path:
+    """The session's shared index of the gallery photos (tests never change it)."""
+    return session_index(tmp_path_factory, shared_data)
+
+
+def make_client(index: Path, **settings):
+    """An in-process client of the service over ``index`` (server exceptions become 500s)."""
+    from fastapi.testclient import TestClient
+
+    from service import ServiceSettings, create_app
+
+    cfg = ServiceSettings(index=index, device="cpu", load_in_background=False, **settings)
+    return TestClient(create_app(cfg), raise_server_exceptions=False)

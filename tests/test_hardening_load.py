@@ -16,13 +16,13 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_support import (
+from service_support import (  # noqa: F401 (index_dir: a fixture)
     GRACEFUL,
+    index_dir,
     copy_index,
     free_port,
     png_bytes,
     service_env,
-    session_index,
     start_server,
     stop_server,
 )
@@ -30,11 +30,6 @@ from service_support import (
 from service import ServiceSettings, create_app
 
 MB = 2**20
-
-
-@pytest.fixture(scope="module")
-def index_dir(shared_data, tmp_path_factory) -> Path:
-    return session_index(tmp_path_factory, shared_data)
 
 
 # --- 1. decoding is bounded ---------------------------------------------------------------------------

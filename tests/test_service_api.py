@@ -10,23 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service import ServiceSettings, create_app
-from service_support import copy_index, gallery_photos, png_bytes, session_index
-
-
-@pytest.fixture(scope="module")
-def photos(shared_data) -> list[Path]:
-    return gallery_photos(shared_data)
-
-
-@pytest.fixture(scope="module")
-def index_dir(shared_data, tmp_path_factory) -> Path:
-    return session_index(tmp_path_factory, shared_data)
-
-
-def make_client(index: Path, **settings) -> TestClient:
-    cfg = ServiceSettings(index=index, device="cpu", load_in_background=False, **settings)
-    return TestClient(create_app(cfg), raise_server_exceptions=False)
+from service_support import copy_index, index_dir, make_client, photos, png_bytes  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,12 +10,7 @@ from indexer.loading import load_image
 from indexer.search import SearchSettings
 from service.engine import Engine, QueueFullError
 from service.settings import ServiceSettings
-from service_support import gallery_photos, session_index
-
-
-@pytest.fixture(scope="module")
-def photos(shared_data) -> list[Path]:
-    return gallery_photos(shared_data)
+from service_support import photos, session_index  # noqa: F401 (photos: a fixture)
 
 
 @pytest.fixture()

@@ -11,21 +11,11 @@ import httpx
 import psutil
 import pytest
 
-from service_support import (GRACEFUL, copy_index, free_port, gallery_photos, png_bytes, service_env,
-                             session_index, start_server, stop_server)
+from service_support import (GRACEFUL, copy_index, free_port, index_dir, photos,  # noqa: F401
+                             png_bytes, service_env, start_server, stop_server)
 from conftest import tiny_vit_kwargs
 
 pytestmark = pytest.mark.slow  # starts real servers (each start imports torch)
-
-
-@pytest.fixture(scope="module")
-def photos(shared_data) -> list[Path]:
-    return gallery_photos(shared_data)
-
-
-@pytest.fixture(scope="module")
-def index_dir(shared_data, tmp_path_factory) -> Path:
-    return session_index(tmp_path_factory, shared_data)
 
 
 class Server:
