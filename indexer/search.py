@@ -213,7 +213,8 @@ class Searcher:
                 structural[i], final[i] = sigma[i], finals[i]
             if keep_plans:
                 plan = res.plans[row].cpu()
-                plans = {c.rows[i].id: plan[i] for i in range(c.k)}
+                # clone: a view would keep the whole batch's plans alive wherever one result is kept
+                plans = {c.rows[i].id: plan[i].clone() for i in range(c.k)}
                 weights = {c.rows[i].id: c.feats.patch_weights[i].astype(np.float32) for i in range(c.k)}
         hits = []
         for after, i in enumerate(order[: settings.top_k]):

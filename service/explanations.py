@@ -48,7 +48,7 @@ class QueryExplanations:
     pictures: dict[str, bytes] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        view = self.query_view.width * self.query_view.height * 3
+        view = self.query_view.width * self.query_view.height * 4  # Pillow keeps RGB in 4 bytes a pixel
         arrays = sum(m.plan.nbytes + m.candidate_weights.nbytes + 256 for m in self.matches.values())
         return view + arrays + self.query_weights.nbytes + sum(len(p) for p in self.pictures.values()) + 1024
 

@@ -361,3 +361,20 @@ def test_a_stored_calibration_sets_the_defaults_and_requests_override_it(index_d
         assert body["marginals"] == "uniform"
         body = search(c, photos[3].read_bytes(), top_k=4, s=1.0, marginals="rollout").json()
         assert (body["settings"]["s"], body["settings"]["marginals"], body["settings"]["lambda"]) == (1.0, "rollout", 0.05)
+
+
+def test_kept_plans_own_their_memory(index_dir, photos):
+    """A result's plans must not be views of the whole batch's plan tensor (the explanation cache
+    counts each query's own plans: views would keep every query of the batch alive)."""
+    from indexer.build import backbone_for
+    from indexer.gallery import Gallery
+    from indexer.loading import load_image
+    from indexer.search import Searcher, SearchSettings
+
+    with Gallery.open(index_dir) as gallery:
+        searcher = Searcher(gallery, backbone_for(gallery.manifest, "cpu"), "cpu")
+        results = searcher.search([load_image(p) for p in photos[:4]], SearchSettings(top_k=5, rerank_k=20),
+                                  keep_plans=True)
+    for result in results:
+        for plan in result.plans.values():
+            assert plan.untyped_storage().nbytes() == plan.numel() * plan.element_size()
