@@ -23,7 +23,7 @@ from indexer.sources import ImageRecord
 from .calibrate import K_GRID, LAMBDA_GRID, S_GRID, calibrate
 from .datasets import ClassSet, EvalSet, load_dataset
 from .features import FeatureStore, cache_key, compute_features
-from .protocol import Sweep, evaluate
+from .protocol import Sweep, evaluate, rerank_marginals
 
 
 def index_marginals(gallery: Gallery) -> list[str]:
@@ -33,11 +33,6 @@ def index_marginals(gallery: Gallery) -> list[str]:
     if not manifest.pca_dim:
         out.append("crosscorr")
     return out + ["uniform"]
-
-
-def search_marginals(label: str) -> str:
-    """An evaluation marginal as the search's: a stored per-image kind is ``rollout``."""
-    return label if label in ("crosscorr", "uniform") else "rollout"
 
 
 def own_labels(gallery: Gallery) -> tuple[ClassSet, FeatureStore]:
@@ -96,7 +91,7 @@ def calibrate_index(
         outcome = evaluate(data, store, sweep, device, progress=progress)
         cal = calibrate(outcome.ranking, outcome.sigma, outcome.protocol, lambdas=lambdas, ks=ks, seed=seed,
                         source=origin)
-        cal.marginals = search_marginals(cal.marginals)
+        cal.marginals, _ = rerank_marginals(cal.marginals)  # a stored per-image kind is the search's "rollout"
         cal.details["baseline_all_queries"] = outcome.baseline
         gallery.set_calibration(cal)
         return cal

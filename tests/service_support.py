@@ -141,3 +141,12 @@ def make_client(index: Path, **settings):
 
     cfg = ServiceSettings(index=index, device="cpu", load_in_background=False, **settings)
     return TestClient(create_app(cfg), raise_server_exceptions=False)
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    """``response`` is an error of ``status`` with the body ``{"detail": ...}`` naming every word."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str) and body["detail"]
+    for w in words:
+        assert w.lower() in body["detail"].lower(), body["detail"]

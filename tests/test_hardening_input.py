@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import tiny_vit_kwargs
 from indexer.loading import ImageLoadError, LoadLimits, load_image
 from service import ServiceSettings, create_app
-from service_support import copy_index, free_port, index_dir, make_client, photos, png_bytes  # noqa: F401 (fixtures)
+from service_support import assert_error, copy_index, free_port, index_dir, make_client, photos, png_bytes  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,6 @@ def writer(index_dir, tmp_path):
     """A client over a copy of the index, for tests that add images."""
     with make_client(copy_index(index_dir, tmp_path / "index")) as c:
         yield c
-
-
-def assert_error(response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"detail"} and isinstance(body["detail"], str) and body["detail"]
-    for w in words:
-        assert w.lower() in body["detail"].lower(), body["detail"]
 
 
 def search(client, data: bytes, **form):

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service_support import copy_index, index_dir, make_client, photos, png_bytes  # noqa: F401 (fixtures)
+from service_support import assert_error, copy_index, index_dir, make_client, photos, png_bytes  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,6 @@ def own_index(index_dir, tmp_path) -> Path:
 
 def search(client: TestClient, data: bytes, name: str = "q.jpg", mime: str = "image/jpeg", **form):
     return client.post("/search", files={"image": (name, data, mime)}, data={k: str(v) for k, v in form.items()})
-
-
-def assert_error(response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"detail"} and isinstance(body["detail"], str) and body["detail"]
-    for w in words:
-        assert w.lower() in body["detail"].lower(), body["detail"]
 
 
 # --- health, info, metrics -----------------------------------------------------------------------
