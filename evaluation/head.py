@@ -7,18 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+from reranker.backbones.weights import read_state_dict
 
 
 def load_linear_head(path: str | Path, in_features: int) -> nn.Linear:
@@ -27,7 +16,7 @@ def load_linear_head(path: str | Path, in_features: int) -> nn.Linear:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"projection head file not found: {path}")
-    tensors = _tensors(path)
+    tensors = read_state_dict(path)
     weights = {k: v for k, v in tensors.items() if k.endswith("weight") and v.dim() == 2}
     if len(weights) != 1:
         raise ValueError(f"{path}: expected exactly one 2-D '*weight' tensor, found {sorted(weights) or 'none'}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from reranker.backbones import Backbone, create_backbone, weights_identity
-from reranker.backbones.factory import NAMED_WEIGHTS
+from reranker.backbones import NAMED_WEIGHTS
 
 from .atomic import write_json
 from .embedding import Failure, embed_records

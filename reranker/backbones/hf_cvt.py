@@ -12,6 +12,8 @@ from timm.data import create_transform
 from torch import nn
 
 from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
+from .registry import register_backbone
+from .weights import check_weights_arg, read_state_dict, seeded_if_random, weights_identity, weights_unavailable
 
 INSTALL_HINT = "pip install 'vit-rerank[cvt]'"
 
@@ -201,20 +203,7 @@ def _hub_preprocessing(repo: str) -> dict[str, Any] | None:
 
 def _load_state_dict_file(model: nn.Module, path: Path) -> None:
     """Load a single ``.safetensors`` / ``.bin`` / ``.pth`` state dict into ``model``, strictly."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch, pickle and safetensors raise different types
-        raise ValueError(f"could not read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
-    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     expected = model.state_dict()
     _check_keys(expected.keys() - state.keys(), state.keys() - expected.keys(), str(path))
@@ -247,13 +236,11 @@ def create_hf_cvt(
         ValueError: a local checkpoint that does not match the model.
         WeightsUnavailableError: pretrained weights cannot be downloaded or found.
     """
-    from .factory import _check_weights_arg, _unavailable, seeded_if_random, weights_identity
-
     try:
         from transformers import CvtConfig, CvtForImageClassification
     except ImportError as err:
         raise ImportError(f"{name} needs Hugging Face transformers: {INSTALL_HINT}") from err
-    _check_weights_arg(weights, allow_dir=True)
+    check_weights_arg(weights, allow_dir=True)
     kwargs = dict(model_kwargs or {})
     preprocessing = None
     if weights == "random":
@@ -265,7 +252,7 @@ def create_hf_cvt(
             model, info = CvtForImageClassification.from_pretrained(source, output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError) as err:
             if weights == "pretrained":
-                raise _unavailable(name, err) from err
+                raise weights_unavailable(name, err) from err
             raise ValueError(f"could not load the CvT model saved in {weights!r}: {err}") from err
         _check_keys(info["missing_keys"], info["unexpected_keys"], source)
         if weights == "pretrained":
@@ -276,3 +263,19 @@ def create_hf_cvt(
         model = CvtForImageClassification(CvtConfig(**kwargs))
         _load_state_dict_file(model, Path(weights))
     return HfCvt(model, name, weights_identity(weights), grid, preprocessing)
+
+
+#: Names served by the CvT kind (needs the ``cvt`` extra); ``hf:`` may prefix the repository id.
+HF_CVT_PREFIXES = ("microsoft/cvt", "hf:microsoft/cvt")
+
+
+@register_backbone(
+    "hf-cvt",
+    serves=lambda name: name.startswith(HF_CVT_PREFIXES),
+    accepts_weights_dir=True,
+    examples=("microsoft/cvt-13",),
+)
+def _create_registered(name: str, weights: str, grid: int, model_kwargs: dict[str, Any]) -> Backbone:
+    backbone = create_hf_cvt(name.removeprefix("hf:"), weights, grid=grid, model_kwargs=model_kwargs)
+    backbone.weights_source = weights
+    return backbone
