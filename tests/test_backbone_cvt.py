@@ -176,7 +176,7 @@ def _pool_rows(a: np.ndarray, side: tuple[int, int], grid: int) -> np.ndarray:
 
 
 def numpy_rollout(atts, grids, fusion="min", ratio=0.1, grid=7) -> np.ndarray:
-    """method.md's pooled rollout, block by block, each block pooled from its own grids."""
+    """docs/method.md's pooled rollout, block by block, each block pooled from its own grids."""
     result = None
     for att, (query_grid, key_grid, prefix) in zip(atts, grids):
         fused = {"min": att.min(1), "mean": att.mean(1), "max": att.max(1)}[fusion].astype(np.float64)

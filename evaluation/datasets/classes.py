@@ -1,7 +1,7 @@
 """Class-level test splits: CUB-200-2011, Cars196, Stanford Online Products, a folder per class.
 
 Each loader reads the official file layout and returns the test split of the deep metric
-learning protocol (``method.md``), in a fixed order with each class's images together.
+learning protocol (``docs/method.md``), in a fixed order with each class's images together.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class HfCvt(Backbone):
     is global; the stage-3 tokens (14 x 14 at 224), through the same LayerNorm, pool to G x G.
 
     Attention rollout chains over *all* self-attention blocks of all stages, in forward order
-    (method.md: "chain over all blocks in order"): CvT-13 at 224 px has 1 block with 56 x 56
+    (docs/method.md: the blocks are chained in order): CvT-13 at 224 px has 1 block with 56 x 56
     queries and 28 x 28 keys, 2 blocks with 28 x 28 / 14 x 14, then 10 blocks with a CLS token and
     14 x 14 / 7 x 7. Each block is pooled from its own query and key grids to G x G, so the chain is
     well defined across stages; the convolutional token embedding between stages is local (a few
