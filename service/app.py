@@ -9,8 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -20,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .engine import Engine
+from .errors import NotFound, ServiceError, install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .routes import check_api_key, require_api_key, router
 from .settings import ServiceSettings
@@ -124,10 +124,11 @@ class ApiKeyMiddleware:
         if route is not None:
             try:
                 check_api_key(self.expected, Headers(scope=scope).get("x-api-key"))
-            except StarletteHTTPException as err:
+            except (ServiceError, StarletteHTTPException) as err:
                 scope["route"] = route  # counted under its route in the metrics
                 headers = {**(err.headers or {}), "Connection": "close"}
-                await JSONResponse({"detail": str(err.detail)}, err.status_code, headers=headers)(scope, receive, send)
+                status = err.status if isinstance(err, ServiceError) else err.status_code
+                await JSONResponse({"detail": str(err.detail)}, status, headers=headers)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -144,31 +145,6 @@ def _key_routes() -> list[APIRoute]:
     """
     return [r for r in router.routes
             if isinstance(r, APIRoute) and any(d.dependency is require_api_key for d in r.dependencies)]
-
-
-def _validation_detail(err: RequestValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header"))
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request"
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    # FastAPI's HTTPException subclasses Starlette's, and handlers are looked up along the MRO:
-    # this one handler answers both (the routes' errors and Starlette's own 404 / 405).
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(err.detail)}, err.status_code, headers=getattr(err, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(err)}, 422)
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=err)
-        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server log"}, 500)
 
 
 def create_app(settings: ServiceSettings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -200,7 +176,7 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
         lifespan=lifespan,
     )
     app.state.service = state
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.include_router(router)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -209,7 +185,7 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     async def page() -> FileResponse:
         index = STATIC / "index.html"
         if not index.is_file():
-            raise HTTPException(404, "the web page is not installed")
+            raise NotFound("the web page is not installed")
         return FileResponse(index, media_type="text/html")
 
     # The first added runs innermost: the metrics see every request, the key is checked before the body.

@@ -22,11 +22,11 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import HTTPException
 from PIL import Image, ImageOps
 
 from indexer import loading
 
+from .errors import Unavailable
 from .uploads import decode_upload
 
 DEFAULT_MAX_DECODES = 2
@@ -179,7 +179,7 @@ def decode_bounded(data: bytes, declared_type: str | None, engine: Any) -> Image
     try:
         return _decode(data, declared_type, engine.limits, engine.decode_gate, engine.query_side)
     except DecodeBusyError as err:
-        raise HTTPException(503, str(err), headers={"Retry-After": str(err.retry_after)}) from None
+        raise Unavailable(str(err), retry_after=err.retry_after) from None
 
 
 def _refused_from_header(width: int, height: int, limits: Any) -> bool:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 
-from fastapi import HTTPException
 from fastapi.responses import Response
 from PIL import Image
 
 from indexer.loading import ImageLoadError, load_image
 from indexer.metadata import ImageRow
 
+from .errors import NotFound
 from .state import ServiceState
 
 THUMBNAIL_PX = 256
@@ -22,7 +22,7 @@ def _load(row: ImageRow) -> Image.Image:
     try:
         return load_image(row.path)
     except ImageLoadError as err:
-        raise HTTPException(404, f"the image {row.id!r} is indexed but its file cannot be read ({err.reason})") from None
+        raise NotFound(f"the image {row.id!r} is indexed but its file cannot be read ({err.reason})") from None
 
 
 def _jpeg(image: Image.Image, quality: int = 85) -> bytes:

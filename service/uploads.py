@@ -13,6 +13,8 @@ from PIL import Image
 
 from indexer.loading import ImageLoadError, LoadLimits, load_image
 
+from .errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
 _CHUNK = 1 << 16
 
 # Formats we recognise but do not decode: answered 415 (an unsupported type), unlike text or
@@ -30,6 +32,8 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 32
 
 
+# These two are raised while FastAPI itself reads the body (inside its form parser), which turns any
+# exception but an HTTPException into "400 error parsing the body": so they are HTTPExceptions.
 class BodyTooLarge(HTTPException):
     """The request body passed the limit while it was being read."""
 
@@ -74,19 +78,19 @@ def decode_upload(data: bytes, declared_type: str | None, limits: LoadLimits) ->
         return load_image(data, limits)
     except ImageLoadError as err:
         if err.reason in ("too_large_file", "decompression_bomb"):
-            raise HTTPException(413, f"image too large: {err.message}") from None
+            raise PayloadTooLarge(f"image too large: {err.message}") from None
         if err.reason == "bad_aspect_ratio":  # small and well-formed, but a shape the service refuses
-            raise HTTPException(422, f"image aspect ratio too extreme: {err.message}") from None
+            raise Unprocessable(f"image aspect ratio too extreme: {err.message}") from None
         if err.reason == "unsupported":
             kind = _unsupported_kind(data, declared_type)
             if err.message.startswith("cannot convert mode"):
-                raise HTTPException(415, f"unsupported image: {err.message}") from None
+                raise UnsupportedMediaType(f"unsupported image: {err.message}") from None
             if kind is not None:
-                raise HTTPException(
-                    415, f"unsupported image type ({kind}): send JPEG, PNG, WebP, GIF, BMP or TIFF"
+                raise UnsupportedMediaType(
+                    f"unsupported image type ({kind}): send JPEG, PNG, WebP, GIF, BMP or TIFF"
                 ) from None
-            raise HTTPException(400, "not an image: the upload is no image format this service reads") from None
-        raise HTTPException(400, f"bad image ({err.reason}): {err.message}") from None
+            raise BadRequest("not an image: the upload is no image format this service reads") from None
+        raise BadRequest(f"bad image ({err.reason}): {err.message}") from None
 
 
 def file_suffix(data: bytes) -> str:
@@ -104,7 +108,7 @@ async def single_valued_form(request: Request) -> None:
     form = await request.form()
     for name in dict.fromkeys(form.keys()):
         if len(form.getlist(name)) > 1:
-            raise HTTPException(422, f"{name}: give this form field once, not {len(form.getlist(name))} times")
+            raise Unprocessable(f"{name}: give this form field once, not {len(form.getlist(name))} times")
 
 
 def check_image_id(image_id: str | None) -> str | None:
@@ -116,10 +120,10 @@ def check_image_id(image_id: str | None) -> str | None:
     if image_id is None or image_id == "":
         return None
     if len(image_id) > MAX_ID_CHARS or image_id != image_id.strip() or not image_id.isprintable():
-        raise HTTPException(422, f"id: 1 to {MAX_ID_CHARS} printable characters, no surrounding spaces")
+        raise Unprocessable(f"id: 1 to {MAX_ID_CHARS} printable characters, no surrounding spaces")
     if any(segment in ("", ".", "..") for segment in image_id.split("/")):
-        raise HTTPException(
-            422, "id: no empty, '.' or '..' segments between slashes (they change the URL of the image)"
+        raise Unprocessable(
+            "id: no empty, '.' or '..' segments between slashes (they change the URL of the image)"
         )
     return image_id
 
@@ -156,19 +160,19 @@ def parse_metadata(text: str | None) -> dict[str, Any]:
     if text is None or text == "":
         return {}
     if len(text.encode()) > MAX_METADATA_BYTES:
-        raise HTTPException(422, f"metadata: over the limit of {MAX_METADATA_BYTES} bytes of JSON")
+        raise Unprocessable(f"metadata: over the limit of {MAX_METADATA_BYTES} bytes of JSON")
     try:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as err:
-        raise HTTPException(422, f"metadata: not valid JSON ({err.msg})") from None
+        raise Unprocessable(f"metadata: not valid JSON ({err.msg})") from None
     except _NotFinite as err:
-        raise HTTPException(422, f"metadata: numbers must be finite, not {err}") from None
+        raise Unprocessable(f"metadata: numbers must be finite, not {err}") from None
     except RecursionError:
-        raise HTTPException(422, f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)") from None
+        raise Unprocessable(f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)") from None
     except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise HTTPException(422, f"metadata: {err}") from None
+        raise Unprocessable(f"metadata: {err}") from None
     if not isinstance(value, dict):
-        raise HTTPException(422, "metadata: must be a JSON object")
+        raise Unprocessable("metadata: must be a JSON object")
     if _depth(value) > MAX_METADATA_DEPTH:
-        raise HTTPException(422, f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)")
+        raise Unprocessable(f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)")
     return value
