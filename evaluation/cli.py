@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from reranker.device import add_device_argument
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -71,7 +73,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=Path, default=None,
                    help="feature cache folder (default $XDG_CACHE_HOME/vit-rerank/eval, else ~/.cache/vit-rerank/eval)")
     p.add_argument("--no-cache", action="store_true", help="embed into a temporary folder and forget it")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per embedding batch")
     p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
     p.add_argument("--rerank-batch", type=int, default=None, help="queries per reranking batch (default: by memory)")
@@ -133,7 +135,7 @@ def add_calibrate_command(index_commands: argparse._SubParsersAction) -> None:
                         "(default: the index's own labels, leave-one-out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tuning/held-out split")
     p.add_argument("--weights", default=None, help="the index's weights (default: as recorded in the index)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (as for eval)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
