@@ -1,56 +1,157 @@
-"""Patch-matching pictures of recent queries, rendered on demand from cached query features.
+"""Explanations of recent queries: the patch-matching picture and its numbers, from cached query state.
 
-A search leaves, per query id, the model's view of the query, its patch weights and the
-transport plans of the returned reranked hits. The cache is bounded in memory (LRU) and in
-time (TTL); an expired query's pictures are gone (the caller answers 404).
+A search leaves, per query id, the model's view of the query, and for each returned reranked hit its
+transport plan, patch similarities, OT marginals and scores. The cache is bounded in memory (LRU)
+and in time (TTL); an expired query's explanations are gone (the caller answers 404).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from cachetools import TTLCache
 from PIL import Image
+from torchvision import transforms as T
 
 from indexer.loading import load_image
 from reranker.views import model_view
-from reranker.visualize import render_match
+from reranker.visualize import DEFAULT_PANEL, render_match, strongest_links
 
 
 class ExplanationNotFound(KeyError):
-    """No picture for this query / gallery id; ``str()`` says why."""
+    """No explanation for this query / gallery id; ``str()`` says why."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
+@dataclass(frozen=True)
+class PictureOptions:
+    """How to draw one picture (the PNG route's query parameters)."""
+
+    size: int = DEFAULT_PANEL  # px per photo panel
+    links: int = 6  # numbered links
+    faded: int = 0  # further links drawn faded
+    heatmap: bool = False
+    unmatched: bool = True
+
+
 @dataclass
 class Match:
-    """One reranked hit of a query: what is needed to draw it."""
+    """One reranked hit of a query: what its picture and its numbers need."""
 
     path: str
-    plan: np.ndarray  # (G*G, G*G) float32
-    candidate_weights: np.ndarray  # (G*G,)
+    plan: np.ndarray  # (n, m) float32, dummy row and column dropped
+    candidate_weights: np.ndarray  # (m,) stored per-image weights (the heat map)
     title: str
+    label: str | None = None
+    global_score: float = 0.0
+    structural_score: float = 0.0
+    final_score: float = 0.0
+    rank_before: int = 0
+    rank_after: int = 0
+    similarity: np.ndarray | None = None  # (n, m) patch cosines, None when the features were gone
+    query_marginal: np.ndarray | None = None  # (n,) the OT marginals actually used (unit mass)
+    candidate_marginal: np.ndarray | None = None  # (m,)
+    near_duplicate: bool | None = None
+
+    def nbytes(self) -> int:
+        arrays = (self.plan, self.candidate_weights, self.similarity, self.query_marginal, self.candidate_marginal)
+        return sum(a.nbytes for a in arrays if a is not None) + 512
 
 
 @dataclass
 class QueryExplanations:
     """The cached state of one query."""
 
-    query_view: Image.Image
+    query_view: Image.Image  # the centre crop the model saw
     query_weights: np.ndarray
     grid: int
     matches: dict[str, Match]
-    pictures: dict[str, bytes] = field(default_factory=dict)
+    pictures: dict[tuple[str, PictureOptions], bytes] = field(default_factory=dict)
+    query_sharp: Image.Image | None = None  # the same crop at up to DEFAULT_PANEL px, for the picture
+    model: str = ""
+    marginals: str = ""
+    s: float = 1.0
+    lam: float = 1.0
 
     def nbytes(self) -> int:
-        view = self.query_view.width * self.query_view.height * 4  # Pillow keeps RGB in 4 bytes a pixel
-        arrays = sum(m.plan.nbytes + m.candidate_weights.nbytes + 256 for m in self.matches.values())
-        return view + arrays + self.query_weights.nbytes + sum(len(p) for p in self.pictures.values()) + 1024
+        views = [v for v in (self.query_view, self.query_sharp) if v is not None]
+        pixels = sum(v.width * v.height * 4 for v in views)  # Pillow keeps RGB in 4 bytes a pixel
+        arrays = sum(m.nbytes() for m in self.matches.values())
+        return pixels + arrays + self.query_weights.nbytes + sum(len(p) for p in self.pictures.values()) + 1024
+
+
+def sharp_view(image: Image.Image, transform: Callable, side: int = DEFAULT_PANEL) -> Image.Image:
+    """The model's view of ``image`` (:func:`reranker.views.model_view`) at ``side`` px, cut from the
+    full-resolution photo when the transform is the usual resize + centre crop (else the model view)."""
+    view = model_view(image, transform)
+    factor = side / max(view.size)
+    if factor <= 1:
+        return view
+    scaled = []
+    for step in getattr(transform, "transforms", ()):
+        if not isinstance(step(Image.new("RGB", (8, 8))), Image.Image):
+            break  # the PIL (geometric) steps are over, as in model_view
+        if isinstance(step, T.Resize) and (isinstance(step.size, int) or len(step.size) == 1):
+            size = step.size if isinstance(step.size, int) else step.size[0]
+            scaled.append(T.Resize(round(size * factor), interpolation=step.interpolation, antialias=True))
+        elif isinstance(step, T.CenterCrop):
+            scaled.append(T.CenterCrop([round(x * factor) for x in step.size]))
+        else:
+            return view  # a step of unknown geometry: stay with the model's own view
+    out = image.convert("RGB")
+    for step in scaled:
+        out = step(out)
+    return out
+
+
+def unmatched_mass(plan: np.ndarray, marginal: np.ndarray | None, axis: int) -> np.ndarray | None:
+    """Per patch, the mass its marginal put in that the plan did not move: what went to the dummy."""
+    if marginal is None:
+        return None
+    moved = plan.sum(axis=axis)
+    return np.clip(np.asarray(marginal, dtype=np.float64) - moved, 0.0, None)
+
+
+def unmatched_share(plan: np.ndarray, marginal: np.ndarray | None, axis: int) -> np.ndarray | None:
+    """Per patch, the share of its own mass that went to the dummy (0 for a patch without mass)."""
+    unmatched = unmatched_mass(plan, marginal, axis)
+    if unmatched is None:
+        return None
+    marginal = np.asarray(marginal, dtype=np.float64)
+    return np.divide(unmatched, marginal, out=np.zeros_like(unmatched), where=marginal > 0)
+
+
+def numbers(entry: QueryExplanations, match: Match, top: int) -> dict[str, Any]:
+    """The explanation's figures (see ``service.schemas.Explanation``); pair 1 is link 1 of the picture."""
+    g = entry.grid
+    pairs = []
+    for rank, link in enumerate(strongest_links(match.plan, top), start=1):
+        sim = None if match.similarity is None else float(match.similarity[link.i, link.j])
+        pairs.append({
+            "rank": rank, "mass": link.mass, "similarity": sim,
+            "query": {"index": link.i, "row": link.i // g, "col": link.i % g},
+            "candidate": {"index": link.j, "row": link.j // g, "col": link.j % g},
+        })
+    q_un = unmatched_mass(match.plan, match.query_marginal, axis=1)
+    c_un = unmatched_mass(match.plan, match.candidate_marginal, axis=0)
+
+    def as_list(a: np.ndarray | None) -> list[float] | None:
+        return None if a is None else [float(x) for x in a]
+
+    return {
+        "label": match.label, "model": entry.model, "marginals": entry.marginals, "s": entry.s, "lam": entry.lam,
+        "grid": g, "global_score": match.global_score, "structural_score": match.structural_score,
+        "structural_contribution": entry.lam * match.structural_score, "final_score": match.final_score,
+        "rank_before": match.rank_before, "rank_after": match.rank_after,
+        "matched_mass": float(match.plan.sum()), "near_duplicate": match.near_duplicate, "pairs": pairs,
+        "query_unmatched": as_list(q_un), "candidate_unmatched": as_list(c_un),
+        "query_weights": as_list(match.query_marginal), "candidate_weights": as_list(match.candidate_marginal),
+    }
 
 
 class ExplanationCache:
@@ -70,8 +171,7 @@ class ExplanationCache:
             except ValueError:  # larger than the whole cache: not kept
                 pass
 
-    def picture(self, query_id: str, gallery_id: str) -> bytes:
-        """The PNG for one hit of one query (rendered once, then kept with the query)."""
+    def _lookup(self, query_id: str, gallery_id: str) -> tuple[QueryExplanations, Match]:
         with self._lock:
             entry = self._cache.get(query_id)
         if entry is None:
@@ -79,21 +179,38 @@ class ExplanationCache:
                 f"no cached query {query_id!r}: explanations expire {self.ttl_s:.0f} s after the search "
                 "(or sooner when many queries arrive); search again"
             )
-        if gallery_id in entry.pictures:
-            return entry.pictures[gallery_id]
         match = entry.matches.get(gallery_id)
         if match is None:
             raise ExplanationNotFound(f"{gallery_id!r} is not among the reranked results of query {query_id!r}")
+        return entry, match
+
+    def numbers(self, query_id: str, gallery_id: str, top: int = 10) -> dict[str, Any]:
+        """The figures of one hit of one query (global cosine, sigma, ranks, top pairs, ...)."""
+        entry, match = self._lookup(query_id, gallery_id)
+        return numbers(entry, match, top)
+
+    def picture(self, query_id: str, gallery_id: str, options: PictureOptions = PictureOptions()) -> bytes:
+        """The PNG for one hit of one query (rendered once per options, then kept with the query)."""
+        entry, match = self._lookup(query_id, gallery_id)
+        key = (gallery_id, options)
+        if key in entry.pictures:
+            return entry.pictures[key]
         try:
-            candidate = load_image(match.path)
+            candidate = sharp_view(load_image(match.path), self.transform, options.size)
         except (OSError, ValueError) as err:
             raise ExplanationNotFound(f"the gallery image {gallery_id!r} can no longer be read: {err}") from None
         png = render_match(
-            entry.query_view, model_view(candidate, self.transform), match.plan, grid=entry.grid,
-            query_weights=entry.query_weights, candidate_weights=match.candidate_weights, title=match.title,
+            entry.query_sharp or entry.query_view, candidate, match.plan, grid=entry.grid,
+            # the heat map shows the OT marginals this pair used (else the stored per-image weights)
+            query_weights=entry.query_weights if match.query_marginal is None else match.query_marginal,
+            candidate_weights=match.candidate_weights if match.candidate_marginal is None else match.candidate_marginal,
+            heatmap=options.heatmap,
+            top_matches=options.links, faded_matches=options.faded, panel_size=options.size, title=match.title,
+            query_unmatched=unmatched_share(match.plan, match.query_marginal, 1) if options.unmatched else None,
+            candidate_unmatched=unmatched_share(match.plan, match.candidate_marginal, 0) if options.unmatched else None,
         )
         with self._lock:
-            entry.pictures[gallery_id] = png
+            entry.pictures[key] = png
             if query_id in self._cache:  # re-insert: the cache re-counts the entry's size
                 try:
                     self._cache[query_id] = entry
@@ -104,3 +221,63 @@ class ExplanationCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._cache)
+
+
+def ot_marginals(kind: str, query_weights: np.ndarray, candidate_weights: np.ndarray, query_global: np.ndarray,
+                 query_patches: np.ndarray, candidate_global: np.ndarray, candidate_patches: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The unit-mass marginals the reranker used for one pair (as ``reranker.rerank`` computes them)."""
+    import torch
+
+    from reranker.marginals import cross_correlation_weights
+    from reranker.rollout import normalise_weights
+
+    n, m = len(query_patches), len(candidate_patches)
+    if kind == "uniform":
+        return np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    if kind == "crosscorr":
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+        mu_q, mu_x = cross_correlation_weights(t(query_global)[None], t(query_patches)[None],
+                                               t(candidate_global)[None, None], t(candidate_patches)[None, None])
+        mu_q, mu_x = mu_q[0, 0], mu_x[0, 0]
+    else:
+        mu_q, mu_x = torch.as_tensor(query_weights).float(), torch.as_tensor(candidate_weights).float()
+    return normalise_weights(mu_q).numpy().astype(np.float64), normalise_weights(mu_x).numpy().astype(np.float64)
+
+
+def build_entry(view: Image.Image, sharp: Image.Image | None, outcome: Any, engine: Any,
+                near_threshold: float | None) -> QueryExplanations | None:
+    """What the cache keeps of one search (``service.engine.SearchOutcome``); None without reranked hits."""
+    result = outcome.result
+    hits = [h for h in result.hits if h.id in result.plans]
+    if not hits:
+        return None
+    settings = result.settings
+    lam = float(settings.lam) if settings is not None and settings.lam is not None else 1.0
+    s = float(settings.s) if settings is not None and settings.s is not None else 1.0
+    g_q = np.asarray(result.query_global, dtype=np.float32)
+    f_q = np.asarray(result.query_patches, dtype=np.float32)
+    w_q = np.asarray(result.query_weights, dtype=np.float32)
+    stored = engine.stored_features([h.faiss_id for h in hits])
+    matches = {}
+    for k, h in enumerate(hits):
+        w_x = np.asarray(outcome.candidate_weights[h.id], dtype=np.float32)
+        similarity = mu_q = mu_x = None
+        if stored is not None and np.shape(stored.patch_features)[1:] == f_q.shape:
+            f_x = np.asarray(stored.patch_features[k], dtype=np.float32)
+            similarity = f_q @ f_x.T
+            mu_q, mu_x = ot_marginals(result.marginals, w_q, w_x, g_q, f_q, stored.global_features[k], f_x)
+        matches[h.id] = Match(
+            path=h.path, plan=np.asarray(result.plans[h.id], dtype=np.float32), candidate_weights=w_x,
+            # ranks shown 1-based, as on the page
+            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}",
+            label=h.label, global_score=h.global_score, structural_score=float(h.structural_score),
+            final_score=h.final_score, rank_before=h.rank_before, rank_after=h.rank_after, similarity=similarity,
+            query_marginal=mu_q, candidate_marginal=mu_x,
+            near_duplicate=None if near_threshold is None else bool(h.global_score >= near_threshold),
+        )
+    return QueryExplanations(view, w_q, engine.grid, matches, query_sharp=sharp, model=engine.model,
+                             marginals=result.marginals, s=s, lam=lam)

@@ -7,22 +7,23 @@ import secrets
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-import numpy as np
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, Request, Security, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
+from indexer.near_duplicates import threshold_for
 from indexer.search import SearchSettings
 from indexer.search_params import SEARCH_PARAMS
 from reranker.views import model_view
 
-from .engine import DuplicateIdError, ImageRejectedError, QueueFullError, SearchOutcome
-from .explanations import ExplanationNotFound, Match, QueryExplanations
+from .engine import Engine, SearchOutcome
+from .errors import Forbidden, NotFound, Unauthorized, Unprocessable
+from .explanations import PictureOptions, build_entry, sharp_view
 from .gallery_images import gallery_image, thumbnail
 from .settings import Marginals
-from .schemas import ERRORS, Added, AppliedSettings, IndexInfo, Removed, Result, SearchResponse, Status
+from .schemas import ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status
 from .state import ServiceState
 from .decoding import decode_bounded  # 503 + Retry-After when too many images are being decoded
 from .uploads import check_image_id, file_suffix, parse_metadata, read_upload, single_valued_form
@@ -32,7 +33,17 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 
 
 def service(request: Request) -> ServiceState:
+    """What the app holds (a dependency)."""
     return request.app.state.service
+
+
+def ready_engine(request: Request) -> Engine:
+    """The loaded engine (a dependency); 503 with Retry-After while it loads or when it failed to."""
+    return service(request).ready_engine()
+
+
+State = Annotated[ServiceState, Depends(service)]
+ReadyEngine = Annotated[Engine, Depends(ready_engine)]
 
 
 def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)] = None) -> None:
@@ -45,10 +56,10 @@ def check_api_key(expected: SecretStr | None, key: str | None) -> None:
     if expected is None:
         return
     if not key:
-        raise HTTPException(401, "this endpoint needs an API key in the X-API-Key header",
-                            headers={"WWW-Authenticate": "X-API-Key"})
+        raise Unauthorized("this endpoint needs an API key in the X-API-Key header",
+                           headers={"WWW-Authenticate": "X-API-Key"})
     if not secrets.compare_digest(key.encode(), expected.get_secret_value().encode()):
-        raise HTTPException(403, "wrong API key")
+        raise Forbidden("wrong API key")
 
 
 def _url_id(image_id: str) -> str:
@@ -96,7 +107,8 @@ def _param(name: str) -> dict[str, Any]:
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"],
              dependencies=[Depends(single_valued_form)])
 async def search(
-    request: Request,
+    state: State,
+    engine: ReadyEngine,
     image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
     top_k: Annotated[int | None, Form(**_param("top_k"))] = None,
     rerank_k: Annotated[int | None, Form(**_param("rerank_k"))] = None,
@@ -106,8 +118,6 @@ async def search(
     explain: Annotated[bool, Form(description="render every explanation picture now")] = False,
 ) -> Any:
     """Search the index with one image: top K by global cosine, reranked by partial OT."""
-    state = service(request)
-    engine = state.ready_engine()
     cfg = state.settings
     asked = SearchSettings(
         top_k=cfg.top_k if top_k is None else top_k,
@@ -119,45 +129,34 @@ async def search(
     try:
         settings = engine.effective(asked)
     except ValueError as err:
-        raise HTTPException(422, str(err)) from None
+        raise Unprocessable(str(err)) from None
     resolved = settings.marginals
     data = await read_upload(image, cfg.max_upload_bytes)
-    query, view = await run_in_threadpool(_decode_with_view, data, image.content_type, engine)
-    try:
-        future = engine.submit(query, settings)
-    except QueueFullError as err:
-        raise HTTPException(503, str(err), headers={"Retry-After": str(err.retry_after)}) from None
-    outcome: SearchOutcome = await asyncio.wrap_future(future)
+    query, view, sharp = await run_in_threadpool(_decode_with_view, data, image.content_type, engine)
+    outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, settings))  # 503 when the queue is full
     query_id = secrets.token_hex(12)
-    _remember(state, query_id, view, outcome)
+    await run_in_threadpool(_remember, state, query_id, view, sharp, outcome)
     if explain:
         await run_in_threadpool(_render_all, state, query_id, outcome)
     return _response(state, query_id, settings, resolved, outcome)
 
 
-def _decode_with_view(data: bytes, declared_type: str | None, engine) -> tuple[Any, Any]:
-    """The decoded query (bounded, reduced to what the model needs) and the centre-cropped view the model
-    sees (kept for its explanations)."""
+def _decode_with_view(data: bytes, declared_type: str | None, engine) -> tuple[Any, Any, Any]:
+    """The decoded query (bounded, reduced to what the model needs), the centre-cropped view the model
+    sees and the same crop at the picture's size (both kept for its explanations)."""
     query = decode_bounded(data, declared_type, engine)
-    return query, model_view(query, engine.transform)
+    return query, model_view(query, engine.transform), sharp_view(query, engine.transform)
 
 
-def _remember(state: ServiceState, query_id: str, view: Any, outcome: SearchOutcome) -> None:
-    result = outcome.result
-    matches = {
-        h.id: Match(
-            path=h.path,
-            plan=np.asarray(result.plans[h.id], dtype=np.float32),
-            candidate_weights=outcome.candidate_weights[h.id],
-            # ranks shown 1-based, as on the page
-            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}",
-        )
-        for h in result.hits
-        if h.id in result.plans
-    }
-    if matches:
-        weights = np.asarray(result.query_weights, dtype=np.float32)
-        state.explanations.put(query_id, QueryExplanations(view, weights, state.engine.grid, matches))
+def _near_threshold(state: ServiceState) -> float | None:
+    engine = state.engine
+    return threshold_for(engine.model, engine.random_weights)
+
+
+def _remember(state: ServiceState, query_id: str, view: Any, sharp: Any, outcome: SearchOutcome) -> None:
+    entry = build_entry(view, sharp, outcome, state.engine, _near_threshold(state))
+    if entry is not None:
+        state.explanations.put(query_id, entry)
 
 
 def _render_all(state: ServiceState, query_id: str, outcome: SearchOutcome) -> None:
@@ -170,13 +169,18 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
               outcome: SearchOutcome) -> SearchResponse:
     result = outcome.result
     results = []
+    near = _near_threshold(state)
     for h in result.hits:
         uid = _url_id(h.id)
+        explained = h.id in result.plans
         results.append(Result(
             id=h.id, label=h.label, metadata=h.metadata, global_score=h.global_score,
             structural_score=h.structural_score, final_score=h.final_score, rank_before=h.rank_before,
             rank_after=h.rank_after, image_url=f"/images/{uid}", thumbnail_url=f"/images/{uid}?size=thumb",
-            explanation_url=f"/explanations/{query_id}/{uid}.png" if h.id in result.plans else None,
+            explanation_url=f"/explanations/{query_id}/{uid}.png" if explained else None,
+            explanation_json_url=f"/explanations/{query_id}/{uid}.json" if explained else None,
+            structural_contribution=None if h.structural_score is None else settings.lam * h.structural_score,
+            near_duplicate=None if near is None else bool(h.global_score >= near),
         ))
     return SearchResponse(
         query_id=query_id, model=state.engine.model, random_weights=result.random_weights, marginals=marginals,
@@ -187,32 +191,48 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
     )
 
 
+@router.get("/explanations/{query_id}/{gallery_id:path}.json", response_model=Explanation, tags=["search"],
+            response_model_by_alias=True, responses={404: ERRORS[404], 422: ERRORS[422]},
+            dependencies=[Depends(ready_engine)])
+async def explanation_numbers(
+    state: State, query_id: str, gallery_id: str,
+    top: Annotated[int, Query(ge=1, le=100, description="how many of the strongest matched pairs")] = 10,
+) -> Any:
+    """The numbers of one reranked result: global cosine, sigma, final score, ranks, matched mass and the
+    strongest patch pairs (grid cells, similarity, mass), so that a client can draw its own overlay."""
+    body = await run_in_threadpool(state.explanations.numbers, query_id, gallery_id, top)
+    return Explanation(query_id=query_id, id=gallery_id, picture_url=f"/explanations/{query_id}/{_url_id(gallery_id)}.png",
+                       **body)
+
+
 @router.get("/explanations/{query_id}/{picture:path}", response_class=Response, tags=["search"],
-            responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404]})
-async def explanation(request: Request, query_id: str, picture: Annotated[str, Path(description="<gallery id>.png")]) -> Response:
+            responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404], 422: ERRORS[422]},
+            dependencies=[Depends(ready_engine)])
+async def explanation(
+    state: State, query_id: str, picture: Annotated[str, Path(description="<gallery id>.png")],
+    size: Annotated[int, Query(ge=224, le=1024, description="px per photo: the picture is 2 x size + 16 wide")] = 448,
+    links: Annotated[int, Query(ge=1, le=12, description="strongest matches drawn as numbered links")] = 6,
+    faded: Annotated[int, Query(ge=0, le=100, description="further matches drawn thin and faded")] = 0,
+    heatmap: Annotated[bool, Query(description="tint the photos with the patch weights (with a legend)")] = False,
+    unmatched: Annotated[bool, Query(description="per patch, the mass sent to the dummy (red bars)")] = True,
+) -> Response:
     """The patch-matching picture of one reranked result (rendered on demand, cached a while)."""
-    state = service(request)
-    state.ready_engine()
     if not picture.endswith(".png"):
-        raise HTTPException(404, "explanation pictures are named <gallery id>.png")
-    try:
-        png = await run_in_threadpool(state.explanations.picture, query_id, picture.removesuffix(".png"))
-    except ExplanationNotFound as err:
-        raise HTTPException(404, str(err)) from None
+        raise NotFound("explanation pictures are named <gallery id>.png (numbers: <gallery id>.json)")
+    options = PictureOptions(size=size, links=links, faded=faded, heatmap=heatmap, unmatched=unmatched)
+    png = await run_in_threadpool(state.explanations.picture, query_id, picture.removesuffix(".png"), options)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
 
 
 # --- gallery images -----------------------------------------------------------------------
 @router.get("/images/{image_id:path}", response_class=Response, tags=["index"],
             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, 404: ERRORS[404]})
-async def image(request: Request, image_id: str,
+async def image(state: State, engine: ReadyEngine, image_id: str,
                 size: Annotated[Literal["full", "thumb"], Query(description="thumb: at most 256 px")] = "full") -> Response:
     """A gallery image by id (only images the index knows; no client path reaches the disk)."""
-    state = service(request)
-    engine = state.ready_engine()
     row = await run_in_threadpool(engine.catalog.row, image_id)
     if row is None:
-        raise HTTPException(404, f"no image with id {image_id!r} in the index")
+        raise NotFound(f"no image with id {image_id!r} in the index")
     if size == "thumb":
         return await run_in_threadpool(thumbnail, state, row)
     return await run_in_threadpool(gallery_image, row)
@@ -220,40 +240,34 @@ async def image(request: Request, image_id: str,
 
 # --- the index ----------------------------------------------------------------------------
 @router.get("/index", response_model=IndexInfo, responses={503: ERRORS[503]}, tags=["index"])
-async def index_info(request: Request) -> Any:
+async def index_info(engine: ReadyEngine) -> Any:
     """Statistics of the served index."""
-    return service(request).ready_engine().info()
+    return engine.info()
 
 
 @router.post("/index/images", status_code=201, response_model=Added, responses=ERRORS, tags=["index"],
              dependencies=[Depends(require_api_key), Depends(single_valued_form)])
 async def add_image(
-    request: Request,
+    state: State,
+    engine: ReadyEngine,
     image: Annotated[UploadFile, File(description="the image to index")],
     id: Annotated[str | None, Form(description="its id (default: upload-<content hash>)")] = None,
     label: Annotated[str | None, Form()] = None,
     metadata: Annotated[str | None, Form(description="a JSON object")] = None,
 ) -> Added:
     """Index one more image; it is stored in the index directory and survives restarts."""
-    state = service(request)
-    engine = state.ready_engine()
     image_id, meta = check_image_id(id), parse_metadata(metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
     await run_in_threadpool(decode_bounded, data, image.content_type, engine)  # validated, through the decode gate
-    try:
-        added = await run_in_threadpool(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
-    except DuplicateIdError as err:
-        raise HTTPException(409, str(err)) from None
-    except ImageRejectedError as err:
-        raise HTTPException(400, f"the indexer refused the image ({err.reason}): {err}") from None
+    # 409 for a known id, 400 when the indexer refuses the image (service.errors)
+    added = await run_in_threadpool(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
     return Added(id=added, added=True)
 
 
 @router.delete("/index/images/{image_id:path}", response_model=Removed, responses=ERRORS, tags=["index"],
                dependencies=[Depends(require_api_key)])
-async def remove_image(request: Request, image_id: str) -> Removed:
+async def remove_image(engine: ReadyEngine, image_id: str) -> Removed:
     """Remove one image from the index."""
-    engine = service(request).ready_engine()
     if not await run_in_threadpool(engine.remove_image, image_id):
-        raise HTTPException(404, f"no image with id {image_id!r} in the index")
+        raise NotFound(f"no image with id {image_id!r} in the index")
     return Removed(id=image_id, removed=True)

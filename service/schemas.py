@@ -42,6 +42,12 @@ class Result(BaseModel):
     image_url: str
     thumbnail_url: str
     explanation_url: str | None
+    explanation_json_url: str | None = Field(None, description="the numbers behind the picture (Explanation)")
+    structural_contribution: float | None = Field(
+        None, description="lambda * structural_score: what the reranking added to the global score")
+    near_duplicate: bool | None = Field(
+        None, description="global cosine above the backbone's measured near-duplicate threshold "
+                          "(null: no threshold measured for this backbone, or random weights)")
 
 
 class SearchResponse(BaseModel):
@@ -52,6 +58,49 @@ class SearchResponse(BaseModel):
     settings: AppliedSettings
     timings_ms: Timings
     results: list[Result]
+
+
+class PatchCell(BaseModel):
+    index: int = Field(description="row-major patch index")
+    row: int
+    col: int
+
+
+class MatchedPair(BaseModel):
+    rank: int = Field(description="1 = the most mass; the number of the link in the picture")
+    query: PatchCell
+    candidate: PatchCell
+    similarity: float | None = Field(description="cosine of the two patch vectors (null if no longer stored)")
+    mass: float = Field(description="mass the plan moved from the query patch to the candidate patch")
+
+
+class Explanation(BaseModel):
+    """Why a result is where it is: the numbers beside the patch-matching picture."""
+
+    query_id: str
+    id: str
+    label: str | None
+    model: str
+    marginals: str
+    s: float = Field(description="fraction of the mass partial OT matches")
+    lam: float = Field(serialization_alias="lambda", validation_alias="lambda")
+    grid: int
+    global_score: float = Field(description="global cosine of the query and this image")
+    structural_score: float = Field(description="sigma: the plan's mass-weighted patch similarity")
+    structural_contribution: float = Field(description="lambda * sigma")
+    final_score: float = Field(description="global_score + lambda * sigma")
+    rank_before: int = Field(description="0-based rank by global cosine")
+    rank_after: int = Field(description="0-based rank after reranking")
+    matched_mass: float = Field(description="fraction of the mass the plan matched (the rest went to the dummy)")
+    near_duplicate: bool | None
+    pairs: list[MatchedPair]
+    query_unmatched: list[float] | None = Field(description="per query patch (row-major), mass sent to the dummy")
+    candidate_unmatched: list[float] | None
+    query_weights: list[float] | None = Field(description="the OT marginal of the query (unit mass)")
+    candidate_weights: list[float] | None
+    picture_url: str
+
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class IndexInfo(BaseModel):

@@ -7,9 +7,8 @@ import threading
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
-from fastapi import HTTPException
-
 from .engine import Engine
+from .errors import Unavailable
 from .explanations import ExplanationCache
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
@@ -48,7 +47,7 @@ class ServiceState:
     def ready_engine(self) -> Engine:
         if self.engine is None:
             detail = f"not ready: {self.load_error}" if self.load_error else "not ready: the index and model are loading"
-            raise HTTPException(503, detail, headers={"Retry-After": "5"})
+            raise Unavailable(detail, retry_after=5)
         return self.engine
 
     def close(self) -> None:

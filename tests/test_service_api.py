@@ -118,7 +118,8 @@ def test_explanation_pictures(client, photos):
         r = client.get(h["explanation_url"])
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         picture = Image.open(io.BytesIO(r.content))
-        assert picture.size == (2 * 224 + 16, 224 + 20)  # two panels and a title strip
+        # two 448 px panels (224 before issue 14), a title strip and the unmatched-mass legend strip
+        assert picture.size == (2 * 448 + 16, 448 + 20 + 22)
     hit = body["results"][0]["id"].replace("/", "%2F")
     assert_error(client.get(f"/explanations/0123456789abcdef/{hit}.png"), 404, "search again")
     assert_error(client.get(f"/explanations/{body['query_id']}/not-a-result.png"), 404, "not among")
@@ -128,7 +129,7 @@ def test_explanation_pictures(client, photos):
 def test_explain_true_renders_eagerly(client, photos):
     body = search(client, photos[21].read_bytes(), top_k=3, explain="true").json()
     entry = client.app.state.service.explanations._cache[body["query_id"]]
-    assert set(entry.pictures) == {h["id"] for h in body["results"]}
+    assert {gallery_id for gallery_id, _options in entry.pictures} == {h["id"] for h in body["results"]}
 
 
 def test_explanations_expire(index_dir, photos):

@@ -13,7 +13,7 @@ from reranker.visualize import render_match
 
 G = 7
 N = G * G
-SIZE = 224
+SIZE = 448  # the default panel (was 224 before issue 14: the picture is now 2 x 448 + 16 px wide)
 GAP = 16
 CELL = SIZE // G  # 32 px: cells tile the panel exactly for these sizes
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -104,14 +104,16 @@ def test_weights_overlay_changes_only_its_panel(images):
     w = np.zeros(N)
     w[0] = 1.0
     plain = np.asarray(_open(render_match(q, c, plan))).astype(int)
-    weighted = np.asarray(_open(render_match(q, c, plan, query_weights=w))).astype(int)
+    heat = _open(render_match(q, c, plan, query_weights=w, heatmap=True))
+    assert heat.height > SIZE, "a heat map comes with its legend strip"
+    weighted = np.asarray(heat).astype(int)[:SIZE]
     diff = np.abs(plain - weighted).sum(-1)
     assert diff[:, :SIZE].any(), "query heat map not drawn"
     assert not diff[:, SIZE:].any(), "query weights leaked outside the query panel"
 
     both = np.asarray(
-        _open(render_match(q, c, plan, query_weights=w, candidate_weights=w))
-    ).astype(int)
+        _open(render_match(q, c, plan, query_weights=w, candidate_weights=w, heatmap=True))
+    ).astype(int)[:SIZE]
     assert np.abs(plain - both).sum(-1)[:, SIZE + GAP :].any(), "candidate heat map not drawn"
 
 
@@ -148,8 +150,9 @@ def test_diagonal_line_crosses_gap_where_expected(images):
     drawn = np.flatnonzero((column != 255).any(axis=-1))
     assert drawn.size > 0
     assert abs(drawn.mean() - ym) < 4
-    # Nothing in the gap far from the line.
-    assert (column[: int(ym) - 12] == 255).all() and (column[int(ym) + 12 :] == 255).all()
+    # Nothing in the gap far from the line (lines are drawn wider on larger panels: SIZE / 224 times).
+    far = 12 * SIZE // 224
+    assert (column[: int(ym) - far] == 255).all() and (column[int(ym) + far :] == 255).all()
 
 
 def test_line_goes_from_query_row_to_candidate_column(images):
@@ -258,3 +261,105 @@ def test_cuda_half_plan(images):
     plan = torch.rand(N, N, device="cuda", dtype=torch.float16)
     img = _open(render_match(q, c, plan, query_weights=torch.rand(N, device="cuda")))
     assert img.size == (2 * SIZE + GAP, SIZE)
+
+
+# --- issue 14: a picture a person can read ---------------------------------------------------------
+def _panels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img).astype(int)[img.height - SIZE if img.height == SIZE else 0 :][:SIZE]
+
+
+def test_default_picture_is_large_and_untinted(images):
+    """Weights given but no heat map asked: the photos are not tinted (only the faint grid is drawn)."""
+    q, c = images
+    w = np.random.default_rng(3).random(N)
+    img = _open(render_match(q, c, np.zeros((N, N)), query_weights=w, candidate_weights=w))
+    assert img.size == (2 * 448 + GAP, 448)
+    expected = np.asarray(q.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)).astype(int)
+    drawn = np.asarray(img).astype(int)[:, :SIZE]
+    off_grid = np.ones((SIZE, SIZE), bool)
+    for e in range(CELL, SIZE, CELL):
+        off_grid[:, e] = off_grid[e, :] = False
+    assert np.array_equal(drawn[off_grid], expected[off_grid]), "the query photo was altered off the grid lines"
+
+
+@pytest.mark.parametrize("size", [224, 448, 640])
+def test_panel_size_sets_the_picture_size(images, size):
+    q, c = images
+    img = _open(render_match(q, c, np.ones((N, N)), panel_size=size, title="t"))
+    assert img.size == (2 * size + GAP, size + 20)
+
+
+def test_links_are_numbered_colour_distinct_and_outline_their_patches(images):
+    from reranker.visualize import LINK_COLOURS, strongest_links
+
+    q, c = images
+    black = [Image.new("RGB", (200, 200)), Image.new("RGB", (200, 200))]
+    plan = np.zeros((N, N))
+    pairs = [(0, 8, 0.3), (24, 30, 0.2), (48, 40, 0.1)]  # (query patch, candidate patch, mass)
+    for i, j, m in pairs:
+        plan[i, j] = m
+    assert [(l.i, l.j) for l in strongest_links(plan, 5)] == [(i, j) for i, j, _ in pairs]
+    img = np.asarray(_open(render_match(*black, plan, top_matches=3))).astype(int)
+    for rank, (i, j, _) in enumerate(pairs):
+        colour = np.array(LINK_COLOURS[rank])
+        for p, ox in ((i, 0), (j, SIZE + GAP)):
+            r, col = divmod(p, G)
+            # the outline: the cell's right border, half way down, has the link's colour
+            x, y = ox + (col + 1) * CELL - 2, r * CELL + CELL // 2 + 6
+            assert np.abs(img[y, x] - colour).sum() < 30, (rank, p, img[y, x])
+            # the badge: near the cell's top-left corner, with a dark number on the link's colour
+            badge = img[r * CELL + 3 : r * CELL + 30, ox + col * CELL + 3 : ox + col * CELL + 30]
+            assert (np.abs(badge - colour).sum(-1) < 30).sum() > 50, "badge colour missing"
+            assert (badge.sum(-1) < 100).sum() > 5, "badge number missing"
+    assert len({LINK_COLOURS[k] for k in range(3)}) == 3
+
+
+def test_badge_numbers_differ():
+    """Link 1 and link 2 at the same place and colour-free comparison: the badges' digits differ."""
+    black = [Image.new("RGB", (200, 200)), Image.new("RGB", (200, 200))]
+    one = np.zeros((N, N)); one[0, 0] = 1.0
+    two = np.zeros((N, N)); two[0, 0] = 0.5; two[6, 6] = 1.0
+    a = np.asarray(_open(render_match(*black, one))).astype(int)[:CELL, :CELL]
+    b = np.asarray(_open(render_match(*black, two))).astype(int)[:CELL, :CELL]
+    assert ((a.sum(-1) < 100) != (b.sum(-1) < 100)).any()
+
+
+def test_only_the_strongest_links_are_drawn_unless_faded_ones_are_asked(images):
+    q, c = images
+    plan = np.zeros((N, N))
+    plan[1 * G + 6, 1 * G] = 1.0
+    plan[5 * G + 6, 5 * G] = 0.5
+    y_weak = int(_centre(5 * G + 6)[1])
+    hidden = _gap(_open(render_match(q, c, plan, top_matches=1)))
+    assert (hidden[y_weak] == 255).all()
+    faded = _gap(_open(render_match(q, c, plan, top_matches=1, faded_matches=1)))
+    drawn = faded[y_weak][(faded[y_weak] != 255).any(-1)]
+    assert len(drawn) > 0, "the faded link is missing"
+
+
+def test_unmatched_mass_is_drawn_per_patch_with_a_legend(images):
+    q, c = images
+    plan = np.zeros((N, N))
+    u = np.zeros(N)
+    u[10] = 0.2
+    plain = _open(render_match(q, c, plan))
+    shown = _open(render_match(q, c, plan, query_unmatched=u))
+    assert shown.height == plain.height + 22  # the legend strip
+    diff = (np.asarray(shown).astype(int)[:SIZE] != np.asarray(plain).astype(int)).any(-1)
+    r, col = divmod(10, G)
+    cell = np.zeros_like(diff)
+    cell[r * CELL : (r + 1) * CELL, col * CELL : (col + 1) * CELL] = True
+    assert diff[cell].any() and not diff[~cell].any(), "the unmatched bar is not (only) in its cell"
+    legend = np.asarray(shown)[SIZE:]
+    assert (legend != 255).any(), "legend not drawn"
+
+
+def test_links_sharing_a_patch_show_both_numbers():
+    from reranker.visualize import LINK_COLOURS
+
+    black = [Image.new("RGB", (200, 200)), Image.new("RGB", (200, 200))]
+    plan = np.zeros((N, N))
+    plan[0, 10], plan[0, 20] = 0.5, 0.4  # both links leave query patch 0
+    cell = np.asarray(_open(render_match(*black, plan, top_matches=2))).astype(int)[:CELL, :CELL]
+    for rank in (0, 1):
+        assert (np.abs(cell - np.array(LINK_COLOURS[rank])).sum(-1) < 30).sum() > 50, f"badge {rank + 1} hidden"

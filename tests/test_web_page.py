@@ -176,6 +176,13 @@ def test_page_shows_the_reranked_results_and_their_explanations(page, server, ph
         assert card.get_by_test_id("score-global").inner_text() == score_text(hit["global_score"])
         assert card.get_by_test_id("score-structural").inner_text() == score_text(hit["structural_score"])
         assert card.get_by_test_id("result-movement").inner_text() == movement_badge(hit["rank_before"], hit["rank_after"])
+        # what moved it: the rank change and the structural score's contribution lambda * sigma
+        contribution = hit["structural_contribution"]
+        assert contribution == pytest.approx(shown["settings"]["lambda"] * hit["structural_score"], abs=1e-6)
+        sign = "+" if contribution >= 0 else "−"
+        assert card.get_by_test_id("result-why").inner_text() == (
+            f"rank {hit['rank_before'] + 1} → {i + 1} · λσ {sign}{abs(contribution):.4f}")
+        assert card.get_by_test_id("near-duplicate").is_hidden()  # random weights: never flagged
     # Screen readers get each result's label and movement in words.
     first = shown["results"][0]
     moved = first["rank_before"] - first["rank_after"]
@@ -206,21 +213,61 @@ def test_page_shows_the_reranked_results_and_their_explanations(page, server, ph
 
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+    # The before/after toggle: the same results in the global order, then back.
+    toggle = page.get_by_test_id("order-toggle")
+    assert toggle.is_visible()
+    assert page.get_by_test_id("order-reranked").get_attribute("aria-pressed") == "true"
+    page.get_by_test_id("order-global").click()
+    expect(page.get_by_test_id("order-global")).to_have_attribute("aria-pressed", "true")
+    by_global = sorted(shown["results"], key=lambda h: h["rank_before"])
+    assert [cards.nth(i).get_attribute("data-id") for i in range(7)] == [h["id"] for h in by_global]
+    for i, hit in enumerate(by_global):
+        assert cards.nth(i).get_by_test_id("result-rank").inner_text() == f"#{hit['rank_before'] + 1}"
+    assert by_global != shown["results"] or all(h["rank_before"] == h["rank_after"] for h in by_global)
+    page.screenshot(path=str(SCREENSHOT.with_name("vit-rerank-web-global-order.png")), full_page=True)
+    page.get_by_test_id("order-reranked").click()
+    assert [cards.nth(i).get_attribute("data-id") for i in range(7)] == [h["id"] for h in shown["results"]]
+
     # Keyboard: focus the third result and press Enter: its patch-matching picture opens.
     hit = shown["results"][2]
     assert hit["explanation_url"]
     button = cards.nth(2).get_by_test_id("result-button")
     button.focus()
-    with page.expect_response(lambda r: "/explanations/" in r.url) as picture:
+    with page.expect_response(lambda r: "/explanations/" in r.url and ".png" in r.url) as picture:
         page.keyboard.press("Enter")
     assert picture.value.status == 200 and picture.value.headers["content-type"] == "image/png"
-    assert picture.value.url.endswith(hit["explanation_url"])
+    assert f"{hit['explanation_url']}?size=" in picture.value.url
     dialog = page.get_by_test_id("explanation-dialog")
     dialog.wait_for(state="visible")
     image = page.get_by_test_id("explanation-image")
     image.wait_for(state="visible")
     assert image.evaluate("img => img.complete && img.naturalWidth > 0 && img.naturalHeight > 0")
     assert hit["id"] in page.get_by_test_id("explanation-caption").inner_text()
+    # The larger picture, and the dialog gives it the room it has.
+    assert image.evaluate("img => img.naturalWidth") >= 896
+    assert image.bounding_box()["width"] >= 0.6 * 1280
+    # The numbers beside the picture are the JSON explanation's.
+    numbers = httpx.get(f"{server}{hit['explanation_json_url']}", params={"top": 8}).json()
+    panel = page.get_by_test_id("explanation-numbers")
+    panel.wait_for(state="visible")
+    assert panel.get_by_test_id("num-global").inner_text() == score_text(hit["global_score"])
+    assert panel.get_by_test_id("num-sigma").inner_text() == score_text(hit["structural_score"])
+    assert panel.get_by_test_id("num-final").inner_text() == score_text(hit["final_score"])
+    assert panel.get_by_test_id("num-ranks").inner_text() == f"#{hit['rank_before'] + 1} → #{hit['rank_after'] + 1}"
+    assert panel.get_by_test_id("num-matched").inner_text().startswith(f"{100 * numbers['matched_mass']:.1f} %")
+    rows = page.get_by_test_id("explanation-pairs").locator("tbody tr")
+    assert rows.count() == 8
+    first = numbers["pairs"][0]
+    assert rows.nth(0).inner_text().split() == [
+        "1", f"({first['query']['row']},", f"{first['query']['col']})", f"({first['candidate']['row']},",
+        f"{first['candidate']['col']})", f"{first['similarity']:.3f}", f"{first['mass']:.4f}"]
+    page.screenshot(path=str(SCREENSHOT.with_name("vit-rerank-web-explanation-plain.png")))
+    # The heat map is an optional layer: asked for, the picture is fetched again with it.
+    with page.expect_response(lambda r: "heatmap=true" in r.url) as heat:
+        page.get_by_test_id("explanation-heatmap").check()
+    assert heat.value.status == 200
+    page.wait_for_function("document.getElementById('explanation-image').src.includes('heatmap=true') && "
+                           "document.getElementById('explanation-image').complete")
     page.screenshot(path=str(SCREENSHOT.with_name("vit-rerank-web-explanation.png")))
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
@@ -229,7 +276,7 @@ def test_page_shows_the_reranked_results_and_their_explanations(page, server, ph
     cards.nth(0).get_by_test_id("result-button").click()
     image.wait_for(state="visible")
     assert image.evaluate("img => img.naturalWidth > 0")
-    assert image.get_attribute("src") == shown["results"][0]["explanation_url"]
+    assert image.get_attribute("src").startswith(shown["results"][0]["explanation_url"] + "?")
     page.get_by_test_id("explanation-close").click()
     dialog.wait_for(state="hidden")
 

@@ -29,7 +29,17 @@
     dialogLoading: $("explanation-loading"),
     dialogError: $("explanation-error"),
     dialogImage: $("explanation-image"),
+    dialogHeatmap: $("explanation-heatmap"),
+    dialogFaded: $("explanation-faded"),
+    numbers: $("explanation-numbers"),
+    pairsBody: document.querySelector("#explanation-numbers tbody"),
+    orderToggle: $("order-toggle"),
   };
+  // The picture's link colours, in order (reranker.visualize.LINK_COLOURS).
+  const LINK_COLOURS = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00",
+    "#cc79a7", "#ffffff", "#9467bd", "#8c564b", "#bcbd22", "#17becf"];
+  let lastAnswer = null;
+  let order = "reranked"; // or "global": the order before reranking
 
   const TIMING_STAGES = ["queue", "embed", "search", "rerank", "total"];
   let queryFile = null;
@@ -226,6 +236,8 @@
     els.empty.textContent = "Choose a query image to search the index.";
     els.empty.hidden = false;
     els.results.removeAttribute("data-query-id");
+    els.orderToggle.hidden = true;
+    lastAnswer = null;
   }
 
   function formatScore(value) {
@@ -277,7 +289,10 @@
     thumb.src = hit.thumbnail_url || hit.image_url;
     thumb.alt = `Result ${hit.rank_after + 1}: ${name}`;
 
-    q("result-rank").textContent = `#${hit.rank_after + 1}`;
+    const shownRank = order === "global" ? hit.rank_before : hit.rank_after;
+    q("result-rank").textContent = `#${shownRank + 1}`;
+    q("near-duplicate").hidden = hit.near_duplicate !== true;
+    q("result-why").textContent = whyText(hit);
     const badge = q("result-movement");
     badge.textContent = move.text;
     badge.classList.add(move.cls);
@@ -304,11 +319,38 @@
     return node;
   }
 
+  /** What moved a result: its rank change and what the structural score added (λσ). */
+  function whyText(hit) {
+    const ranks = `rank ${hit.rank_before + 1} → ${hit.rank_after + 1}`;
+    if (typeof hit.structural_contribution !== "number") return `${ranks} · not reranked`;
+    const c = hit.structural_contribution;
+    return `${ranks} · λσ ${c >= 0 ? "+" : "−"}${Math.abs(c).toFixed(4)}`;
+  }
+
+  function renderCards() {
+    const results = lastAnswer && Array.isArray(lastAnswer.results) ? lastAnswer.results.slice() : [];
+    const key = order === "global" ? "rank_before" : "rank_after";
+    results.sort((a, b) => a[key] - b[key]);
+    els.results.replaceChildren(...results.map(renderResult));
+    els.results.dataset.order = order;
+    for (const button of els.orderToggle.querySelectorAll("button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.order === order));
+    }
+    return results;
+  }
+
+  els.orderToggle.addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-order]");
+    if (!button || button.dataset.order === order) return;
+    order = button.dataset.order;
+    renderCards();
+  });
+
   function renderAnswer(answer) {
     setRandomWeights(Boolean(answer.random_weights));
-    const results = Array.isArray(answer.results) ? answer.results.slice() : [];
-    results.sort((a, b) => a.rank_after - b.rank_after);
-    els.results.replaceChildren(...results.map(renderResult));
+    lastAnswer = answer;
+    const results = renderCards();
+    els.orderToggle.hidden = results.length === 0;
     els.results.dataset.queryId = answer.query_id || "";
     els.empty.hidden = results.length > 0;
     if (!results.length) els.empty.textContent = "The index returned no results.";
@@ -324,17 +366,81 @@
   // ---- the explanation panel ----------------------------------------------------------------
 
   let explanationSerial = 0;
+  let openHit = null;
 
-  function openExplanation(hit, name) {
-    const serial = ++explanationSerial;
-    els.dialogCaption.textContent =
-      `${name}: final ${formatScore(hit.final_score)}, global ${formatScore(hit.global_score)}, ` +
-      `structural ${formatScore(hit.structural_score)}; rank ${hit.rank_before + 1} → ${hit.rank_after + 1}.`;
-    els.dialogError.hidden = true;
-    els.dialogError.textContent = "";
+  /** Photo panel size for the space the dialog has (at least 448: the picture is then ≥ 912 px wide). */
+  function pictureSize() {
+    const area = els.dialogImage.parentElement.clientWidth || 900;
+    const px = Math.round(((area * (window.devicePixelRatio || 1)) - 16) / 2);
+    return Math.min(1024, Math.max(448, px));
+  }
+
+  function pictureUrl(hit) {
+    const params = new URLSearchParams({ size: String(pictureSize()) });
+    if (els.dialogHeatmap.checked) params.set("heatmap", "true");
+    if (els.dialogFaded.checked) params.set("faded", "30");
+    return `${hit.explanation_url}?${params}`;
+  }
+
+  function percent(x) {
+    return typeof x === "number" ? `${(100 * x).toFixed(1)} %` : "—";
+  }
+
+  function setNumber(testid, text) {
+    els.numbers.querySelector(`[data-testid="${testid}"]`).textContent = text;
+  }
+
+  function renderNumbers(e) {
+    setNumber("num-global", formatScore(e.global_score));
+    setNumber("num-sigma", formatScore(e.structural_score));
+    setNumber("num-contribution", `${formatScore(e.structural_contribution)} (λ = ${e.lambda})`);
+    setNumber("num-final", formatScore(e.final_score));
+    setNumber("num-ranks", `#${e.rank_before + 1} → #${e.rank_after + 1}`);
+    setNumber("num-matched", `${percent(e.matched_mass)} (s = ${e.s})`);
+    setNumber("num-near-duplicate", e.near_duplicate === null ? "not measured for this model"
+      : e.near_duplicate ? "yes" : "no");
+    const rows = e.pairs.slice(0, 8).map((pair) => {
+      const tr = document.createElement("tr");
+      const cells = [String(pair.rank), `(${pair.query.row}, ${pair.query.col})`,
+        `(${pair.candidate.row}, ${pair.candidate.col})`,
+        pair.similarity === null ? "—" : pair.similarity.toFixed(3), pair.mass.toFixed(4)];
+      cells.forEach((text, k) => {
+        const td = document.createElement("td");
+        td.textContent = text;
+        if (k === 0) {
+          td.className = "pair-rank";
+          td.style.setProperty("--link", LINK_COLOURS[(pair.rank - 1) % LINK_COLOURS.length]);
+        }
+        tr.append(td);
+      });
+      return tr;
+    });
+    els.pairsBody.replaceChildren(...rows);
+    els.numbers.hidden = false;
+  }
+
+  async function loadNumbers(hit, serial) {
+    els.numbers.hidden = true;
+    if (!hit.explanation_json_url) return;
+    try {
+      const response = await fetch(`${hit.explanation_json_url}?top=8`);
+      if (serial !== explanationSerial) return;
+      if (!response.ok) {
+        const message = await readError(response);
+        if (serial !== explanationSerial) return;
+        els.dialogError.textContent = message;
+        els.dialogError.hidden = false;
+        return;
+      }
+      const numbers = await response.json();
+      if (serial === explanationSerial) renderNumbers(numbers);
+    } catch (err) {
+      /* the picture's own error handling reports an unreachable service */
+    }
+  }
+
+  function loadPicture(hit, serial) {
     els.dialogImage.hidden = true;
-    els.dialogImage.removeAttribute("src");
-    els.dialogImage.alt = `Patch matching between the query and ${name}`;
     els.dialogLoading.hidden = false;
     els.dialogImage.onload = () => {
       if (serial !== explanationSerial) return;
@@ -346,7 +452,7 @@
       els.dialogLoading.hidden = true;
       let message = "The patch-matching picture could not be loaded.";
       try {
-        const response = await fetch(hit.explanation_url);
+        const response = await fetch(els.dialogImage.src);
         if (!response.ok) message = await readError(response);
       } catch (_) {
         /* keep the generic message */
@@ -355,10 +461,28 @@
       els.dialogError.textContent = message;
       els.dialogError.hidden = false;
     };
-    els.dialogImage.src = hit.explanation_url;
+    els.dialogImage.src = pictureUrl(hit);
+  }
+
+  function openExplanation(hit, name) {
+    const serial = ++explanationSerial;
+    openHit = hit;
+    els.dialogCaption.textContent =
+      `${name}: final ${formatScore(hit.final_score)}, global ${formatScore(hit.global_score)}, ` +
+      `structural ${formatScore(hit.structural_score)}; rank ${hit.rank_before + 1} → ${hit.rank_after + 1}.`;
+    els.dialogError.hidden = true;
+    els.dialogError.textContent = "";
+    els.dialogImage.removeAttribute("src");
+    els.dialogImage.alt = `Patch matching between the query and ${name}`;
     if (!els.dialog.open) els.dialog.showModal();
     els.dialogClose.focus();
+    loadPicture(hit, serial);
+    loadNumbers(hit, serial);
   }
+
+  [els.dialogHeatmap, els.dialogFaded].forEach((box) => box.addEventListener("change", () => {
+    if (openHit) loadPicture(openHit, explanationSerial);
+  }));
 
   els.dialogClose.addEventListener("click", () => els.dialog.close());
   // A click on the backdrop (outside the dialog's box) closes it too.

@@ -5,6 +5,10 @@ query/reference pairs) it evaluates, on the same global ranking: the **baseline*
 **shipped default** (what an uncalibrated index does), the **calibrated** setting (chosen on a seeded
 tuning half, measured on the held-out half: :mod:`evaluation.calibrate`) and the **best** variant of the
 sweep (an upper bound, chosen on the test queries themselves), with each one's reranking cost.
+
+On corridor it also measures how readable the explanations are (:mod:`evaluation.spatial_consistency`):
+how often the strongest links of a plan share the median displacement, per patch-weight kind and s,
+beside random links and the most similar patch pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from evaluation.calibrate import K_GRID, LAMBDA_GRID, PRIMARY_METRIC, S_GRID
 from evaluation.protocol import variant_name
 from evaluation.report import short_name
 from evaluation.runner import EvalSettings, run_evaluation
+from evaluation.spatial_consistency import corridor_consistency
 from indexer.search_params import DEFAULT_MARGINALS, default
 from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
 
@@ -109,6 +114,11 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
         out["weights_id"] = doc["settings"]["weights_id"]
         out["preprocessing"] = doc["settings"]["preprocessing"]
         out["sets"][name] = set_summary(doc)
+        if name == "corridor":
+            t0 = time.perf_counter()
+            out["spatial_consistency"] = corridor_consistency(root, weights, device, cache or default_cache_dir(),
+                                                              MARGINALS, list(S_GRID))
+            out["spatial_consistency"]["seconds"] = time.perf_counter() - t0
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -132,8 +142,25 @@ def table(result: dict[str, Any]) -> str:
                      f"({r['calibrated_setting']}), best {costs['best']:.1f}")
     lines.append("* calibrated: chosen on a seeded half of the queries, measured on the other half, beside the "
                  "baseline on that same half")
+    if "spatial_consistency" in result:
+        lines += consistency_table(result["spatial_consistency"])
     lines.append(f"total {result['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def consistency_table(sc: dict[str, Any]) -> list[str]:
+    """Explanation quality: the share of consistent links per kind and s, and its ratio to random links."""
+    base = sc["baselines"]["random_links"]
+    s_values = list(next(iter(sc["kinds"].values())))
+    lines = ["", (f"explanation spatial consistency on {sc.get('set', 'corridor')} ({sc['pairs']} query/match "
+                  f"pairs): share of the top {sc['top_links']} links within {sc['tolerance_cells']} cell of the "
+                  f"median displacement (ratio to random links {base:.3f})"),
+             f"{'marginals':<10} " + " ".join(f"{'s=' + s:>15}" for s in s_values)]
+    for kind, row in sc["kinds"].items():
+        lines.append(f"{kind:<10} " + " ".join(f"{row[s]:.3f} ({row[s] / base:.2f}x)".rjust(15) for s in s_values))
+    sim = sc["baselines"]["top_similarity"]
+    lines.append(f"baselines: random links {base:.3f}; top-similarity pairs without OT {sim:.3f} ({sim / base:.2f}x)")
+    return lines
 
 
 def _run(args: argparse.Namespace) -> int:

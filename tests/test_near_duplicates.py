@@ -1,0 +1,134 @@
+"""Near-duplicates (issue 14): threshold, pair finding, the build report and the search flag.
+
+The real-backbone tests make near copies of shared photos (resized, re-encoded, cropped a little)
+and check that they, and only they, are reported and flagged with the measured threshold.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.near_duplicates import near_copies, near_duplicate_pairs, threshold_for
+
+MODEL = "vit_small_patch14_dinov2"
+
+
+def test_the_default_backbone_has_a_measured_threshold():
+    t = threshold_for(MODEL)
+    assert t is not None and 0.5 < t < 1.0
+    assert threshold_for(MODEL, random_weights=True) is None
+    assert threshold_for("test_vit") is None
+
+
+def test_near_copies_are_resized_reencoded_and_cropped():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    copies = near_copies(photo)
+    assert copies["resized"].size == (150, 100)
+    assert copies["jpeg30"].size == (300, 200) and copies["jpeg30"].format == "JPEG"
+    assert copies["cropped"].size == (300 - 2 * 18, 200 - 2 * 12)
+    assert copies["all"].size == (150 - 2 * 9, 100 - 2 * 6)
+
+
+def test_pairs_above_the_threshold_without_the_exact_ones():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(3, 16))
+    vectors = np.concatenate([base, base[:2] + 0.05 * rng.normal(size=(2, 16))])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = ["a", "b", "c", "a-copy", "b-copy"]
+    pairs = near_duplicate_pairs(vectors, ids, 0.95)
+    assert {frozenset(p[:2]) for p in pairs} == {frozenset(("a", "a-copy")), frozenset(("b", "b-copy"))}
+    assert all(p[2] >= 0.95 for p in pairs) and pairs == sorted(pairs, key=lambda p: -p[2])
+    pairs = near_duplicate_pairs(vectors, ids, 0.95, exclude={frozenset(("b", "b-copy"))})
+    assert [p[:2] for p in pairs] == [("a", "a-copy")]
+
+
+# --- with the real backbone, on shared photos -------------------------------------------------
+@pytest.fixture(scope="module")
+def near_copy_folder(shared_data, tmp_path_factory) -> dict:
+    """Five distinct dresses (same class: the hard case), two near copies of one (resized to half, as
+    PNG; re-encoded as a JPEG of quality 30), one of another (re-encoded), an exact copy of a third."""
+    folder = tmp_path_factory.mktemp("near") / "photos"
+    folder.mkdir()
+    originals = sorted((shared_data / "clothing-small" / "test" / "dress").glob("*.jpg"))[:5]
+    for p in originals:
+        shutil.copy(p, folder / p.name)
+    a, b, c = originals[:3]
+    copies = near_copies(Image.open(a))
+    copies["resized"].save(folder / f"{a.stem}-resized.png")
+    copies["jpeg30"].save(folder / f"{a.stem}-q30.jpg", quality=95)
+    near_copies(Image.open(b))["jpeg30"].save(folder / f"{b.stem}-q30.jpg", quality=95)
+    shutil.copy(c, folder / f"{c.stem}-exact.jpg")
+    family = {p.name: p.stem for p in originals}
+    family.update({f"{a.stem}-resized.png": a.stem, f"{a.stem}-q30.jpg": a.stem, f"{b.stem}-q30.jpg": b.stem,
+                   f"{c.stem}-exact.jpg": c.stem})
+    must = {frozenset((a.name, f"{a.stem}-resized.png")), frozenset((a.name, f"{a.stem}-q30.jpg")),
+            frozenset((b.name, f"{b.stem}-q30.jpg"))}
+    return {"folder": folder, "family": family, "must": must, "exact": frozenset((c.name, f"{c.stem}-exact.jpg")),
+            "query": copies["resized"], "original": a.name}
+
+
+@pytest.fixture(scope="module")
+def real_index(near_copy_folder, real_weights, tmp_path_factory):
+    from indexer.build import add_records, new_manifest
+    from indexer.gallery import Gallery
+    from indexer.sources import ImageRecord
+    from reranker.backbones import create_backbone
+    from reranker.defaults import default_model_kwargs
+
+    kwargs = default_model_kwargs(MODEL)
+    backbone = create_backbone(MODEL, str(real_weights), model_kwargs=kwargs)
+    folder = tmp_path_factory.mktemp("near-index") / "index"
+    manifest = new_manifest(backbone, patch_weights="rollout", model_kwargs=kwargs)
+    records = [ImageRecord(str(p), p.name, "dress") for p in sorted(near_copy_folder["folder"].iterdir())]
+    with Gallery.create(folder, manifest) as gallery:
+        report = add_records(gallery, backbone, records, workers=0, progress=False, commit_every=4)
+    return folder, report
+
+
+@pytest.mark.real_backbone
+@pytest.mark.shared
+@pytest.mark.slow
+def test_the_build_reports_near_copies_and_only_them(real_index, near_copy_folder, capsys):
+    from indexer.cli import _print_report
+
+    _, report = real_index
+    assert report.added == 9
+    assert {frozenset(d) for d in report.duplicates} == {near_copy_folder["exact"]}
+    found = {frozenset(p[:2]) for p in report.near_duplicates}
+    family = near_copy_folder["family"]
+    # every copy is found with its original; no pair joins two distinct dresses; the exact copy is not repeated
+    assert near_copy_folder["must"] <= found, report.near_duplicates
+    assert all(len({family[i] for i in pair}) == 1 for pair in found), report.near_duplicates
+    assert near_copy_folder["exact"] not in found
+    assert report.near_duplicate_threshold == threshold_for(MODEL)
+    assert all(c >= report.near_duplicate_threshold for *_, c in report.near_duplicates)
+    _print_report(report)
+    out = capsys.readouterr().out
+    assert "1 exact duplicates" in out and f"{len(found)} near-duplicate pairs" in out
+
+
+@pytest.mark.real_backbone
+@pytest.mark.shared
+@pytest.mark.slow
+def test_search_flags_the_near_copy_of_the_query(real_index, near_copy_folder):
+    from service_support import make_client
+
+    folder, _ = real_index
+    buf = io.BytesIO()
+    near_copy_folder["query"].save(buf, format="JPEG", quality=90)  # the resized copy of the original
+    with make_client(folder) as client:
+        body = client.post("/search", files={"image": ("q.jpg", buf.getvalue(), "image/jpeg")},
+                           data={"top_k": "9", "rerank_k": "9"}).json()
+        flagged = {h["id"] for h in body["results"] if h["near_duplicate"]}
+        assert near_copy_folder["original"] in flagged
+        family = near_copy_folder["family"]
+        assert {family[i] for i in flagged} == {Path(near_copy_folder["original"]).stem}, body["results"]
+        hit = next(h for h in body["results"] if h["id"] == near_copy_folder["original"])
+        assert client.get(hit["explanation_json_url"]).json()["near_duplicate"] is True
