@@ -9,7 +9,7 @@ from typing import Any
 
 from .atomic import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: patch codes, factory auto (an index of format 1 reads unchanged)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -32,6 +32,10 @@ class Manifest:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] | str = ""  # the transform used: resize, crop, interpolation, mean/std
     pca_dim: int | None = None
+    patch_codes: str | None = None  # e.g. pq32: patches stored as product-quantizer codes (indexer.patch_codes)
+    max_index_memory: int | None = None  # bytes the global index may take (factory auto)
+    target_recall: float = 0.95  # recall@100 against exact that nprobe / efSearch are tuned for
+    index_plan: dict[str, Any] | None = None  # a copy of the committed choice of index (the database holds it)
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 

@@ -53,6 +53,12 @@ class ImageRow:
     row: int | None = None
     added_at: str = ""
 
+    @classmethod
+    def from_record(cls, r: tuple) -> "ImageRow":
+        """A row of ``SELECT * FROM images``."""
+        row, id_, path, label, h, w, hgt, nbytes, added, meta, seg, off = r
+        return cls(id_, path, label, h, w, hgt, nbytes, json.loads(meta), seg, off, row, added)
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -97,17 +103,17 @@ class MetadataDB:
             return {}
         marks = ",".join("?" * len(rows))
         cur = self.conn.execute(f"SELECT * FROM images WHERE row IN ({marks})", [int(r) for r in rows])
-        return {r.row: r for r in map(self._to_row, cur)}
+        return {r.row: r for r in map(ImageRow.from_record, cur)}
 
     def rows_by_id(self, ids: Sequence[str]) -> dict[str, ImageRow]:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
         cur = self.conn.execute(f"SELECT * FROM images WHERE id IN ({marks})", list(ids))
-        return {r.id: r for r in map(self._to_row, cur)}
+        return {r.id: r for r in map(ImageRow.from_record, cur)}
 
     def all_rows(self) -> list[ImageRow]:
-        return [self._to_row(r) for r in self.conn.execute("SELECT * FROM images ORDER BY row")]
+        return [ImageRow.from_record(r) for r in self.conn.execute("SELECT * FROM images ORDER BY row")]
 
     def live_locations(self) -> list[tuple[int, int, int]]:
         """(faiss row, segment, offset) of every image, in row order."""
@@ -126,11 +132,6 @@ class MetadataDB:
             f"SELECT row, segment, offset FROM images WHERE segment IN ({marks}) ORDER BY row",
             [int(s) for s in segments],
         ))
-
-    @staticmethod
-    def _to_row(r: tuple) -> ImageRow:
-        row, id_, path, label, h, w, hgt, nbytes, added, meta, seg, off = r
-        return ImageRow(id_, path, label, h, w, hgt, nbytes, json.loads(meta), seg, off, row, added)
 
     # --- the commit -----------------------------------------------------------
     def commit(

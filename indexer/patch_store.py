@@ -5,7 +5,11 @@ together:
 
 * ``global``  ``(n, D)`` float32: the global vectors (the FAISS index can be rebuilt from them);
 * ``patches`` ``(n, G*G, d)`` float16: the L2-normalised patch grids (``d = D`` or the PCA size);
+  or, in an index with patch codes, ``codes`` ``(n, G*G, M)`` uint8 (see :mod:`indexer.patch_codes`);
 * ``weights`` ``(n, G*G)`` float32: the per-image patch weights (rollout or uniform).
+
+Each write returns the digests of the files it wrote; the commit records them and ``verify``
+compares them with the files, so a corrupt or half-written segment is found.
 
 Segments are written atomically and never modified; which ones are live is recorded in
 the metadata database, so a half-written segment is simply ignored (and removed later).
@@ -28,10 +32,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_open, write_npy
+from .atomic import atomic_open
+from .checksum import file_digest, HashingWriter
 
 PARTS = ("global", "patches", "weights")
-DTYPES = {"global": np.float32, "patches": np.float16, "weights": np.float32}
+DTYPES = {"global": np.float32, "patches": np.float16, "codes": np.uint8, "weights": np.float32}
 
 MAX_OPEN_SEGMENTS = 32  # segments held open at once: at most 3 * 32 file descriptors
 IN_MEMORY_BYTES = 1 << 20  # a segment up to this size (all parts) is read, not memory-mapped
@@ -42,14 +47,15 @@ class Gathered:
     """Features of a list of images, in the order asked for."""
 
     global_features: np.ndarray  # (k, D) float32
-    patch_features: np.ndarray  # (k, G*G, d) float16
+    patch_features: np.ndarray  # (k, G*G, d) float16, or (k, G*G, M) uint8 codes in a store of codes
     patch_weights: np.ndarray  # (k, G*G) float32
 
 
 class PatchStore:
     """Reads and writes the segments of one index directory."""
 
-    def __init__(self, folder: Path, *, max_open: int | None = None, in_memory_bytes: int | None = None) -> None:
+    def __init__(self, folder: Path, *, max_open: int | None = None, in_memory_bytes: int | None = None,
+                 patch_part: str = "patches") -> None:
         max_open = MAX_OPEN_SEGMENTS if max_open is None else max_open
         in_memory_bytes = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
         if max_open < 1:
@@ -57,6 +63,10 @@ class PatchStore:
         self.folder = Path(folder) / "segments"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_open = max_open
+        if patch_part not in ("patches", "codes"):
+            raise ValueError(f"patch_part must be patches or codes, not {patch_part!r}")
+        self.parts = ("global", patch_part, "weights")
+        self.patch_part = patch_part
         self.in_memory_bytes = in_memory_bytes
         self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
@@ -66,29 +76,35 @@ class PatchStore:
 
     def write_segment(
         self, segment: int, global_features: np.ndarray, patches: np.ndarray, weights: np.ndarray
-    ) -> int:
-        """Write one segment (float32 global, float16 patches, float32 weights); returns its bytes."""
+    ) -> dict[str, str]:
+        """Write one segment (float32 global, float16 patches or uint8 codes, float32 weights);
+        returns each part's digest."""
         n = len(global_features)
         if len(patches) != n or len(weights) != n:
             raise ValueError("a segment's global vectors, patches and weights must have the same length")
+        if self.patch_part == "codes" and np.asarray(patches).dtype != np.uint8:
+            raise ValueError("a store of patch codes takes uint8 codes, not patch vectors")
         arrays = {part: np.ascontiguousarray(a, dtype=DTYPES[part])
-                  for part, a in zip(PARTS, (global_features, patches, weights))}
+                  for part, a in zip(self.parts, (global_features, patches, weights))}
+        digests = {}
         for part, array in arrays.items():
-            write_npy(self._path(segment, part), array)
-        return sum(a.nbytes for a in arrays.values())
+            with atomic_open(self._path(segment, part)) as fh:
+                writer = HashingWriter(fh)
+                np.save(writer, array, allow_pickle=False)
+            digests[part] = writer.hexdigest()
+        return digests
 
-    def write_merged(self, segment: int, locations: Sequence[tuple[int, int]], chunk: int = 256) -> int:
+    def write_merged(self, segment: int, locations: Sequence[tuple[int, int]], chunk: int = 256) -> dict[str, str]:
         """Write ``segment`` holding the features at ``locations``, in that order, copied exactly
-        (a chunk of rows at a time, so a large merge never sits in memory). Returns its bytes."""
+        (a chunk of rows at a time, so a large merge never sits in memory). Returns its digests."""
         if not locations:
             raise ValueError("nothing to merge")
         first = self.segment(locations[0][0])
         n = len(locations)
-        total = 0
         with contextlib.ExitStack() as stack:
             files = {}
-            for part in PARTS:
-                fh = stack.enter_context(atomic_open(self._path(segment, part)))
+            for part in self.parts:
+                fh = HashingWriter(stack.enter_context(atomic_open(self._path(segment, part))))
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPES[part])),
                           "fortran_order": False, "shape": (n, *first[part].shape[1:])}
                 np.lib.format.write_array_header_1_0(fh, header)
@@ -96,11 +112,9 @@ class PatchStore:
             del first
             for start in range(0, n, chunk):
                 got = self.gather(locations[start:start + chunk])
-                for part, array in zip(PARTS, (got.global_features, got.patch_features, got.patch_weights)):
-                    data = np.ascontiguousarray(array, dtype=DTYPES[part])
-                    files[part].write(data.tobytes())
-                    total += data.nbytes
-        return total
+                for part, array in zip(self.parts, (got.global_features, got.patch_features, got.patch_weights)):
+                    files[part].write(np.ascontiguousarray(array, dtype=DTYPES[part]).tobytes())
+        return {part: fh.hexdigest() for part, fh in files.items()}
 
     def segment(self, segment: int) -> dict[str, np.ndarray]:
         """The arrays of a segment: memory-mapped (or, for a small one, read), kept among the
@@ -110,7 +124,7 @@ class PatchStore:
             if arrays is not None:
                 self._open.move_to_end(segment)
                 return arrays
-        paths = {p: self._path(segment, p) for p in PARTS}
+        paths = {p: self._path(segment, p) for p in self.parts}
         small = sum(path.stat().st_size for path in paths.values()) <= self.in_memory_bytes
         arrays = {p: np.load(path, mmap_mode=None if small else "r", allow_pickle=False) for p, path in paths.items()}
         with self._lock:
@@ -131,9 +145,10 @@ class PatchStore:
             raise ValueError("nothing to gather")
         first = self.segment(locations[0][0])
         k = len(locations)
+        patch = self.patch_part
         out = Gathered(
             np.empty((k, *first["global"].shape[1:]), np.float32),
-            np.empty((k, *first["patches"].shape[1:]), np.float16),
+            np.empty((k, *first[patch].shape[1:]), DTYPES[patch]),
             np.empty((k, *first["weights"].shape[1:]), np.float32),
         )
         del first
@@ -145,7 +160,7 @@ class PatchStore:
             where = np.fromiter((i for i, _ in items), np.int64)
             rows = np.fromiter((o for _, o in items), np.int64)
             out.global_features[where] = arrays["global"][rows]
-            out.patch_features[where] = arrays["patches"][rows]
+            out.patch_features[where] = arrays[patch][rows]
             out.patch_weights[where] = arrays["weights"][rows]
             del arrays  # an evicted segment's mapping is released here, not after the loop
         return out
@@ -158,7 +173,7 @@ class PatchStore:
         for seg in segments:
             with self._lock:
                 self._open.pop(seg, None)
-            for part in PARTS:
+            for part in (*PARTS, "codes"):
                 with contextlib.suppress(FileNotFoundError):
                     self._path(seg, part).unlink()
 
@@ -166,6 +181,10 @@ class PatchStore:
         """Release every open segment."""
         with self._lock:
             self._open.clear()
+
+    def digests(self, segment: int) -> dict[str, str]:
+        """The digest of each part file of ``segment`` as it is on disk now."""
+        return {part: file_digest(self._path(segment, part)) for part in self.parts}
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("*.npy"))

@@ -12,6 +12,7 @@ import torch
 from .atomic import write_with
 
 DEFAULT_FACTORY = "Flat"
+AUTO = "auto"  # choose by size and memory budget (indexer.index_plan)
 
 
 def faiss_has_gpu() -> bool:
@@ -38,8 +39,10 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = DEFAULT_FAC
         except RuntimeError as err:
             raise ValueError(f"could not train {factory!r} on {len(vectors)} vectors: {err}") from err
     _set_search_defaults(base)
-    index = faiss.IndexIDMap2(base)
-    if len(vectors):
+    # An IVF index keeps the ids itself (and removes by id correctly); an ID map over it would not:
+    # IndexIDMap2's removal assumes the base renumbers what follows, which IVF does not.
+    index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap2(base)
+    if len(vectors) and len(ids):
         index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 
@@ -49,6 +52,14 @@ def _set_search_defaults(base: faiss.Index) -> None:
     ivf = faiss.try_extract_index_ivf(base)
     if ivf is not None:
         ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 8))
+
+
+def new_trained_index(factory: str, dim: int, sample: np.ndarray) -> faiss.Index:
+    """An empty ID-mapped index of ``factory``, trained on ``sample`` (vectors are added afterwards,
+    in chunks, so a large gallery is never one array)."""
+    index = build_index(sample, np.zeros(0, np.int64), factory) if len(sample) else build_index(
+        np.zeros((0, dim), np.float32), np.zeros(0, np.int64), factory)
+    return index
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -63,8 +74,17 @@ def save_index(index: faiss.Index, path: Path) -> None:
     write_with(path, lambda tmp: faiss.write_index(index, tmp))
 
 
-def load_index(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+def load_index(path: Path, mmap: bool = False) -> tuple[faiss.Index, bool]:
+    """The index in ``path`` and whether it is memory-mapped. With ``mmap`` the vectors or inverted
+    lists stay in the file (the page cache shares them, and opening takes no time) where FAISS can
+    map this kind of index; such an index is read-only: reload it without ``mmap`` to change it."""
+    if mmap:
+        for flags in (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP, faiss.IO_FLAG_MMAP):  # flat codes; IVF lists
+            try:
+                return faiss.read_index(str(path), flags), True
+            except RuntimeError:
+                continue
+    return faiss.read_index(str(path)), False
 
 
 class VectorSearcher:
@@ -114,8 +134,30 @@ class VectorSearcher:
         return scores, ids
 
 
-def _base_index(index: faiss.Index) -> faiss.Index:
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+def base_index(index: faiss.Index) -> faiss.Index:
+    """The index under its ID map (an IVF index has none: it is its own base)."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else faiss.downcast_index(index)
+
+
+_base_index = base_index
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id the index holds (from its ID map, or from an IVF index's inverted lists)."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return np.arange(index.ntotal, dtype=np.int64)
+    lists = ivf.invlists
+    parts = []
+    for l in range(ivf.nlist):
+        size = lists.list_size(l)
+        if size:
+            ids = lists.get_ids(l)
+            parts.append(faiss.rev_swig_ptr(ids, size).astype(np.int64).copy())
+            lists.release_ids(l, ids)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def is_flat(index: faiss.Index) -> bool:

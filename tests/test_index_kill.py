@@ -33,16 +33,21 @@ def committed_count(index: Path) -> int:
         return 0
 
 
-def start_build(index: Path, manifest: Path) -> subprocess.Popen:
+def start_build(index: Path, manifest: Path, extra: tuple[str, ...] = ("--commit-every", "2")) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "vit_rerank", "index", "build", str(index), "--from", str(manifest),
          "--model", "test_vit", "--weights", "random", "--model-kwargs", json.dumps(tiny_vit_kwargs()),
-         "--commit-every", "2", "--batch-size", "2", "--workers", "0", "--no-progress"],
+         "--batch-size", "2", "--workers", "0", "--no-progress", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
 
 
-def test_kill_9_during_a_build_loses_nothing_committed(shared_data, tmp_path):
+# Patch codes train on the first committed chunk (at least 256 patches: 6 images of 49), and an auto
+# index has no FAISS file until the end of the build: kills land in both states.
+@pytest.mark.parametrize("extra", [("--commit-every", "2"),
+                                   ("--commit-every", "6", "--patch-codes", "pq8", "--factory", "auto")],
+                         ids=["float16-flat", "codes-auto"])
+def test_kill_9_during_a_build_loses_nothing_committed(shared_data, tmp_path, extra):
     photos = []
     for cls in ("dress", "pants", "shorts", "t-shirt"):
         photos += sorted((shared_data / "clothing-small" / "test" / cls).glob("*.jpg"))[:10]
@@ -53,7 +58,7 @@ def test_kill_9_during_a_build_loses_nothing_committed(shared_data, tmp_path):
     committed: set[str] = set()
     kills = 0
     for _ in range(4):
-        proc = start_build(index, manifest)
+        proc = start_build(index, manifest, extra)
         before = committed_count(index)
         deadline = time.monotonic() + 120
         # Wait until this run is committing (past start-up), then kill at a random moment.
@@ -79,9 +84,12 @@ def test_kill_9_during_a_build_loses_nothing_committed(shared_data, tmp_path):
     assert kills >= 2, "the build finished before it could be interrupted twice"
 
     # Resume to the end: every image is there exactly once, and the index searches.
-    proc = start_build(index, manifest)
+    proc = start_build(index, manifest, extra)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     with Gallery.open(index) as gallery:
         assert gallery.verify().ok
         assert gallery.ids() == {str(p) for p in photos}
         assert len(gallery) == len(photos) and gallery.faiss.ntotal == len(photos)
+        if "--patch-codes" in extra:
+            assert gallery.codec is not None and gallery.store.patch_part == "codes" and gallery.codec_digest
+            assert gallery.plan is not None and gallery.plan.factory == "Flat"  # 40 images: exact

@@ -21,7 +21,7 @@ from indexer.loading import LoadLimits, load_image
 from indexer.manifest import FORMAT_VERSION, IndexMismatchError, Manifest
 from indexer.search import Searcher, SearchSettings
 from indexer.sources import ImageRecord
-from indexer.vector_index import VectorSearcher, build_index
+from indexer.vector_index import VectorSearcher, base_index, build_index
 from reranker.backbones import create_backbone
 
 CLASSES = ("hat", "shoes", "skirt")
@@ -177,7 +177,7 @@ def test_non_flat_factories_train_search_and_remove(tmp_path, backbone, photos, 
     gallery, report = build(folder, backbone, records_of(photos), factory=factory, commit_every=10)
     with gallery:
         assert report.added == len(photos) and gallery.trained
-        assert isinstance(faiss.downcast_index(gallery.faiss.index), kind)
+        assert isinstance(base_index(gallery.faiss), kind)
         assert gallery.verify().ok
         searcher = Searcher(gallery, backbone)
         query = photos[3]
@@ -193,7 +193,7 @@ def test_non_flat_factories_train_search_and_remove(tmp_path, backbone, photos, 
         assert query.name not in {h.id for h in hits}
     with Gallery.open(folder) as reopened:
         assert len(reopened) == len(photos) - 2 and reopened.trained
-        assert isinstance(faiss.downcast_index(reopened.faiss.index), kind)
+        assert isinstance(base_index(reopened.faiss), kind)
 
 
 def test_a_bad_factory_string_is_a_clear_error_and_the_build_keeps_its_images(tmp_path, backbone, photos):
