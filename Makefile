@@ -14,7 +14,7 @@ install: $(STAMP)
 # pyproject.toml excludes the CPU-only wheel that does not work with torchvision.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,cvt]'
+	$(PY) -m pip install --quiet -e '.[test,cvt,ray]'
 	touch $(STAMP)
 
 demo: install

@@ -8,25 +8,34 @@ import json
 import sys
 from typing import Any
 
+from reranker.device import add_device_argument
+
 TIMEOUT_KEEP_ALIVE_S = 5  # idle connections, and request heads that take longer, are closed after this
 MAX_HEADER_BYTES = 16 * 1024  # a request line + headers larger than this: 400 (uvicorn's h11 parser)
 LIMIT_CONCURRENCY = 128  # open connections + running requests; beyond: 503 from uvicorn
 
 
-def add_serve_command(sub: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``serve``."""
+    sub = commands
     serve = sub.add_parser(
         "serve", help="run the HTTP service",
         description="Serve an index over HTTP. Every flag overrides its VIT_RERANK_* environment variable.",
     )
     src = serve.add_mutually_exclusive_group()
     src.add_argument("--demo", action="store_true", help="serve the built-in demo gallery (indexed on first start)")
-    src.add_argument("--index", help="index directory to serve (VIT_RERANK_INDEX)")
+    src.add_argument("--index", nargs="+", metavar="DIR",
+                     help="index directory to serve (VIT_RERANK_INDEX); with --ray, shard directories or a "
+                          "sharded index's directory")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="serve the shards from actors on this Ray cluster (no ADDRESS: RAY_ADDRESS, else the "
+                            "local `ray start` cluster, else a new local one); adds and removes answer 501")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--model", help="backbone of the demo index (default vit_small_patch16_224.dino)")
     serve.add_argument("--model-kwargs", default=None, help="JSON of extra model arguments (demo index only)")
     serve.add_argument("--weights", help="pretrained | random | PATH (default: the index's own)")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    add_device_argument(serve, default=None, help="where the model and the OT run (default: auto)")
     serve.add_argument("--api-key", help="require this key in X-API-Key for index changes (VIT_RERANK_API_KEY)")
     serve.add_argument("--top-k", type=int)
     serve.add_argument("--rerank-k", type=int)
@@ -66,7 +75,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .settings import ServiceSettings
 
+    dirs = args.index or []
+    if len(dirs) > 1 and args.ray is None:
+        return _fail("several --index directories are shards: serve them with --ray [ADDRESS]")
+    args.index = dirs[0] if dirs else None
     overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if args.ray is not None:
+        overrides.update(ray=args.ray, shards=dirs)
     try:
         settings = ServiceSettings(**overrides)
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else default_model_kwargs(settings.model)

@@ -29,6 +29,8 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIT_RERANK_", extra="ignore", populate_by_name=True)
 
     index: Path | None = Field(None, description="index directory to serve")
+    ray: str | None = Field(None, description="serve shards on this Ray cluster ('': RAY_ADDRESS or the local one)")
+    shards: list[Path] = Field(default_factory=list, description="shard index directories to serve (with ray)")
     model: str = Field(DEFAULT_MODEL, description="backbone of the demo index (--demo)")
     weights: str | None = Field(None, description="pretrained | random | PATH; default: the index's own")
     device: Literal["auto", "cpu", "cuda"] = "auto"

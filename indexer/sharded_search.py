@@ -1,0 +1,234 @@
+"""Search shard index directories held by Ray actors, with the single-index search code.
+
+One :class:`ShardServer` actor per shard holds its :class:`~indexer.gallery.Gallery` (FAISS
+index and patch store). The front (:class:`ShardedSearcher`, a :class:`~indexer.search.Searcher`)
+embeds the query batch once, fans the global search out to every shard, merges by score, gathers
+the candidates' stored features from their shards in one call per shard, and reranks them in
+one batch: the very code path of a local search, so over the same images the ranking is the
+same as one local index's (exact, ``Flat`` factory).
+
+A result's ``faiss_id`` is global: ``local_id * shards + shard``. A shard that fails or does not
+answer in time raises :class:`ShardUnavailableError` naming it; no result is ever made from
+the shards that did answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from reranker.backbones import Backbone
+
+from .build import backbone_for
+from .calibration import Calibration
+from .gallery import Gallery
+from .manifest import IndexMismatchError, Manifest
+from .metadata import ImageRow
+from .patch_store import Gathered
+from .search import Searcher
+from .vector_index import VectorSearcher, build_index
+
+#: Manifest fields every shard must share (queries are embedded once for all of them).
+SAME_FIELDS = ("model", "weights", "grid", "global_dim", "patch_dim", "patch_weights", "model_kwargs",
+               "preprocessing", "pca_dim")
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard failed or timed out; ``shard`` is its index and ``folder`` its directory."""
+
+    def __init__(self, shard: int, folder: str, reason: str) -> None:
+        super().__init__(f"shard {shard} ({folder}) is unavailable: {reason}; no partial result is returned")
+        self.shard, self.folder, self.reason = shard, folder, reason
+
+
+class ShardServer:
+    """A Ray actor's state: one shard's gallery, searched on the CPU."""
+
+    def __init__(self, folder: str) -> None:
+        self.gallery = Gallery.open(Path(folder))
+        self.vectors = VectorSearcher(self.gallery.faiss, torch.device("cpu"))
+
+    def describe(self) -> tuple[Manifest, dict[str, Any], Calibration | None]:
+        return self.gallery.manifest, self.gallery.info(), self.gallery.calibration
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.vectors.search(torch.from_numpy(queries), k)
+
+    def features(self, faiss_ids: list[int]) -> tuple[list[ImageRow], Gathered]:
+        """Rows and decoded features (this shard's own PCA / codes applied) of its images."""
+        return self.gallery.features(faiss_ids)
+
+    def row(self, image_id: str) -> ImageRow | None:
+        return self.gallery.row(image_id)
+
+    def paths(self) -> set[str]:
+        return {r.path for r in self.gallery.rows()}
+
+    def close(self) -> None:
+        self.gallery.close()
+
+
+@dataclass
+class _Shard:
+    folder: str
+    actor: Any
+
+
+class ShardedIndex:
+    """The gallery side of a sharded search: what :class:`Searcher` reads from a gallery
+    (``manifest``, ``calibration``, ``pca``, ``codec``, ``features``), served by the shard actors."""
+
+    pca = None  # features come back decoded by their own shard
+    codec = None
+
+    def __init__(self, folders: Sequence[Path], *, timeout_s: float = 30.0, cpus_per_shard: float = 0.0,
+                 start_timeout_s: float = 120.0) -> None:
+        """Start one actor per folder, spread over the nodes. ``cpus_per_shard`` is what each reserves
+        (default none: a shard mostly waits, and any number of shards fits any cluster)."""
+        if not folders:
+            raise ValueError("no shard directories given")
+        self.timeout_s = timeout_s
+        remote = ray.remote(num_cpus=cpus_per_shard, max_restarts=3, max_task_retries=0,
+                            scheduling_strategy="SPREAD")(ShardServer)
+        self.shards = [_Shard(str(Path(f).resolve()), remote.remote(str(Path(f).resolve()))) for f in folders]
+        self.folder = Path(self.shards[0].folder).parent
+        try:
+            described = self._all("describe", timeout=start_timeout_s)
+            self.manifest, self._infos = described[0][0], [d[1] for d in described]
+            for k, (manifest, _, _) in enumerate(described):
+                for name in SAME_FIELDS:
+                    if getattr(manifest, name) != getattr(self.manifest, name):
+                        raise IndexMismatchError(f"shard {k} ({self.shards[k].folder}) has {name} "
+                                                 f"{getattr(manifest, name)!r}, shard 0 {getattr(self.manifest, name)!r}")
+            self.calibration = _common_calibration([d[2] for d in described])
+        except BaseException:
+            self.close()
+            raise
+        self.faiss = build_index(np.zeros((0, self.manifest.global_dim), np.float32), np.zeros(0, np.int64))
+
+    # --- fan-out ---------------------------------------------------------------------
+    def _get(self, refs: dict[int, Any], timeout: float | None = None) -> dict[int, Any]:
+        """Every shard's answer, or :class:`ShardUnavailableError` for the first that fails."""
+        out = {}
+        for k, ref in refs.items():
+            try:
+                out[k] = ray.get(ref, timeout=self.timeout_s if timeout is None else timeout)
+            except GetTimeoutError:
+                raise ShardUnavailableError(k, self.shards[k].folder, "no answer in time") from None
+            except RayActorError as err:
+                raise ShardUnavailableError(k, self.shards[k].folder, type(err).__name__) from err
+            except RayTaskError as err:  # the shard is up; the call itself failed (e.g. KeyError): as it is
+                raise err.as_instanceof_cause() from None
+        return out
+
+    def _all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        refs = {k: getattr(s.actor, method).remote(*args) for k, s in enumerate(self.shards)}
+        answers = self._get(refs, timeout)
+        return [answers[k] for k in range(len(self.shards))]
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global top ``k`` over every shard: scores and global ids ``(Q, k)``, best first."""
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        n = len(self.shards)
+        parts = self._all("search", q, k)
+        scores = np.concatenate([s for s, _ in parts], axis=1)
+        ids = np.concatenate([np.where(i >= 0, i * n + shard, -1) for shard, (_, i) in enumerate(parts)], axis=1)
+        scores = np.where(ids >= 0, scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+    def features(self, faiss_ids: Sequence[int], decode: bool = True) -> tuple[list[ImageRow], Gathered]:
+        """Rows and stored features by global id, in that order, with one call per shard holding any."""
+        n = len(self.shards)
+        wanted: dict[int, list[int]] = {}
+        for pos, gid in enumerate(faiss_ids):
+            wanted.setdefault(int(gid) % n, []).append(pos)
+        refs = {shard: self.shards[shard].actor.features.remote([int(faiss_ids[p]) // n for p in pos])
+                for shard, pos in wanted.items()}
+        answers = self._get(refs)
+        rows: list[ImageRow | None] = [None] * len(faiss_ids)
+        for shard, pos in wanted.items():
+            for p, row in zip(pos, answers[shard][0]):
+                rows[p] = row
+        return rows, _merge([(wanted[s], answers[s][1]) for s in wanted], len(faiss_ids))  # type: ignore[return-value]
+
+    # --- the rest of a gallery's reads -------------------------------------------------
+    def row(self, image_id: str) -> ImageRow | None:
+        return next((r for r in self._all("row", image_id) if r is not None), None)
+
+    def referenced_paths(self) -> set[str]:
+        return set().union(*self._all("paths"))
+
+    def __len__(self) -> int:
+        return sum(i["images"] for i in self._infos)
+
+    def info(self) -> dict[str, Any]:
+        """Shard 0's facts, with the counts and sizes summed over the shards."""
+        info = dict(self._infos[0])
+        for key in ("images", "faiss_vectors", "segments", "patch_store_bytes"):
+            if all(key in i for i in self._infos):
+                info[key] = sum(i[key] for i in self._infos)
+        info["bytes_per_image"] = info.get("patch_store_bytes", 0) / info["images"] if info.get("images") else 0.0
+        info["shards"] = len(self.shards)
+        return info
+
+    def close(self) -> None:
+        for s in self.shards:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(s.actor)
+
+
+def _merge(parts: list[tuple[list[int], Gathered]], n: int) -> Gathered:
+    """One :class:`Gathered` from each shard's, each part's rows going to its positions."""
+    values = {}
+    for f in dataclasses.fields(Gathered):
+        first = getattr(parts[0][1], f.name)
+        if first is None:
+            values[f.name] = None
+            continue
+        out = np.empty((n, *np.shape(first)[1:]), np.asarray(first).dtype)
+        for positions, gathered in parts:
+            out[positions] = getattr(gathered, f.name)
+        values[f.name] = out
+    return Gathered(**values)
+
+
+def _common_calibration(calibrations: list[Calibration | None]) -> Calibration | None:
+    first = calibrations[0]
+    key = None if first is None else first.setting()
+    if any((c.setting() if c is not None else None) != key for c in calibrations):
+        raise IndexMismatchError("the shards have different calibrations: calibrate the sharded index as a whole")
+    return first
+
+
+class ShardedSearcher(Searcher):
+    """A :class:`Searcher` whose gallery is a :class:`ShardedIndex`: the same search, settings and
+    results; the global search fans out to the shards."""
+
+    def __init__(self, index: ShardedIndex, backbone: Backbone, device: torch.device | str = "cpu") -> None:
+        super().__init__(index, backbone, device)  # type: ignore[arg-type]
+        self.vectors = index
+
+    def refresh(self) -> None:
+        """Nothing to pick up: the shards are read-only here."""
+
+
+def open_sharded(folders: Sequence[Path], device: torch.device, weights: str | None = None, **options: Any
+                 ) -> ShardedSearcher:
+    """Start one actor per shard on the connected cluster and a searcher over them (the query is
+    embedded here, with the backbone that built the shards)."""
+    index = ShardedIndex(folders, **options)
+    try:
+        return ShardedSearcher(index, backbone_for(index.manifest, device, weights), device)
+    except BaseException:
+        index.close()
+        raise
