@@ -37,7 +37,15 @@ def _kwargs(text: str) -> dict:
     return value
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``eval`` and ``index calibrate``."""
+    from indexer.cli import subcommands_of
+
+    _add_eval(commands)
+    _add_calibrate(subcommands_of(commands, "index"))
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     from indexer.cli import DEFAULT_MODEL
 
     from .datasets import LOADERS
@@ -120,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_calibrate_command(index_commands: argparse._SubParsersAction) -> None:
+def _add_calibrate(index_commands: argparse._SubParsersAction) -> None:
     """``vit-rerank index calibrate DIR [--from LABELLED]``."""
     p = index_commands.add_parser(
         "calibrate", help="choose the reranking setting that beats the global search on labelled queries",

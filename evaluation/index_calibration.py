@@ -37,7 +37,7 @@ def index_marginals(gallery: Gallery) -> list[str]:
 
 def own_labels(gallery: Gallery) -> tuple[ClassSet, FeatureStore]:
     """The index's labelled images as a leave-one-out class set, with their stored features."""
-    rows = [r for r in gallery.db.all_rows() if r.label is not None]
+    rows = [r for r in gallery.rows() if r.label is not None]
     if not rows:
         raise ValueError(f"{gallery.folder} has no labelled images: calibrate with --from LABELLED "
                          "(a folder per class, or a pairs set with ground_truth.csv)")

@@ -1,7 +1,10 @@
 """Turn image records into committed index entries: embed, dedupe, store, commit in chunks.
 
-A build that is interrupted resumes where it stopped: rerunning it skips every id that a
-previous run already committed.
+The one recipe every caller shares (the CLI, the demo, the benchmarks, the Ray build):
+:func:`plan_index` (the manifest, checked before anything is written) →
+:func:`create_index` (the index directory) → :func:`add_records`; :func:`build_index` does all
+three. A build that is interrupted resumes where it stopped: rerunning :func:`add_records` skips
+every id that a previous run already committed.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from reranker.backbones import Backbone, create_backbone, weights_identity
-from reranker.backbones import NAMED_WEIGHTS
+from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, weights_identity
 
 from .atomic import write_json
 from .embedding import Failure, embed_records
@@ -22,7 +24,7 @@ from .gallery import Gallery, NewImages
 from .loading import LoadLimits
 from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow, now_iso
-from .pca import PatchPCA
+from .near_duplicates import finder_for
 from .sources import ImageRecord
 
 
@@ -35,7 +37,11 @@ class BuildReport:
     failures: list[Failure] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (id, id of the first copy)
     duplicates_skipped: bool = False
+    # (new id, id of an indexed image, global cosine): same photo resized / re-encoded / cropped (near_duplicates)
+    near_duplicates: list[tuple[str, str, float]] = field(default_factory=list)
+    near_duplicate_threshold: float | None = None  # None: no threshold measured for this backbone
     seconds: float = 0.0
+    notices: list[str] = field(default_factory=list)  # e.g. the FAISS index was retrained (never silent)
 
     @property
     def images_per_second(self) -> float:
@@ -60,6 +66,9 @@ def new_manifest(
     factory: str = "Flat",
     pca_dim: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    patch_codes: str | None = None,
+    max_index_memory: int | None = None,
+    target_recall: float = 0.95,
 ) -> Manifest:
     """The manifest of a new index made with ``backbone`` (its weights source and preprocessing)."""
     return Manifest(
@@ -74,7 +83,59 @@ def new_manifest(
         model_kwargs=dict(model_kwargs or {}),
         preprocessing=backbone.preprocessing,
         pca_dim=pca_dim,
+        patch_codes=patch_codes,
+        max_index_memory=max_index_memory,
+        target_recall=target_recall,
     )
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What a new index stores and how its global index is made (the manifest's choices beyond the
+    backbone). ``patch_weights=None``: :func:`default_patch_weights`."""
+
+    patch_weights: str | None = None
+    factory: str = "Flat"
+    pca_dim: int | None = None
+    patch_codes: str | None = None
+    max_index_memory: int | None = None
+    target_recall: float = 0.95
+
+
+def plan_index(backbone: Backbone, spec: IndexSpec = IndexSpec(), model_kwargs: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of a new index, checked before anything is written: the backbone can give the
+    patch weights (one blank image is embedded), the patch codes fit the patch width, the target
+    recall is a fraction. Raises ValueError naming what is wrong."""
+    from PIL import Image
+
+    from .embedding import embed_pil_images
+    from .patch_codes import parse_spec
+
+    kind = spec.patch_weights or default_patch_weights(backbone)
+    if kind != "uniform" and not backbone.supports_rollout:
+        raise ValueError(f"{backbone.name!r} has no global attention for {kind} weights: use --patch-weights uniform")
+    embed_pil_images(backbone, [Image.new("RGB", (64, 64))], kind)
+    if spec.patch_codes:
+        parse_spec(spec.patch_codes, spec.pca_dim or backbone.output_dim)
+    if not 0 < spec.target_recall <= 1:
+        raise ValueError("--target-recall must be in (0, 1]")
+    return new_manifest(backbone, patch_weights=kind, factory=spec.factory, pca_dim=spec.pca_dim,
+                        model_kwargs=model_kwargs, patch_codes=spec.patch_codes,
+                        max_index_memory=spec.max_index_memory, target_recall=spec.target_recall)
+
+
+def create_index(folder: Any, backbone: Backbone, spec: IndexSpec = IndexSpec(),
+                 model_kwargs: dict[str, Any] | None = None) -> Gallery:
+    """A new, empty index directory for ``backbone`` (FileExistsError if one is there), open."""
+    return Gallery.create(folder, plan_index(backbone, spec, model_kwargs))
+
+
+def build_index(folder: Any, backbone: Backbone, records: Sequence[ImageRecord], spec: IndexSpec = IndexSpec(), *,
+                model_kwargs: dict[str, Any] | None = None, **add_options: Any) -> BuildReport:
+    """A new index of ``records`` embedded by ``backbone`` (on its device), closed when done;
+    ``add_options`` are :func:`add_records`'s."""
+    with create_index(folder, backbone, spec, model_kwargs) as gallery:
+        return add_records(gallery, backbone, records, **add_options)
 
 
 def backbone_for(manifest: Manifest, device: torch.device, weights: str | None = None) -> Backbone:
@@ -110,28 +171,32 @@ def add_records(
     """
     start = time.perf_counter()
     report = BuildReport(duplicates_skipped=skip_duplicates)
+    near = finder_for(gallery, backbone.random_weights, report.duplicates)
+    report.near_duplicate_threshold = near.threshold if near else None
     existing = gallery.ids()
     todo = [r for r in records if r.id not in existing]
     report.already_indexed = len(records) - len(todo)
-    seen = gallery.db.hashes()
+    seen = gallery.content_hashes()
     pending: list[tuple[ImageRow, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
         patches = np.stack([p for _, _, p, _ in pending])
-        if gallery.manifest.pca_dim and gallery.pca is None:
-            gallery.pca = PatchPCA.fit(patches, gallery.manifest.pca_dim)
-            gallery.pca.save(gallery.folder)
+        gallery.fit_pca(patches)  # an index of reduced patches fits its PCA on its first chunk
+        reduced = gallery.reduce_patches(patches)
+        gallery.fit_codes(reduced)  # an index of patch codes trains them on its first chunk, like the PCA
         gallery.commit_new(
             NewImages(
                 rows=[row for row, *_ in pending],
                 global_features=np.stack([g for _, g, _, _ in pending]),
-                patch_features=gallery.reduce_patches(patches),
+                patch_features=reduced,
                 patch_weights=np.stack([w for *_, w in pending]),
             )
         )
         report.added += len(pending)
+        if near:
+            near.add([row.id for row, *_ in pending], np.stack([g for _, g, _, _ in pending]))
         pending.clear()
 
     for batch in embed_records(
@@ -159,6 +224,12 @@ def add_records(
     flush()
     if not gallery.trained and len(gallery):
         gallery.train()
+    elif report.added and (notice := gallery.retrain_if_outgrown()):
+        report.notices.append(notice)
+    if report.added and (notice := gallery.codes_notice()):
+        report.notices.append(notice)
+    if near:
+        report.near_duplicates = near.finish()
     report.seconds = time.perf_counter() - start
     if not save_report:
         return report

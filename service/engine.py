@@ -20,42 +20,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from indexer import Catalog, Gallery, ImageRecord, QueryResult, Searcher, SearchSettings, add_records, backbone_for
 from indexer.atomic import write_bytes
-from indexer.build import add_records, backbone_for
-from indexer.gallery import Gallery
 from indexer.loading import LoadLimits, content_hash
-from indexer.search import QueryResult, Searcher, SearchSettings
-from indexer.sources import ImageRecord
 from reranker.device import resolve_device
 
-from .catalog import Catalog
 from .decoding import DecodeGate, model_side, release_memory
+from .errors import DuplicateIdError, ImageRejectedError, NotImplementedHere, QueueFullError
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
 
 log = logging.getLogger("vit_rerank.service")
 
 UPLOADS = "uploads"
-
-
-class QueueFullError(RuntimeError):
-    """Too many queries are waiting; ``retry_after`` is a hint in seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the inference queue is full; retry in {retry_after} s")
-        self.retry_after = retry_after
-
-
-class DuplicateIdError(ValueError):
-    """An image with this id is already indexed."""
-
-
-class ImageRejectedError(ValueError):
-    """The indexer refused the image (``reason`` as in ``indexer.loading``)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -90,10 +67,11 @@ class Engine:
         limits: LoadLimits = LoadLimits(),
         metrics: ServiceMetrics | None = None,
         decode_gate: DecodeGate | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.gallery = gallery
         self.searcher = searcher
-        self.catalog = Catalog(gallery.folder)
+        self.catalog = catalog if catalog is not None else Catalog(gallery.folder)
         self.uploads = gallery.folder.resolve() / UPLOADS
         self.limits = limits
         self.metrics = metrics
@@ -114,17 +92,24 @@ class Engine:
         if settings.index is None:
             raise ValueError("no index directory given (--index DIR, VIT_RERANK_INDEX, or --demo)")
         device = resolve_device(settings.device)
-        gallery = Gallery.open(Path(settings.index).resolve())
-        try:
-            backbone = backbone_for(gallery.manifest, device, settings.weights)
-            searcher = Searcher(gallery, backbone, device)
-        except BaseException:
-            gallery.close()
-            raise
+        catalog = None
+        if settings.ray is not None:  # shards on a Ray cluster (service.ray_backend): read-only
+            from .ray_backend import open_shards
+
+            gallery, searcher, catalog = open_shards(settings.shards or [settings.index], settings.ray, device,
+                                                     settings.weights)
+        else:
+            gallery = Gallery.open(Path(settings.index).resolve())
+            try:
+                backbone = backbone_for(gallery.manifest, device, settings.weights)
+                searcher = Searcher(gallery, backbone, device)
+            except BaseException:
+                gallery.close()
+                raise
         limits = LoadLimits(max_pixels=settings.max_image_pixels, max_file_bytes=settings.max_upload_bytes)
         return cls(
             gallery, searcher, queue_size=settings.queue_size, max_batch=settings.max_batch,
-            batch_wait_ms=settings.wait_ms(device.type), limits=limits, metrics=metrics,
+            batch_wait_ms=settings.wait_ms(device.type), limits=limits, metrics=metrics, catalog=catalog,
         )
 
     # --- facts ---------------------------------------------------------------------
@@ -150,6 +135,15 @@ class Engine:
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def stored_features(self, faiss_ids: list[int]):
+        """The stored features (``indexer.patch_store.Gathered``) of images by FAISS id, read under the
+        index lock; None when one of them has left the index since (explanations, issue 14)."""
+        with self._lock:
+            try:
+                return self.gallery.features(faiss_ids)[1]
+            except (KeyError, AttributeError, NotImplementedError):  # gone, or a gallery that cannot tell
+                return None
 
     def resolve_marginals(self, marginals: str) -> str:
         return self.searcher.resolve_marginals(marginals)
@@ -240,8 +234,8 @@ class Engine:
             start = time.perf_counter()
             try:
                 with self._lock:
-                    results = self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True)
-                    weights = [self._reranked_weights(r) for r in results]
+                    results = [self._returned_plans_only(r) for r in
+                               self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True)]
             except BaseException as err:  # noqa: BLE001 - the worker must survive any query
                 log.exception("search failed")
                 for j in jobs:
@@ -251,7 +245,7 @@ class Engine:
             self._seconds_per_query = 0.8 * self._seconds_per_query + 0.2 * (done - start) / len(jobs)
             if self.metrics:
                 self.metrics.batch_size.observe(len(jobs))
-            for job, result, w in zip(jobs, results, weights):
+            for job, result in zip(jobs, results):
                 timings = {
                     "queue": (start - job.enqueued) * 1e3,
                     "embed": result.timings_ms["embed"],
@@ -261,13 +255,15 @@ class Engine:
                 }
                 if self.metrics:
                     self.metrics.observe_stages(timings)
-                job.future.set_result(SearchOutcome(result, timings, w, len(jobs)))
+                job.future.set_result(SearchOutcome(result, timings, result.candidate_weights, len(jobs)))
 
-    def _reranked_weights(self, result: QueryResult) -> dict[str, np.ndarray]:
-        """Keep the plans of the returned hits only, with their stored patch weights."""
-        hits = [h for h in result.hits if h.id in result.plans]
-        result.plans = {h.id: result.plans[h.id] for h in hits}
-        return {h.id: result.candidate_weights[h.id] for h in hits}
+    @staticmethod
+    def _returned_plans_only(result: QueryResult) -> QueryResult:
+        """The result with the plans and stored patch weights of its returned hits only (the reranked
+        candidates below ``top_k`` are not explained, so their plans are not kept)."""
+        kept = [h.id for h in result.hits if h.id in result.plans]
+        return dataclasses.replace(result, plans={i: result.plans[i] for i in kept},
+                                   candidate_weights={i: result.candidate_weights[i] for i in kept})
 
     # --- changing the index ----------------------------------------------------------
     def add_image(
@@ -283,8 +279,9 @@ class Engine:
         image_id = image_id or f"upload-{digest[:16]}"
         name = f"{hashlib.sha256(image_id.encode()).hexdigest()[:16]}-{digest[:16]}{suffix}"
         path = self.uploads / name  # never a name from the client
+        self._check_writable()
         with self._lock:
-            if self.gallery.db.rows_by_id([image_id]):
+            if self.gallery.row(image_id) is not None:
                 raise DuplicateIdError(f"an image with id {image_id!r} is already indexed")
             self.uploads.mkdir(exist_ok=True)
             created = not path.exists()  # else an orphan of a crash, with these very bytes: left as it is
@@ -318,8 +315,9 @@ class Engine:
         id and bytes (same file name) waits for both, and a crash in between leaves only an orphan file,
         removed at the next start.
         """
+        self._check_writable()
         with self._lock:
-            row = self.gallery.db.rows_by_id([image_id]).get(image_id)
+            row = self.gallery.row(image_id)
             if row is None:
                 return False
             try:
@@ -332,6 +330,12 @@ class Engine:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         return True
+
+    def _check_writable(self) -> None:
+        """501 where the gallery takes no changes (its ``read_only`` says why)."""
+        why = getattr(self.gallery, "read_only", None)
+        if why:
+            raise NotImplementedHere(why)
 
     def _remove_orphan_uploads(self) -> None:
         """Uploads that no committed image refers to (left by a crash between write and commit)."""

@@ -60,6 +60,16 @@ class Unprocessable(ServiceError):
     status = 422
 
 
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotImplementedHere(ServiceError):
+    """501: this service cannot do that (e.g. index changes on a sharded service)."""
+
+    status = 501
+
+
 class Unavailable(ServiceError):
     """503; with ``retry_after`` seconds, the ``Retry-After`` header says when to come back."""
 
@@ -71,20 +81,35 @@ class Unavailable(ServiceError):
         super().__init__(detail, headers=headers)
 
 
+# --- what the engine raises ---------------------------------------------------------------------
+class QueueFullError(Unavailable):
+    """Too many queries are waiting; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the inference queue is full; retry in {retry_after} s", retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class DuplicateIdError(Conflict):
+    """An image with this id is already indexed."""
+
+
+class ImageRejectedError(BadRequest):
+    """The indexer refused the image (``reason`` as in ``indexer.loading``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"the indexer refused the image ({reason}): {message}")
+        self.reason = reason
+        self.message = message
+
+
 def as_service_error(err: BaseException) -> ServiceError | None:
-    """The HTTP meaning of an exception raised below the service (engine, indexer), or None when it has
-    none (a bug: answered 500). The one table of such mappings."""
-    from .engine import DuplicateIdError, ImageRejectedError, QueueFullError
+    """The HTTP meaning of an exception, or None when it has none (a bug: answered 500). The one table
+    of mappings for exceptions that are not :class:`ServiceError` themselves."""
     from .explanations import ExplanationNotFound
 
     if isinstance(err, ServiceError):
         return err
-    if isinstance(err, QueueFullError):
-        return Unavailable(str(err), retry_after=err.retry_after)
-    if isinstance(err, DuplicateIdError):
-        return Conflict(str(err))
-    if isinstance(err, ImageRejectedError):
-        return BadRequest(f"the indexer refused the image ({err.reason}): {err}")
     if isinstance(err, ExplanationNotFound):
         return NotFound(str(err))
     return None
@@ -106,7 +131,6 @@ def install_error_handlers(app: FastAPI, extra: tuple[type[BaseException], ...] 
     """Answer every failure as ``{"detail": ...}`` JSON: service errors and the mapped lower-layer
     exceptions (:func:`as_service_error`) with their status, Starlette's own 404/405, request
     validation as 422, and anything else as a logged 500."""
-    from .engine import DuplicateIdError, ImageRejectedError, QueueFullError
     from .explanations import ExplanationNotFound
 
     async def mapped(_: Request, err: Exception) -> JSONResponse:
@@ -115,7 +139,7 @@ def install_error_handlers(app: FastAPI, extra: tuple[type[BaseException], ...] 
             return await internal(_, err)
         return _json(known)
 
-    for kind in (ServiceError, QueueFullError, DuplicateIdError, ImageRejectedError, ExplanationNotFound, *extra):
+    for kind in (ServiceError, ExplanationNotFound, *extra):
         app.add_exception_handler(kind, mapped)
 
     @app.exception_handler(StarletteHTTPException)  # routing's 404 / 405

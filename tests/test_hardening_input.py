@@ -316,7 +316,7 @@ def test_serve_flags_reach_uvicorn(index_dir, monkeypatch):
 
     import uvicorn
 
-    from service.cli import add_serve_command
+    from service.cli import register as add_serve_command
     from service.engine import Engine
 
     seen: dict = {}
