@@ -35,7 +35,7 @@ import logging
 import os
 import sqlite3
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,7 +51,8 @@ from .patch_store import Gathered, PatchStore
 from .index_plan import DEFAULT_MAX_MEMORY, IndexPlan, choose, tune
 from .patch_codes import PatchCodec
 from .pca import PatchPCA
-from .vector_index import (AUTO, add_vectors, build_index, index_ids, load_index, new_trained_index, remove_ids,
+from .verify import VerifyReport, verify_index
+from .vector_index import (AUTO, add_vectors, build_index, load_index, new_trained_index, remove_ids,
                            save_index)
 
 COMPACT_SMALL_ROWS = 256  # a segment holding fewer images than this is small
@@ -71,13 +72,6 @@ class NewImages:
     global_features: np.ndarray
     patch_features: np.ndarray
     patch_weights: np.ndarray
-
-
-@dataclass
-class VerifyReport:
-    ok: bool
-    problems: list[str] = field(default_factory=list)
-    checked: int = 0
 
 
 class Gallery:
@@ -264,7 +258,7 @@ class Gallery:
             patches = self.codec.encode(patches)
         digests = self.store.write_segment(segment, new.global_features, patches, new.patch_weights)
         self._make_writable()
-        if self._holds_faiss():
+        if self.holds_faiss():
             add_vectors(self.faiss, new.global_features, ids)
         checksums = {**self.checksums, str(segment): digests}
         try:
@@ -291,7 +285,7 @@ class Gallery:
         emptied = {seg for seg, k in taken.items() if seg in counts and counts[seg] <= k}
         faiss_ids = np.array([r.row for r in rows.values()], np.int64)
         self._make_writable()
-        if not self._holds_faiss():  # an untrained non-flat index: nothing in FAISS yet
+        if not self.holds_faiss():  # an untrained non-flat index: nothing in FAISS yet
             removed = len(faiss_ids)
         else:
             try:
@@ -438,7 +432,7 @@ class Gallery:
         from .index_plan import exact_top_k, recall_at_k
 
         vectors, qids = self.sample_global(queries, seed=seed)
-        if len(qids) == 0 or not self._holds_faiss():
+        if len(qids) == 0 or not self.holds_faiss():
             return {"recall_at_k": None, "k": k, "queries": 0}
         approx = self.faiss.search(np.ascontiguousarray(vectors), k + 1)[1]
         exact = exact_top_k(vectors, self.global_chunks(), k + 1)
@@ -491,7 +485,7 @@ class Gallery:
         self.faiss = self._build_faiss(without=faiss_ids)
         return len(faiss_ids)
 
-    def _holds_faiss(self) -> bool:
+    def holds_faiss(self) -> bool:
         """Whether FAISS holds the gallery's vectors (a non-flat index does not until trained)."""
         return self.trained or self.manifest.factory == "Flat"
 
@@ -509,7 +503,7 @@ class Gallery:
 
     def _commit_faiss(self, *, insert=(), delete_ids=(), segments=None, next_segment=None, checksums=None) -> None:
         generation = self.generation + 1
-        name = self._faiss_file(generation) if self._holds_faiss() else None
+        name = self._faiss_file(generation) if self.holds_faiss() else None
         if name is not None:
             save_index(self.faiss, self.folder / name)
         if self.codec is not None and self.codec_digest is None:
@@ -541,7 +535,7 @@ class Gallery:
     # --- checks --------------------------------------------------------------
     def faiss_description(self) -> str:
         """The FAISS index in use, e.g. ``IVF1024,Flat nprobe=16`` (``untrained`` before the first training)."""
-        if not self._holds_faiss():
+        if not self.holds_faiss():
             return "untrained (built at the end of the build)"
         desc = self.plan.factory if self.plan is not None else self.manifest.factory
         if self.plan is not None and self.plan.search_param:
@@ -584,76 +578,8 @@ class Gallery:
         }
 
     def verify(self, checksums: bool = True) -> VerifyReport:
-        """Check that FAISS, the patch store and the metadata agree, and (with ``checksums``) that every
-        segment file and the patch codebook are byte for byte what the commits recorded."""
-        problems: list[str] = []
-        conn = self.db.conn
-        meta_ids = np.fromiter((r for (r,) in conn.execute("SELECT row FROM images ORDER BY row")), np.int64)
-        n = len(meta_ids)
-        held = int(self.faiss.ntotal)
-        if self._holds_faiss():
-            faiss_ids = np.sort(index_ids(self.faiss))
-            if held != n:
-                problems.append(f"FAISS holds {held} vectors, the metadata {n} images")
-            if not np.array_equal(faiss_ids, meta_ids):
-                missing = len(np.setdiff1d(meta_ids, faiss_ids))
-                stale = len(np.setdiff1d(faiss_ids, meta_ids))
-                problems.append(f"{missing} images missing from FAISS, {stale} stale FAISS ids")
-        elif held:
-            problems.append(f"the index is not trained yet, but FAISS holds {held} vectors")
-        per_segment = conn.execute("SELECT segment, COUNT(*), MAX(offset) FROM images GROUP BY segment").fetchall()
-        for seg, count, last in per_segment:
-            if seg not in self.segments:
-                problems.append(f"segment {seg} is referenced by images but not live")
-                continue
-            recorded = self.checksums.get(str(seg))
-            if checksums and recorded:
-                try:
-                    actual = self.store.digests(seg)
-                except OSError as err:
-                    problems.append(f"segment {seg} unreadable: {err}")
-                    continue
-                bad = sorted(part for part in recorded if actual.get(part) != recorded[part])
-                if bad:
-                    problems.append(f"segment {seg}: {', '.join(bad)} file(s) differ from what was committed "
-                                    "(corrupt or half-written)")
-                    continue
-            try:
-                arrays = self.store.segment(seg)
-            except (OSError, ValueError) as err:
-                problems.append(f"segment {seg} unreadable: {err}")
-                continue
-            rows = len(arrays["global"])
-            patch = arrays[self.store.patch_part]
-            if len(patch) != rows or len(arrays["weights"]) != rows:
-                problems.append(f"segment {seg} has parts of different lengths")
-            if self.codec is not None and patch.shape[-1] != self.codec.subquantizers:
-                problems.append(f"segment {seg}: codes of {patch.shape[-1]} bytes, the codebook has "
-                                f"{self.codec.subquantizers} sub-quantizers")
-            if last >= rows:
-                problems.append(f"segment {seg}: offsets out of range ({last} >= {rows})")
-        problems += self._verify_codec()
-        if not problems and n and self.manifest.factory == "Flat":
-            sample = [(r, s, o) for r, s, o in conn.execute("SELECT row, segment, offset FROM images ORDER BY row "
-                                                            "LIMIT 256")]
-            stored = self.store.gather([(s, o) for _, s, o in sample]).global_features
-            recon = np.stack([self.faiss.reconstruct(int(r)) for r, _, _ in sample])
-            if not np.allclose(recon, stored, atol=1e-5):
-                problems.append("FAISS vectors differ from the stored global vectors")
-        return VerifyReport(ok=not problems, problems=problems, checked=n)
-
-    def _verify_codec(self) -> list[str]:
-        if not self.manifest.patch_codes or not len(self):
-            return []
-        if not PatchCodec.exists(self.folder):
-            return ["the index stores patch codes but codes.npz is missing"]
-        if self.codec_digest and PatchCodec.digest(self.folder) != self.codec_digest:
-            return ["codes.npz differs from the codebook that was committed (corrupt or half-written)"]
-        try:
-            PatchCodec.load(self.folder)
-        except (OSError, ValueError, KeyError) as err:
-            return [f"codes.npz unreadable: {err}"]
-        return []
+        """Check that FAISS, the patch store and the metadata agree (:func:`indexer.verify.verify_index`)."""
+        return verify_index(self, checksums)
 
 
 def open_index(folder: str | Path) -> Gallery:

@@ -33,14 +33,28 @@ def _sources() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Project module -> the project modules it imports (anywhere in the file, lazy imports too)."""
+    """Project module -> the project modules it imports at run time (anywhere in the file, lazy imports
+    too; not the annotation-only imports under ``if TYPE_CHECKING:``)."""
     sources = _sources()
     graph: dict[str, set[str]] = {}
     for name, path in sources.items():
         package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 deps.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
