@@ -95,12 +95,15 @@ def forward_features(
 
 
 def embed_pil_images(
-    backbone: Backbone, images: Sequence[Image.Image], kind: PerImageWeights
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features of in-memory images (e.g. a query) with one kind of patch weights, on the backbone's device."""
+    backbone: Backbone, images: Sequence[Image.Image], kind: PerImageWeights | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Features of in-memory images (e.g. a query) on the backbone's device: ``(B, D)``,
+    ``(B, G*G, D)`` and one kind of patch weights ``(B, G*G)``, or None with ``kind=None``.
+    Attention is captured only for kinds read from it (not for uniform or None): the forward
+    otherwise keeps its fused attention."""
     batch = torch.stack([backbone.transform(im.convert("RGB")) for im in images])
-    g, p, w = forward_features(backbone, batch, (kind,))
-    return g, p, w[kind]
+    g, p, w = forward_features(backbone, batch, () if kind is None else (kind,))
+    return g, p, None if kind is None else w[kind]
 
 
 def embed_records(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from .atomic import write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 PCA_NAME = "pca.npz"
 
@@ -19,6 +23,7 @@ class PatchPCA:
     def __init__(self, mean: np.ndarray, components: np.ndarray) -> None:
         self.mean = mean.astype(np.float32)
         self.components = components.astype(np.float32)
+        self._tensors: dict = {}  # device -> (mean, components.T) as torch tensors
 
     @property
     def dim(self) -> int:
@@ -42,6 +47,21 @@ class PatchPCA:
     def transform(self, patches: np.ndarray) -> np.ndarray:
         y = (patches.astype(np.float32) - self.mean) @ self.components.T
         return y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), 1e-12)
+
+    def transform_tensor(self, patches: "torch.Tensor") -> "torch.Tensor":
+        """:meth:`transform` in torch on the tensor's device: ``(..., D) -> (..., d)`` fp32,
+        ``normalise((x - mean) @ components.T)``; the (small) matrices are copied to that device
+        once and cached per device."""
+        import torch
+
+        device = patches.device
+        cached = self._tensors.get(device)
+        if cached is None:
+            cached = (torch.from_numpy(self.mean).to(device), torch.from_numpy(self.components).T.contiguous().to(device))
+            self._tensors[device] = cached
+        mean, components_t = cached
+        y = (patches.float() - mean) @ components_t
+        return y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-12)
 
     def save(self, folder: Path) -> None:
         buf = io.BytesIO()

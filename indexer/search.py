@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from reranker.backbones import Backbone
-from reranker.rerank import Features, RerankResult, rerank_batch
+from reranker.rerank import Features, rerank_batch
 
 from .embedding import embed_pil_images
 from .calibration import Calibration
@@ -136,6 +136,14 @@ class Searcher:
                              "patches; use rollout or uniform")
         return marginals
 
+    def query_weight_kind(self, marginals: str) -> str | None:
+        """The per-image weights a query needs for ``marginals``: the index's stored kind for
+        ``rollout`` (the only case that captures attention), ``uniform`` for uniform (no
+        attention), None for ``crosscorr`` (per-pair weights from the features alone)."""
+        if marginals == "rollout":
+            return self.gallery.manifest.patch_weights
+        return "uniform" if marginals == "uniform" else None
+
     def search(
         self, images: Sequence[Image.Image], settings: SearchSettings = SearchSettings(), keep_plans: bool = False
     ) -> list[QueryResult]:
@@ -144,22 +152,29 @@ class Searcher:
         The batch is embedded in one forward, searched in one FAISS call and reranked in one
         batched OT solve (the candidates' stored features go to the device together). Each
         query's ``timings_ms`` are the batch's stage times: what every query of it waited.
-        With ``keep_plans`` each result also keeps, per reranked candidate, its transport plan
-        and its stored patch weights (what an explanation picture needs).
+        The query is embedded with attention capture only when its own weights are the OT
+        marginal (``rollout``); ``query_weights`` are then those weights, uniform ones for
+        ``uniform`` and None for ``crosscorr`` (whose weights are per pair).
+        Everything stays on the searcher's device except what the caller reads: the top
+        hits' scores; with ``keep_plans`` also, per reranked candidate, its transport plan and
+        stored patch weights, and the query's features (what an explanation picture needs).
+        Without it ``query_global``/``query_patches``/``query_weights`` stay on the device.
         """
         settings = self.effective(settings)
         marginals = settings.marginals
         t0 = time.perf_counter()
-        g, p, w = embed_pil_images(self.backbone, images, self.gallery.manifest.patch_weights)
+        g, p, w = embed_pil_images(self.backbone, images, self.query_weight_kind(marginals))
         if self.gallery.pca is not None:
-            p = torch.from_numpy(self.gallery.pca.transform(p.cpu().numpy())).to(self.device)
+            p = self.gallery.pca.transform_tensor(p)  # on the device
         t1 = time.perf_counter()
         scores, ids = self.vectors.search(g, max(settings.top_k, settings.rerank_k))
         t2 = time.perf_counter()
         candidates = [self._candidates(scores[q], ids[q], settings.rerank_k) for q in range(len(images))]
-        reranked = self._rerank(g, p, w, candidates, settings, marginals)
+        reranked = self._rerank(g, p, w, candidates, settings, marginals, keep_plans)
+        if keep_plans:  # one copy each for the whole batch
+            g, p, w = g.cpu(), p.cpu(), None if w is None else w.cpu()
         results = [
-            self._result(g[q], p[q], w[q], candidates[q], reranked[q], settings, marginals, keep_plans)
+            self._result(g[q], p[q], None if w is None else w[q], candidates[q], reranked[q], settings, marginals)
             for q in range(len(images))
         ]
         t3 = time.perf_counter()
@@ -173,48 +188,65 @@ class Searcher:
     def _candidates(self, scores: np.ndarray, ids: np.ndarray, rerank_k: int) -> "_Candidates":
         valid = ids >= 0  # FAISS pads with -1 when it finds fewer than asked
         scores, ids = scores[valid], ids[valid]
-        rows, feats = self.gallery.features([int(i) for i in ids]) if len(ids) else ([], None)
-        return _Candidates(scores, ids, rows, feats, min(rerank_k, len(ids)))
+        k = min(rerank_k, len(ids))
+        rows, feats = self.gallery.features([int(i) for i in ids], decode=False) if len(ids) else ([], None)
+        return _Candidates(scores, ids, rows, feats, k)
 
-    def _rerank(self, g, p, w, candidates: list["_Candidates"], settings: SearchSettings, marginals: str):
-        """One batched solve over every query with the same number of candidates to rerank."""
-        out: list[tuple[RerankResult, int] | None] = [None] * len(candidates)  # (batch result, row)
+    def _stacked_candidates(self, candidates: list["_Candidates"], qs: list[int], K: int) -> tuple[Features, torch.Tensor]:
+        """The first ``K`` candidates of the queries ``qs`` as one batch on the device (one copy
+        per part); in an index of patch codes the codes are decoded there, by a gather of
+        centroids (rounded to float16, as stored patch vectors are)."""
+        dev = self.device
+
+        def stacked(part: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([getattr(candidates[q].feats, part)[:K] for q in qs])).to(dev)
+
+        patches = stacked("patch_features")
+        if self.gallery.codec is not None:
+            patches = self.gallery.decode_patches(patches, dev).to(torch.float16)
+        scores = torch.from_numpy(np.stack([candidates[q].scores[:K] for q in qs])).to(dev)
+        return Features(stacked("global_features"), patches, stacked("patch_weights")), scores
+
+    def _rerank(self, g, p, w, candidates: list["_Candidates"], settings: SearchSettings, marginals: str,
+                keep_plans: bool) -> list["_Reranked | None"]:
+        """One batched solve over every query with the same number of candidates to rerank; what
+        comes back to the CPU is each query's top hits (order, sigma, final score) and, with
+        ``keep_plans``, the plans."""
+        out: list[_Reranked | None] = [None] * len(candidates)
         by_k: dict[int, list[int]] = {}
         for q, c in enumerate(candidates):
             if c.k > 0:
                 by_k.setdefault(c.k, []).append(q)
-        dev = self.device
         for K, qs in by_k.items():
-            def stacked(part: str) -> torch.Tensor:
-                return torch.from_numpy(np.stack([getattr(candidates[q].feats, part)[:K] for q in qs])).to(dev)
-
+            feats, scores = self._stacked_candidates(candidates, qs, K)
             res = rerank_batch(
-                Features(g[qs], p[qs], w[qs]),
-                Features(stacked("global_features"), stacked("patch_features"), stacked("patch_weights")),
-                torch.from_numpy(np.stack([candidates[q].scores[:K] for q in qs])).to(dev),
+                Features(g[qs], p[qs], None if w is None else w[qs]), feats, scores,
                 marginals=marginals, s=settings.s, lam=settings.lam, eps=settings.eps,
             )
+            top = res.order[:, : settings.top_k]  # the reranked candidates that can be returned
+            picked = torch.stack((top.to(torch.float64), res.structural_scores.gather(1, top).double(),
+                                  res.final_scores.gather(1, top).double())).cpu()  # one copy: (3, Q, top)
+            order = picked[0].long().tolist()
+            sigma, final = picked[1].tolist(), picked[2].tolist()
+            plans = res.plans.cpu() if keep_plans else None
             for i, q in enumerate(qs):
-                out[q] = (res, i)
+                out[q] = _Reranked(order[i], sigma[i], final[i], None if plans is None else plans[i])
         return out
 
-    def _result(self, g, p, w, c: "_Candidates", reranked: "tuple[RerankResult, int] | None", settings, marginals,
-                keep_plans) -> QueryResult:
+    def _result(self, g, p, w, c: "_Candidates", reranked: "_Reranked | None", settings, marginals) -> QueryResult:
         order = list(range(len(c.ids)))
         structural: list[float | None] = [None] * len(c.ids)
         final = [float(x) for x in c.scores]
         plans: dict[str, torch.Tensor] = {}
         weights: dict[str, np.ndarray] = {}
         if reranked is not None:
-            res, row = reranked
-            order = res.order[row].tolist() + order[c.k :]  # beyond K: global order, below the reranked
-            sigma, finals = res.structural_scores[row].tolist(), res.final_scores[row].tolist()
-            for i in range(c.k):
-                structural[i], final[i] = sigma[i], finals[i]
-            if keep_plans:
-                plan = res.plans[row].cpu()
+            # reranked.order holds min(top_k, K) positions; beyond K: global order, below the reranked
+            order = reranked.order + order[c.k :]
+            for i, sigma, fin in zip(reranked.order, reranked.sigma, reranked.final):
+                structural[i], final[i] = sigma, fin
+            if reranked.plans is not None:
                 # clone: a view would keep the whole batch's plans alive wherever one result is kept
-                plans = {c.rows[i].id: plan[i].clone() for i in range(c.k)}
+                plans = {c.rows[i].id: reranked.plans[i].clone() for i in range(c.k)}
                 weights = {c.rows[i].id: c.feats.patch_weights[i].astype(np.float32) for i in range(c.k)}
         hits = []
         for after, i in enumerate(order[: settings.top_k]):
@@ -223,9 +255,19 @@ class Searcher:
                             int(c.ids[i])))
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
-            query_global=g.cpu(), query_patches=p.cpu(), query_weights=w.cpu(), plans=plans,
-            candidate_weights=weights,
+            query_global=g, query_patches=p, query_weights=w, plans=plans, candidate_weights=weights,
         )
+
+
+@dataclass
+class _Reranked:
+    """What comes back to the CPU of one query's rerank: the positions (among its K) of its first
+    ``top_k`` by final score, their sigma and final scores, and its ``(K, n, m)`` plans if kept."""
+
+    order: list[int]
+    sigma: list[float]
+    final: list[float]
+    plans: torch.Tensor | None
 
 
 @dataclass

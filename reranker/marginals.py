@@ -64,8 +64,12 @@ def cross_correlation_weights(
     ``mu_x[i] ~ relu(g_q . f_x[i])`` and ``mu_q[j] ~ relu(f_q[j] . g_x)``, each divided by
     its sum + 1e-5. Returns ``(mu_q (Q, K, n), mu_x (Q, K, m))``.
     """
-    mu_x = torch.relu(torch.einsum("qd,qkmd->qkm", query_global, cand_patches))
-    mu_q = torch.relu(torch.einsum("qnd,qkd->qkn", query_patches, cand_global))
-    mu_x = mu_x / (mu_x.sum(-1, keepdim=True) + _DIML_EPS)
-    mu_q = mu_q / (mu_q.sum(-1, keepdim=True) + _DIML_EPS)
-    return mu_q, mu_x
+    mu_x = torch.einsum("qd,qkmd->qkm", query_global, cand_patches)
+    mu_q = torch.einsum("qnd,qkd->qkn", query_patches, cand_global)
+    return diml_normalise(mu_q), diml_normalise(mu_x)
+
+
+def diml_normalise(cosines: torch.Tensor) -> torch.Tensor:
+    """DIML's weights from raw cosines ``(..., n)``: ``relu(c) / (sum relu(c) + 1e-5)``."""
+    w = torch.relu(cosines)
+    return w / (w.sum(-1, keepdim=True) + _DIML_EPS)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .marginals import MARGINALS, Marginals, cross_correlation_weights, uniform_weights
+from .marginals import MARGINALS, Marginals, diml_normalise, uniform_weights
 from .ot import sinkhorn
 from .rollout import normalise_weights
 
@@ -82,32 +82,78 @@ def _validate(query: Features, cands: Features, global_scores: torch.Tensor | No
         raise ValueError(f"query patch weights must be {tuple(fq.shape[:-1])}")
     if cands.patch_weights is not None and cands.patch_weights.shape != fx.shape[:-1]:
         raise ValueError(f"candidate patch weights must be {tuple(fx.shape[:-1])}")
+    # The patch grids (the bulk of the input) are checked through their cosines: see _check_similarity.
     for name, t in (
-        ("query global features", gq), ("query patch features", fq),
-        ("candidate global features", gx), ("candidate patch features", fx),
+        ("query global features", gq), ("candidate global features", gx),
         ("query patch weights", query.patch_weights), ("candidate patch weights", cands.patch_weights),
         ("global scores", global_scores),
     ):
         _check_finite(name, t)
 
 
-def _marginals(query: Features, cands: Features, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    Q, K, m = cands.patch_features.shape[:3]
+def similarity(fq: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """Cosines ``S[q, k, i, j] = fq[q, i] . fx[q, k, j]`` of ``(Q, n, D)`` and ``(Q, K, m, D)`` in one bmm.
+
+    ``(Q, K*m, D) @ (Q, D, n)`` is one GEMM per query (the query's grid is shared by its K
+    candidates) instead of K small ones; the result is ``S^T`` laid out ``(Q, K, m, n)`` and
+    comes back as the ``(Q, K, n, m)`` view, which the solver turns into its kernel and transpose.
+    """
+    return _cosines(fq, fx)[0]
+
+
+def _cosines(
+    fq: torch.Tensor, fx: torch.Tensor, extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`similarity`, and with ``extra (Q, D)`` also ``extra[q] . fx[q, k, j]`` ``(Q, K, m)``
+    from the same GEMM (one more column: ``fx``, the bulk, is read once)."""
+    Q, K, m, D = fx.shape
+    n = fq.shape[1]
+    rhs = fq if extra is None else torch.cat([fq, extra.unsqueeze(1)], dim=1)  # (Q, n [+1], D)
+    st = torch.bmm(fx.reshape(Q, K * m, D), rhs.transpose(1, 2)).view(Q, K, m, -1)  # (Q, K, m, n [+1])
+    S = st[..., :n].transpose(-1, -2)
+    return S, None if extra is None else st[..., n]
+
+
+def _crosscorr_marginals(query: Features, cands: Features, fq: torch.Tensor, fx: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosines and DIML's marginals together: ``S (Q, K, n, m)``, ``mu_q (Q, K, n)``, ``mu_x (Q, K, m)``.
+
+    ``g_q . f_x`` rides along the cosine GEMM as one more query column and ``f_q . g_x`` is a
+    small ``(Q, K, D) @ (Q, D, n)`` bmm: the same weights as
+    :func:`reranker.marginals.cross_correlation_weights` without a second pass over ``fx``."""
+    _check_crosscorr_dims(query)
+    S, gq_fx = _cosines(fq, fx, query.global_features.float())
+    fq_gx = torch.bmm(cands.global_features.float(), fq.transpose(1, 2))  # (Q, K, n)
+    return S, diml_normalise(fq_gx), diml_normalise(gq_fx)
+
+
+def _check_crosscorr_dims(query: Features) -> None:
+    if query.global_features.shape[-1] != query.patch_features.shape[-1]:
+        raise ValueError(
+            "cross-correlation marginals compare global vectors with patch vectors, which need the same "
+            f"dimension (here {query.global_features.shape[-1]} and {query.patch_features.shape[-1]}, "
+            "e.g. patches reduced by a PCA): use rollout or uniform marginals"
+        )
+
+
+def _check_similarity(S: torch.Tensor, fq: torch.Tensor, fx: torch.Tensor) -> None:
+    """A NaN or inf in either grid makes a row or column of ``S`` non-finite (``inf * 0`` is NaN),
+    so one reduction over ``S`` (``Q*K*n*m``) replaces one over the grids (``Q*K*m*D``); the grids
+    are only scanned, to name the culprit, when ``S`` is not finite."""
+    if torch.isfinite(S.sum()):
+        return
+    _check_finite("query patch features", fq)
+    _check_finite("candidate patch features", fx)
+    raise ValueError("patch features give non-finite cosines (are they L2-normalised?)")
+
+
+def _marginals(query: Features, cands: Features, kind: str, fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu_q, mu_x)`` of the per-image kinds (``uniform``, ``rollout``); ``fx (Q, K, m, D)``."""
+    Q, K, m = fx.shape[:3]
     n = query.patch_features.shape[1]
-    device = cands.patch_features.device
+    device = fx.device
     if kind == "uniform":
         return uniform_weights((Q, 1), n, device), uniform_weights((Q, K), m, device)
-    if kind == "crosscorr":
-        if query.global_features.shape[-1] != query.patch_features.shape[-1]:
-            raise ValueError(
-                "cross-correlation marginals compare global vectors with patch vectors, which need the same "
-                f"dimension (here {query.global_features.shape[-1]} and {query.patch_features.shape[-1]}, "
-                "e.g. patches reduced by a PCA): use rollout or uniform marginals"
-            )
-        return cross_correlation_weights(
-            query.global_features.float(), query.patch_features.float(),
-            cands.global_features.float(), cands.patch_features.float(),
-        )
     if query.patch_weights is None or cands.patch_weights is None:
         raise ValueError("rollout marginals need the patch weights of the query and of every candidate")
     return query.patch_weights.unsqueeze(1), cands.patch_weights
@@ -149,13 +195,15 @@ def rerank_batch(
     if global_scores is None:
         global_scores = torch.einsum("qd,qkd->qk", gq, gx)
     global_scores = global_scores.float().to(gx.device)
-    fq = query.patch_features.float().unsqueeze(1)  # (Q, 1, n, D)
+    fq = query.patch_features.float()  # (Q, n, D)
     fx = candidates.patch_features.float()  # (Q, K, m, D)
-    similarity = torch.matmul(fq, fx.transpose(-1, -2))  # (Q, K, n, m)
-    mu_q, mu_x = _marginals(query, candidates, marginals)
-    result = sinkhorn(
-        similarity, _normalised(mu_q), _normalised(mu_x), eps=eps, s=s, max_iter=max_iter, tol=tol
-    )
+    if marginals == "crosscorr":
+        S, mu_q, mu_x = _crosscorr_marginals(query, candidates, fq, fx)  # S (Q, K, n, m)
+    else:
+        S = similarity(fq, fx)
+        mu_q, mu_x = _marginals(query, candidates, marginals, fx)
+    _check_similarity(S, fq, fx)
+    result = sinkhorn(S, _normalised(mu_q), _normalised(mu_x), eps=eps, s=s, max_iter=max_iter, tol=tol)
     final = global_scores + lam * result.sigma
     order = torch.sort(final, dim=1, descending=True, stable=True).indices
     return RerankResult(

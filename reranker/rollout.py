@@ -126,6 +126,12 @@ class PatchWeightAccumulator:
     def needs_attention(self) -> bool:
         return any(k != "uniform" for k in self.kinds)
 
+    @property
+    def last_block_only(self) -> bool:
+        """True when only the last block's attention is read (``last_cls`` alone, besides
+        uniform): a backbone may then capture that block alone and keep the others fused."""
+        return self.needs_attention and all(k in ("last_cls", "uniform") for k in self.kinds)
+
     def __call__(self, attention: torch.Tensor, layout: AttentionGrid) -> None:
         """Fold one block's attention into the running state."""
         layout = AttentionGrid(tuple(layout[0]), tuple(layout[1]), int(layout[2]))

@@ -68,7 +68,7 @@ class QueryExplanations:
     """The cached state of one query."""
 
     query_view: Image.Image  # the centre crop the model saw
-    query_weights: np.ndarray
+    query_weights: np.ndarray | None  # None: the search used per-pair marginals (crosscorr)
     grid: int
     matches: dict[str, Match]
     pictures: dict[tuple[str, PictureOptions], bytes] = field(default_factory=dict)
@@ -82,7 +82,8 @@ class QueryExplanations:
         views = [v for v in (self.query_view, self.query_sharp) if v is not None]
         pixels = sum(v.width * v.height * 4 for v in views)  # Pillow keeps RGB in 4 bytes a pixel
         arrays = sum(m.nbytes() for m in self.matches.values())
-        return pixels + arrays + self.query_weights.nbytes + sum(len(p) for p in self.pictures.values()) + 1024
+        weights = 0 if self.query_weights is None else self.query_weights.nbytes
+        return pixels + arrays + weights + sum(len(p) for p in self.pictures.values()) + 1024
 
 
 def sharp_view(image: Image.Image, transform: Callable, side: int = DEFAULT_PANEL) -> Image.Image:
@@ -223,7 +224,7 @@ class ExplanationCache:
             return len(self._cache)
 
 
-def ot_marginals(kind: str, query_weights: np.ndarray, candidate_weights: np.ndarray, query_global: np.ndarray,
+def ot_marginals(kind: str, query_weights: np.ndarray | None, candidate_weights: np.ndarray, query_global: np.ndarray,
                  query_patches: np.ndarray, candidate_global: np.ndarray, candidate_patches: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The unit-mass marginals the reranker used for one pair (as ``reranker.rerank`` computes them)."""
@@ -260,7 +261,7 @@ def build_entry(view: Image.Image, sharp: Image.Image | None, outcome: Any, engi
     s = float(settings.s) if settings is not None and settings.s is not None else 1.0
     g_q = np.asarray(result.query_global, dtype=np.float32)
     f_q = np.asarray(result.query_patches, dtype=np.float32)
-    w_q = np.asarray(result.query_weights, dtype=np.float32)
+    w_q = None if result.query_weights is None else np.asarray(result.query_weights, dtype=np.float32)
     stored = engine.stored_features([h.faiss_id for h in hits])
     matches = {}
     for k, h in enumerate(hits):

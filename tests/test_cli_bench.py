@@ -19,7 +19,14 @@ def test_bench_ot_json_small():
     assert summary["speedup_vs_pot_solve_batch"] > 0
     solvers = {row["solver"].split(" (")[0] for row in summary["rows"]}
     assert {"vit-rerank sinkhorn", "POT ot.solve_batch(log_sinkhorn)", "POT ot.sinkhorn, one pair at a time"} <= solvers
-    assert len(summary["rows"]) == 2 * 2 * 3  # (1 query, a batch) x (s = 1, 0.9) x three solvers
+    # (1 query, a batch) x (s = 1, 0.9) x three solvers, then the native 256 x 256 grid at s = 0.9
+    assert len(summary["rows"]) == 2 * 2 * 3 + 3
+    assert {row["problem"] for row in summary["rows"]} == {"1x8x49x49", "2x8x49x49", "1x8x256x256"}
+    whole = summary["whole_rerank"]
+    assert whole["problem"] == "1x8x49x49, D=384" and whole["time_ms"] > 0 and whole["iterations"] >= 1
+    goals = summary["goals"]
+    assert goals["rerank_met"] == (goals["rerank_ms"] < 2.0)
+    assert goals["vs_solve_batch_met"] == (goals["ot_vs_pot_solve_batch"] >= 60)
 
 
 def test_bench_index_json_small(tmp_path):

@@ -341,3 +341,86 @@ def test_another_model_or_weights_file_is_refused(flat_gallery, tmp_path):
 def test_manifest_round_trip_keeps_every_field(flat_gallery):
     again = Manifest.load(flat_gallery.folder)
     assert again == flat_gallery.manifest
+
+
+# --- the query path does no work it does not need (issue 13) -----------------------------------------------
+
+
+def _count_attention_captures(monkeypatch) -> list[int]:
+    """Count the blocks whose attention the rollout accumulator is fed."""
+    from reranker.rollout import PatchWeightAccumulator
+
+    calls = [0]
+    original = PatchWeightAccumulator.__call__
+
+    def counting(self, attention, layout):
+        calls[0] += 1
+        return original(self, attention, layout)
+
+    monkeypatch.setattr(PatchWeightAccumulator, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("marginals", ["crosscorr", "uniform"])
+def test_query_is_embedded_without_attention_unless_rollout_needs_it(flat_gallery, backbone, photos, monkeypatch,
+                                                                      marginals):
+    searcher = Searcher(flat_gallery, backbone)
+    image = [load_image(photos[4])]
+    settings = SearchSettings(top_k=8, rerank_k=8, marginals=marginals)
+    calls = _count_attention_captures(monkeypatch)
+    fused = [m.fused_attn for m in backbone.model.blocks.modules() if hasattr(m, "fused_attn")]
+    seen: list[bool] = []
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, _i: seen.append(m.fused_attn)) for blk in backbone.model.blocks]
+    try:
+        fast = searcher.search(image, settings, keep_plans=True)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[0] == 0 and seen == fused  # no capture: every block ran with its own (fused) setting
+    w = fast.query_weights
+    assert w is None if marginals == "crosscorr" else torch.allclose(w, torch.full((49,), 1 / 49))
+    # The same ranking and scores as a search that captures attention (the old query path).
+    monkeypatch.setattr(Searcher, "query_weight_kind", lambda self, m: "rollout")
+    slow = searcher.search(image, settings)[0]
+    assert calls[0] == len(backbone.model.blocks)
+    assert [h.id for h in fast.hits] == [h.id for h in slow.hits]
+    for a, b in zip(fast.hits, slow.hits):
+        assert abs(a.final_score - b.final_score) < 1e-4
+
+
+def test_rollout_search_captures_attention_and_returns_the_weights_used(flat_gallery, backbone, photos, monkeypatch):
+    calls = _count_attention_captures(monkeypatch)
+    res = Searcher(flat_gallery, backbone).search([load_image(photos[4])], SearchSettings(marginals="rollout"))[0]
+    assert calls[0] == len(backbone.model.blocks)
+    _, stored = flat_gallery.features([[h for h in res.hits if h.id == photos[4].name][0].faiss_id])
+    np.testing.assert_allclose(res.query_weights.numpy(), stored.patch_weights[0], atol=1e-5)
+
+
+def test_last_cls_captures_the_last_block_only(backbone, photos, monkeypatch):
+    """``last_cls`` reads the last block's CLS row: only that block is captured, the others keep
+    fused attention, and the weights equal those of a full capture."""
+    batch = torch.stack([backbone.transform(load_image(p)) for p in photos[:3]])
+    full = backbone(batch, with_attention=True, patch_weights=("last_cls",)).patch_weights["last_cls"]
+    calls = _count_attention_captures(monkeypatch)
+    fused_seen: list[bool] = []
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, _i: fused_seen.append(m.fused_attn))
+             for blk in backbone.model.blocks]
+    try:
+        fast = backbone(batch, patch_weights=("last_cls",)).patch_weights["last_cls"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[0] == 1
+    assert fused_seen[-1] is False and fused_seen[:-1] == [blk.attn.fused_attn for blk in backbone.model.blocks][:-1]
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+
+
+def test_pca_in_torch_matches_numpy():
+    from indexer.pca import PatchPCA
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    pca = PatchPCA.fit(x, 8)
+    got = pca.transform_tensor(torch.from_numpy(x[:40]).view(5, 8, 32))
+    assert got.shape == (5, 8, 8) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.reshape(40, 8).numpy(), pca.transform(x[:40]), atol=1e-5)

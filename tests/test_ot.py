@@ -223,3 +223,106 @@ def test_far_patch_problem_does_not_disturb_its_batch(s):
     alone = sinkhorn(S[easy], a, b[easy], eps=eps, s=s)
     torch.testing.assert_close(res.sigma[easy], alone.sigma, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.plan[easy], alone.plan, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("s", [1.0, 0.6])
+def test_padded_kernel_is_the_dummy_construction(s):
+    """The kernel built contiguously and then padded equals the method's (n+1) x (m+1) kernel:
+    exp((S - 1) / eps) inside, 1 - s on the dummy row and column, 0 dummy-to-dummy."""
+    from reranker.ot import _plain_kernel
+
+    S = torch.rand(3, 4, 5) * 2 - 1
+    a, b = torch.full((3, 4), 0.25), torch.full((3, 5), 0.2)
+    K, a_full, b_full, core_min = _plain_kernel(S, a, b, 0.05, s)
+    core = torch.exp((S - 1) / 0.05)
+    assert core_min == float(core.min())  # the plain/log domain test reads the real entries only
+    if s == 1.0:
+        torch.testing.assert_close(K, core)
+        return
+    expected = torch.full((3, 5, 6), 1 - s)
+    expected[:, :4, :5] = core
+    expected[:, 4, 5] = 0.0
+    torch.testing.assert_close(K, expected)
+    torch.testing.assert_close(a_full[:, -1], torch.full((3,), 1 - s))
+    torch.testing.assert_close(b_full[:, -1], torch.full((3,), 1 - s))
+
+
+# --- the default stop against the converged solution (issue 13) ------------------------------------------
+
+
+def converged_sigma(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """sigma of our solver (fp32 iterations) run to an L1 marginal error of 1e-6 (fp32 stalls near 1e-7)."""
+    return sinkhorn(S, a, b, s=s, tol=1e-6, max_iter=5000).sigma.double()
+
+
+def pot_partial_sigma(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> np.ndarray:
+    """POT's float64 batched Sinkhorn on the dummy-augmented problem (the bench's construction)."""
+    from vit_rerank.bench.ot import pot_problem, sigma_of
+
+    M, A, B = pot_problem(S.double(), a.double(), b.double(), s)
+    res = ot.solve_batch(M, reg=0.05, a=A, b=B, max_iter=20000, tol=1e-9, method="sinkhorn")
+    return sigma_of(res.plan, S.double()).numpy()
+
+
+def assert_default_stop_is_close(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> None:
+    """The default settings keep |d sigma| <= 1e-4 against the converged solution and POT, which
+    agree with each other far more tightly (so the 1e-4 is the solver's, not the oracle's)."""
+    fast = sinkhorn(S, a, b, s=s)
+    ref = converged_sigma(S, a, b, s).reshape(-1).numpy()
+    pot = pot_partial_sigma(S, a, b, s)
+    assert np.abs(ref - pot).max() < 1e-5
+    sigma = fast.sigma.reshape(-1).double().numpy()
+    assert np.abs(sigma - ref).max() <= 1e-4 and np.abs(sigma - pot).max() <= 1e-4
+    assert float(fast.marginal_error.max()) < 2e-4
+
+
+@pytest.mark.parametrize("s", [1.0, 0.9, 0.5])
+def test_default_stop_is_within_1e4_of_converged_on_clustered_problems(s):
+    S, a, b = patch_problem(1, 16, seed=3)  # clustered: the hard, slow-converging kind
+    assert_default_stop_is_close(S, a, b, s)
+
+
+def test_transposed_similarity_is_solved_as_the_transposed_problem():
+    """A similarity given as a transposed view (what reranker.rerank.similarity returns) is solved in
+    its own memory order: same sigma as the contiguous copy, the plan meets both marginals."""
+    S, a, b = patch_problem(1, 6, n=12, m=9)
+    view = S.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert view.stride(-2) == 1 and torch.equal(view, S)
+    for s in (1.0, 0.7):
+        got = sinkhorn(view, a, b, s=s, tol=1e-7, max_iter=5000)
+        want = sinkhorn(S.contiguous(), a, b, s=s, tol=1e-7, max_iter=5000)
+        assert got.plan.shape == want.plan.shape == S.shape
+        torch.testing.assert_close(got.sigma, want.sigma, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.plan, want.plan, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.transported_mass, torch.full((1, 6), s), atol=1e-5, rtol=0)
+        assert bool((got.plan.sum(-1) <= a + 1e-5).all()) and bool((got.plan.sum(-2) <= b + 1e-5).all())
+
+
+def test_any_omega_takes_the_same_path_to_the_same_answer():
+    """omega = 1.5 (x sqrt x) and any other omega (exp(omega log x)) solve the same problem."""
+    S, a, b = patch_problem(1, 8)
+    ref = converged_sigma(S, a, b, 0.9)
+    for omega in (1.0, 1.3, 1.5, 1.7):
+        res = sinkhorn(S, a, b, s=0.9, omega=omega)
+        assert float((res.sigma.double() - ref).abs().max()) <= 1e-4, omega
+
+
+@pytest.mark.slow
+@pytest.mark.real_backbone
+def test_default_stop_is_within_1e4_of_converged_on_real_dinov2_problems(shared_data, real_weights):
+    """Real DINOv2 ViT-S/14 patch grids of clothing photos, the search's default cross-correlation
+    marginals: the default stop against the converged solution and POT, at the default s and others."""
+    from PIL import Image
+
+    from indexer.embedding import embed_pil_images
+    from reranker.backbones import create_backbone
+    from reranker.rerank import Features, _crosscorr_marginals, _normalised
+
+    backbone = create_backbone("vit_small_patch14_dinov2", str(real_weights))
+    paths = sorted((shared_data / "clothing-small" / "test").glob("*/*.jpg"))[::40][:9]
+    g, p, _ = embed_pil_images(backbone, [Image.open(x) for x in paths], None)
+    query = Features(g[:1], p[:1])
+    cands = Features(g[1:].unsqueeze(0), p[1:].half().unsqueeze(0))
+    S, mu_q, mu_x = _crosscorr_marginals(query, cands, p[:1], cands.patch_features.float())
+    for s in (0.5, 0.9, 1.0):
+        assert_default_stop_is_close(S, _normalised(mu_q), _normalised(mu_x), s)

@@ -114,3 +114,33 @@ def test_bad_input_raises_value_error():
         rerank(q, c, torch.zeros(5))
     with pytest.raises(ValueError, match="non-negative"):
         rerank(q, Features(c.global_features, c.patch_features, -c.patch_weights))
+
+
+def test_similarity_is_the_cosines_of_every_pair():
+    """The one-bmm cosines equal the per-pair products, for several queries at once."""
+    from reranker.rerank import similarity
+
+    g = torch.Generator().manual_seed(3)
+    fq = F.normalize(torch.randn(2, 5, 8, generator=g), dim=-1)
+    fx = F.normalize(torch.randn(2, 4, 6, 8, generator=g), dim=-1)
+    S = similarity(fq, fx)
+    assert S.shape == (2, 4, 5, 6)
+    torch.testing.assert_close(S, torch.einsum("qnd,qkmd->qknm", fq, fx), atol=1e-6, rtol=0)
+    assert float(S[1, 2, 3, 4]) == pytest.approx(float(fq[1, 3] @ fx[1, 2, 4]), abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("side", ["query", "candidate"])
+def test_non_finite_patch_features_are_named(bad, side):
+    """The grids are checked through their cosines; the error still names the grid at fault."""
+    q, c = make_features()
+    if side == "query":
+        fq = q.patch_features.clone()
+        fq[4, 2] = bad
+        q = Features(q.global_features, fq, q.patch_weights)
+    else:
+        fx = c.patch_features.clone()
+        fx[1, 7, 0] = bad
+        c = Features(c.global_features, fx, c.patch_weights)
+    with pytest.raises(ValueError, match=f"{side} patch features contains NaN or inf"):
+        rerank(q, c)

@@ -16,8 +16,24 @@ DEFAULT_GRID = 7
 
 
 #: Called by a backbone with each block's post-softmax attention ``(B, heads, N_q, N_k)`` and
-#: its layout, in forward order, while the forward runs.
+#: its layout, in forward order, while the forward runs. An observer whose ``last_block_only``
+#: attribute is True (see :class:`_Observers`) reads only the last block's: a backbone may then
+#: hand it that block alone and run the others with fused attention (one that feeds every
+#: block anyway is still correct).
 AttentionObserver = Callable[[torch.Tensor, AttentionGrid], None]
+
+
+class _Observers:
+    """Feeds each block's attention to several observers; ``last_block_only`` tells the backbone
+    that none of them reads any block but the last."""
+
+    def __init__(self, observers: Sequence[AttentionObserver], last_block_only: bool) -> None:
+        self.observers = list(observers)
+        self.last_block_only = last_block_only
+
+    def __call__(self, attention: torch.Tensor, layout: AttentionGrid) -> None:
+        for o in self.observers:
+            o(attention, layout)
 
 
 @dataclass
@@ -184,11 +200,7 @@ class Backbone(nn.Module):
             raise ValueError(f"{self.name} has no global attention to capture (use another marginal)")
         collector = _Collector() if with_attention else None
         observers = [o for o in (collector, accumulator if accumulator.needs_attention else None) if o is not None]
-
-        def observe(attention: torch.Tensor, layout: AttentionGrid) -> None:
-            for o in observers:
-                o(attention, layout)
-
+        observe = _Observers(observers, last_block_only=collector is None and accumulator.last_block_only)
         raw = self._features(images, observe if observers else None)
         global_vec, patches = raw.global_vec, raw.patches
         if self.projection is not None:

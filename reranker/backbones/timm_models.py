@@ -68,10 +68,14 @@ class TimmViT(TimmBackbone):
 
         Fused attention never materialises the matrix, so it is switched off on this
         model's attention modules for the duration and restored after; other models
-        and timm's global setting are untouched. Nothing keeps the maps: each block's
-        is freed once its forward is done, unless ``observe`` keeps it.
+        and timm's global setting are untouched. When ``observe.last_block_only`` is set
+        (``last_cls`` weights), only the last block is captured and the others stay fused.
+        Nothing keeps the maps: each block's is freed once its forward is done, unless
+        ``observe`` keeps it.
         """
         modules = self._attention_modules()
+        if getattr(observe, "last_block_only", False):
+            modules = modules[-1:]
         for m in modules:
             if not hasattr(m, "fused_attn") or not hasattr(m, "attn_drop"):
                 raise ValueError(f"{self.name}: attention module {type(m).__name__} cannot be captured")

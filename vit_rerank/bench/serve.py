@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from reranker.device import add_device_argument
+
+from .timing import percentiles
 
 CONCURRENCY = (1, 8, 32)
 TINY_KWARGS = {"img_size": 112, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -51,9 +54,8 @@ class Row:
 
 
 def _measure(latencies: list[float], errors: int, wall: float) -> Measure:
-    lat = sorted(latencies) or [float("nan")]
-    p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
-    return Measure(len(latencies) + errors, errors, statistics.median(lat), p95, len(latencies) / wall)
+    p = percentiles(latencies) if latencies else {"p50": float("nan"), "p95": float("nan")}
+    return Measure(len(latencies) + errors, errors, p["p50"], p["p95"], len(latencies) / wall)
 
 
 def _queries() -> list[bytes]:
@@ -156,6 +158,30 @@ def _server(index: Path, device: str, queue_size: int, log: Path):
             proc.kill()
 
 
+#: The issue's goal: a search served at concurrency 1 within this factor of the embedding alone.
+GOAL_SERVE_VS_EMBED = 1.15
+
+
+def _embed_alone(backbone, payloads: list[bytes], n: int) -> Measure:
+    """``n`` embeddings, one image at a time, in this process with its torch threads: preprocessing
+    and one forward of the decoded query photos (no attention capture, as the default
+    cross-correlation search does), what a search cannot go below."""
+    from indexer.embedding import embed_pil_images
+    from indexer.loading import load_image
+    from .timing import synchronize
+
+    images = [load_image(p) for p in payloads]
+    _warm(lambda: embed_pil_images(backbone, [images[0]], None))
+    latencies = []
+    start = time.perf_counter()
+    for k in range(n):
+        t = time.perf_counter()
+        embed_pil_images(backbone, [images[k % len(images)]], None)
+        synchronize(backbone.device)
+        latencies.append((time.perf_counter() - t) * 1e3)
+    return _measure(latencies, 0, time.perf_counter() - start)
+
+
 def _warm(fn: Callable[[], Any], times: int = 3) -> None:
     for _ in range(times):
         fn()
@@ -202,6 +228,7 @@ def run(
         try:
             _warm(lambda: engine.search(load_image(payloads[0]), settings, timeout=120))
             inproc = {c: _in_process(engine, payloads, settings, c, requests, cap_s) for c in CONCURRENCY}
+            embed = _embed_alone(engine.searcher.backbone, payloads, requests)
         finally:
             engine.close()
         with _server(index, device.type, queue_size, Path(tmp) / "server.log") as base:
@@ -215,6 +242,12 @@ def run(
         "goal_overhead_met": rows[0].overhead_p50 <= 1.2,
         "http_throughput_non_decreasing": all(
             b.http.throughput_qps >= 0.95 * a.http.throughput_qps for a, b in zip(rows, rows[1:])),
+        "embed_p50_ms": embed.p50_ms,
+        "embed_p95_ms": embed.p95_ms,
+        "serve_vs_embed_p50": rows[0].http.p50_ms / embed.p50_ms,
+        "in_process_vs_embed_p50": rows[0].in_process.p50_ms / embed.p50_ms,
+        "goal_serve_vs_embed": GOAL_SERVE_VS_EMBED,
+        "goal_serve_vs_embed_met": rows[0].http.p50_ms / embed.p50_ms <= GOAL_SERVE_VS_EMBED,
         "rows": [{**asdict(r), "overhead_p50": r.overhead_p50} for r in rows],
     }
     print(json.dumps(summary, indent=2) if as_json else format_table(rows, summary))
@@ -236,6 +269,11 @@ def format_table(rows: list[Row], summary: dict) -> str:
     lines.append(f"goal: HTTP overhead <= 1.2x at concurrency 1: {'met' if summary['goal_overhead_met'] else 'NOT met'}"
                  f" ({summary['overhead_p50_at_1']:.2f}x); HTTP throughput does not fall as concurrency rises: "
                  f"{'yes' if summary['http_throughput_non_decreasing'] else 'NO'}")
+    lines.append(f"embedding alone (same images, process and threads): p50 {summary['embed_p50_ms']:.1f}ms, "
+                 f"p95 {summary['embed_p95_ms']:.1f}ms; served p50 / embed p50 at concurrency 1: "
+                 f"{summary['serve_vs_embed_p50']:.2f}x HTTP, {summary['in_process_vs_embed_p50']:.2f}x in-process; "
+                 f"goal <= {summary['goal_serve_vs_embed']:g}x: "
+                 f"{'met' if summary['goal_serve_vs_embed_met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -248,7 +286,7 @@ def add_parser(which) -> None:
     p.add_argument("--model", default="vit_small_patch16_224", help="backbone of the built index")
     p.add_argument("--weights", default="random", help="pretrained | random | PATH, for the built index")
     p.add_argument("--tiny", action="store_true", help="a tiny random test_vit instead (fast, for smoke runs)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--rerank-k", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=60.0, help="time cap per level and side")
