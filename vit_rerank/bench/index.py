@@ -10,10 +10,8 @@ ratio says how much of that is hidden behind the forward.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -25,16 +23,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from indexer.build import add_records, new_manifest
+from indexer.build import IndexSpec, add_records, create_index, default_patch_weights
 from indexer.embedding import forward_features
-from indexer.gallery import Gallery
 from indexer.loading import load_image
 from indexer.search import Searcher, SearchSettings
 from indexer.sources import from_folder
-from reranker.backbones import create_backbone
+from reranker.backbones import create_backbone, default_model_kwargs
 from reranker.device import resolve_device
 
-from .timing import synchronize
+from .report import print_report
+from .timing import percentiles, synchronize
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 
@@ -107,11 +105,6 @@ def _directory_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and "reports" not in p.parts)
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
-
-
 def run_index_bench(
     *,
     images: int = 10_000,
@@ -124,6 +117,7 @@ def run_index_bench(
     rerank_k: int = 100,
     workdir: Path | None = None,
     progress: bool = True,
+    weights: str = "random",
 ) -> IndexBenchResult:
     device = resolve_device(device_name)
     root = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "vit-rerank-bench-index"
@@ -131,8 +125,8 @@ def run_index_bench(
     records = from_folder(gallery_dir)
     gallery_records, query_records = records[:images], records[images : images + queries]
 
-    backbone = create_backbone(model, "random").to(device)
-    weights = "rollout" if backbone.supports_rollout else "uniform"
+    backbone = create_backbone(model, weights, model_kwargs=default_model_kwargs(model)).to(device)
+    weights = default_patch_weights(backbone)
 
     # The peer: the same forward on decoded, preprocessed images held in memory.
     sample = [backbone.transform(load_image(r.path)) for r in gallery_records[: min(forward_images, images)]]
@@ -144,8 +138,7 @@ def run_index_bench(
     index_dir = root / f"index-{model}"
     if index_dir.exists():
         shutil.rmtree(index_dir)
-    manifest = new_manifest(backbone, patch_weights=weights)
-    with Gallery.create(index_dir, manifest) as gallery:
+    with create_index(index_dir, backbone, IndexSpec(patch_weights=weights)) as gallery:
         report = add_records(gallery, backbone, gallery_records, batch_size=batch_size, workers=workers,
                              progress=progress)
         if report.failures:
@@ -168,7 +161,7 @@ def run_index_bench(
         bytes_per_image_patch_store=info["bytes_per_image"],
         bytes_per_image_directory=_directory_bytes(index_dir) / images,
         search_queries=len(query_images), rerank_k=rerank_k,
-        latency_ms={stage: _percentiles(v) for stage, v in stages.items()},
+        latency_ms={stage: percentiles(v) for stage, v in stages.items()},
     )
 
 
@@ -202,7 +195,6 @@ def run(args) -> int:
     result = run_index_bench(
         images=args.images, model=args.model, device_name=args.device, batch_size=args.batch_size,
         workers=args.workers, queries=args.queries, rerank_k=args.rerank_k, workdir=args.workdir,
-        progress=not args.json,
+        progress=not args.json, weights=args.weights,
     )
-    print(json.dumps(asdict(result), indent=2) if args.json else format_index_table(result))
-    return 0
+    return print_report(asdict(result), lambda _: format_index_table(result), args.json)

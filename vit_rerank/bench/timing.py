@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, TypeVar
@@ -28,3 +29,13 @@ def time_call(fn: Callable[[], T], device: torch.device, repeats: int, warmup: i
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return result, statistics.median(times)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """``{"p50", "p95"}`` of ``values``: the median, and the nearest-rank 95th percentile (the smallest
+    value with at least 95 % of the values at or below it)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(0.95 * len(ordered)))
+    return {"p50": statistics.median(ordered), "p95": ordered[rank - 1]}
