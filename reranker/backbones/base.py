@@ -145,15 +145,26 @@ class Backbone(nn.Module):
             return self.projection.out_features
         return self.embed_dim
 
+    def _use_preprocessing(self, data_config: dict) -> None:
+        """Set the test-time preprocessing from timm ``create_transform`` arguments (every kind calls this)."""
+        from timm.data import create_transform
+
+        self._data_config = dict(data_config)
+        self._transform = create_transform(**self._data_config, is_training=False)
+
     @property
     def data_config(self) -> dict:
         """The test-time preprocessing actually used: input size, crop, interpolation, mean/std."""
-        raise NotImplementedError
+        return dict(self._data_config)
 
     @property
     def transform(self) -> Callable:
         """Test-time preprocessing (PIL -> tensor), built from :attr:`data_config`."""
-        raise NotImplementedError
+        return self._transform
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self._data_config["input_size"])
 
     @property
     def preprocessing(self) -> dict:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-from timm.data import create_transform
 from torch import nn
 
 from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
@@ -97,24 +96,12 @@ class HfCvt(Backbone):
     ) -> None:
         super().__init__(name, weights_id, grid)
         self.model = model.eval()
-        self._data_config = cvt_data_config(preprocessing)
-        self._transform = create_transform(**self._data_config, is_training=False)
+        self._use_preprocessing(cvt_data_config(preprocessing))
 
     @property
     def embed_dim(self) -> int:
         return int(self.model.config.embed_dim[-1])
 
-    @property
-    def data_config(self) -> dict:
-        return dict(self._data_config)
-
-    @property
-    def transform(self) -> Callable:
-        return self._transform
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return tuple(self._data_config["input_size"])
 
     def _attention_modules(self) -> list[nn.Module]:
         """Every ``CvtSelfAttention``, stage by stage, block by block (the forward order)."""

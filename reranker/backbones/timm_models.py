@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import timm
-from timm.data import create_transform, resolve_model_data_config
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
@@ -33,24 +33,12 @@ class TimmBackbone(Backbone):
     def __init__(self, model: nn.Module, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
         super().__init__(name, weights_id, grid)
         self.model = model.eval()
-        self._data_config = model_data_config(model)
-        self._transform = create_transform(**self._data_config, is_training=False)
+        self._use_preprocessing(model_data_config(model))
 
     @property
     def embed_dim(self) -> int:
         return int(self.model.num_features)
 
-    @property
-    def data_config(self) -> dict:
-        return dict(self._data_config)
-
-    @property
-    def transform(self) -> Callable:
-        return self._transform
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return tuple(self._data_config["input_size"])
 
 
 class TimmViT(TimmBackbone):
