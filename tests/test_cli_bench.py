@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+from helpers import run_cli  # in this process: the same ``main`` as the console script
 
 
 def test_bench_ot_json_small():
-    out = subprocess.run(
-        [sys.executable, "-m", "vit_rerank", "bench", "ot", "--json", "--candidates", "8",
-         "--batch-queries", "2", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
+    out = run_cli("bench", "ot", "--json", "--candidates", "8", "--batch-queries", "2", "--repeats", "1")
     summary = json.loads(out.stdout)
     assert summary["device"] == "cpu"
     assert summary["max_abs_sigma_diff"] <= 1e-4
@@ -30,12 +26,8 @@ def test_bench_ot_json_small():
 
 
 def test_bench_index_json_small(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "vit_rerank", "bench", "index", "--json", "--images", "12", "--queries", "2",
-         "--rerank-k", "8", "--model", "test_vit", "--workers", "0", "--batch-size", "4",
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
+    out = run_cli("bench", "index", "--json", "--images", "12", "--queries", "2", "--rerank-k", "8",
+                  "--model", "test_vit", "--workers", "0", "--batch-size", "4", "--workdir", str(tmp_path))
     r = json.loads(out.stdout)
     assert r["images"] == 12 and r["device"] == "cpu" and r["search_queries"] == 2
     assert r["forward_img_s"] > 0 and r["indexing_img_s"] > 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_cli
 
 from conftest import tiny_vit_kwargs
 from vit_rerank.cli import main
@@ -18,8 +19,7 @@ TINY = ["--model", "test_vit", "--weights", "random", "--model-kwargs", json.dum
 
 
 def run_eval(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vit_rerank", "eval", *args], capture_output=True, text=True,
-                          timeout=600, check=check)
+    return run_cli("eval", *args, check=check)
 
 
 def check_shape(doc: dict, metric_names: list[str], variants: list[str]) -> None:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vit_rerank", *args], capture_output=True, text=True,
-                          timeout=600, check=check)
+from helpers import run_cli  # in this process; one call below goes through ``python -m vit_rerank``
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +67,7 @@ def test_build_resumes_without_reembedding(small_gallery, tmp_path):
 
 def test_user_errors_are_one_line_messages_not_tracebacks(small_gallery, tmp_path):
     manifest, photos = small_gallery
-    out = run_cli("index", "info", str(tmp_path / "nowhere"), check=False)
+    out = run_cli("index", "info", str(tmp_path / "nowhere"), check=False, in_process=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "vit-rerank: error:" in out.stderr and "is not an index directory" in out.stderr
 

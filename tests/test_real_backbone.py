@@ -8,24 +8,18 @@ loses on held-out queries, and that a patch-14 backbone at 224 px runs through i
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_cli  # in this process: the same ``main`` as the console script
 from indexer.search_params import DEFAULT_MARGINALS, default
 
 pytestmark = [pytest.mark.real_backbone, pytest.mark.shared, pytest.mark.slow]
 
 MODEL = "vit_small_patch14_dinov2"
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vit_rerank", *args], capture_output=True, text=True,
-                          timeout=900, check=check)
 
 
 @pytest.fixture(scope="module")
