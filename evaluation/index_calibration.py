@@ -17,7 +17,7 @@ import torch
 
 from indexer.build import backbone_for
 from indexer.calibration import Calibration
-from indexer.gallery import Gallery
+from indexer.index_dir import IndexDir
 from indexer.sources import ImageRecord
 
 from .calibrate import K_GRID, LAMBDA_GRID, S_GRID, calibrate
@@ -26,29 +26,29 @@ from .features import FeatureStore, cache_key, compute_features
 from .protocol import Sweep, evaluate, rerank_marginals
 
 
-def index_marginals(gallery: Gallery) -> list[str]:
+def index_marginals(index_dir: IndexDir) -> list[str]:
     """The evaluation marginals an index can serve: its stored kind, crosscorr (full-size patches), uniform."""
-    manifest = gallery.manifest
+    manifest = index_dir.manifest
     out = [] if manifest.patch_weights == "uniform" else [manifest.patch_weights]
     if not manifest.pca_dim:
         out.append("crosscorr")
     return out + ["uniform"]
 
 
-def own_labels(gallery: Gallery) -> tuple[ClassSet, FeatureStore]:
+def own_labels(index_dir: IndexDir) -> tuple[ClassSet, FeatureStore]:
     """The index's labelled images as a leave-one-out class set, with their stored features."""
-    rows = [r for r in gallery.rows() if r.label is not None]
+    rows = [r for r in index_dir.rows() if r.label is not None]
     if not rows:
-        raise ValueError(f"{gallery.folder} has no labelled images: calibrate with --from LABELLED "
+        raise ValueError(f"{index_dir.folder} has no labelled images: calibrate with --from LABELLED "
                          "(a folder per class, or a pairs set with ground_truth.csv)")
-    gathered = gallery.store.gather([(r.segment, r.offset) for r in rows])
+    gathered = index_dir.store.gather([(r.segment, r.offset) for r in rows])
     names = sorted({r.label for r in rows})
     labels = np.array([names.index(r.label) for r in rows], np.int64)
-    data = ClassSet("index", str(gallery.folder), [ImageRecord(r.path, r.id, r.label) for r in rows], labels)
+    data = ClassSet("index", str(index_dir.folder), [ImageRecord(r.path, r.id, r.label) for r in rows], labels)
     store = FeatureStore(
-        folder=gallery.folder, key={}, ids=[r.id for r in rows], ok=np.ones(len(rows), bool),
+        folder=index_dir.folder, key={}, ids=[r.id for r in rows], ok=np.ones(len(rows), bool),
         global_features=gathered.global_features, patch_features=gathered.patch_features,
-        patch_weights={gallery.manifest.patch_weights: gathered.patch_weights}, cached=True,
+        patch_weights={index_dir.manifest.patch_weights: gathered.patch_weights}, cached=True,
     )
     return data, store
 
@@ -58,18 +58,18 @@ def labelled_set(source: str) -> EvalSet:
     return load_dataset("pairs" if (Path(source) / "ground_truth.csv").is_file() else "folder", source)
 
 
-def embedded_set(gallery: Gallery, source: str, device: torch.device, cache_dir: Path, *, weights: str | None,
+def embedded_set(index_dir: IndexDir, source: str, device: torch.device, cache_dir: Path, *, weights: str | None,
                  batch_size: int, workers: int, progress: bool) -> tuple[EvalSet, FeatureStore]:
     """``source`` embedded the way the index embeds its images (cached), patches reduced by its PCA."""
     data = labelled_set(source)
     records = data.records if isinstance(data, ClassSet) else data.queries + data.database
-    backbone = backbone_for(gallery.manifest, device, weights).eval()
-    kinds = [gallery.manifest.patch_weights]
-    key = cache_key(data.name, data.root, records, backbone, gallery.manifest.model_kwargs, kinds)
+    backbone = backbone_for(index_dir.manifest, device, weights).eval()
+    kinds = [index_dir.manifest.patch_weights]
+    key = cache_key(data.name, data.root, records, backbone, index_dir.manifest.model_kwargs, kinds)
     store = compute_features(backbone, records, key, cache_dir, batch_size=batch_size, workers=workers,
                              progress=progress)
-    if gallery.pca is not None:
-        store.patch_features = gallery.reduce_patches(np.asarray(store.patch_features, np.float32)).astype(np.float16)
+    if index_dir.pca is not None:
+        store.patch_features = index_dir.reduce_patches(np.asarray(store.patch_features, np.float32)).astype(np.float16)
     return data, store
 
 
@@ -79,19 +79,19 @@ def calibrate_index(
     ks: Sequence[int] = K_GRID, batch_size: int = 32, workers: int = 2, progress: bool = True,
 ) -> Calibration:
     """Calibrate the index in ``folder`` on ``source`` (None: its own labels) and store the result."""
-    with Gallery.open(folder) as gallery:
+    with IndexDir.open(folder) as index_dir:
         if source is None:
-            data, store = own_labels(gallery)
+            data, store = own_labels(index_dir)
             origin = "the index's own labels (leave-one-out)"
         else:
-            data, store = embedded_set(gallery, source, device, cache_dir, weights=weights, batch_size=batch_size,
+            data, store = embedded_set(index_dir, source, device, cache_dir, weights=weights, batch_size=batch_size,
                                        workers=workers, progress=progress)
             origin = f"{data.name} at {data.root}"
-        sweep = Sweep(index_marginals(gallery), list(s_values), list(ks), list(lambdas), eps=0.05)
+        sweep = Sweep(index_marginals(index_dir), list(s_values), list(ks), list(lambdas), eps=0.05)
         outcome = evaluate(data, store, sweep, device, progress=progress)
         cal = calibrate(outcome.ranking, outcome.sigma, outcome.protocol, lambdas=lambdas, ks=ks, seed=seed,
                         source=origin)
         cal.marginals, _ = rerank_marginals(cal.marginals)  # a stored per-image kind is the search's "rollout"
         cal.details["baseline_all_queries"] = outcome.baseline
-        gallery.set_calibration(cal)
+        index_dir.set_calibration(cal)
         return cal

@@ -19,7 +19,7 @@ from typing import Any
 _EXPORTS = {
     "IndexSpec": "build", "plan_index": "build", "create_index": "build", "build_index": "build",
     "add_records": "build", "backbone_for": "build", "BuildReport": "build",
-    "Gallery": "gallery", "open_index": "gallery",
+    "IndexDir": "index_dir", "open_index": "index_dir",
     "Catalog": "catalog",
     "Searcher": "search", "SearchSettings": "search", "QueryResult": "search", "Hit": "search",
     "ImageRecord": "sources", "from_source": "sources",

@@ -13,18 +13,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, weights_identity
 
 from .atomic import write_json
 from .embedding import Failure, embed_records
-from .gallery import Gallery, NewImages
+from .index_dir import IndexDir, NewImages
 from .loading import LoadLimits
 from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow, now_iso
 from .near_duplicates import finder_for
+from .patch_store import StoredFeatures
 from .sources import ImageRecord
 
 
@@ -125,17 +125,17 @@ def plan_index(backbone: Backbone, spec: IndexSpec = IndexSpec(), model_kwargs: 
 
 
 def create_index(folder: Any, backbone: Backbone, spec: IndexSpec = IndexSpec(),
-                 model_kwargs: dict[str, Any] | None = None) -> Gallery:
+                 model_kwargs: dict[str, Any] | None = None) -> IndexDir:
     """A new, empty index directory for ``backbone`` (FileExistsError if one is there), open."""
-    return Gallery.create(folder, plan_index(backbone, spec, model_kwargs))
+    return IndexDir.create(folder, plan_index(backbone, spec, model_kwargs))
 
 
 def build_index(folder: Any, backbone: Backbone, records: Sequence[ImageRecord], spec: IndexSpec = IndexSpec(), *,
                 model_kwargs: dict[str, Any] | None = None, **add_options: Any) -> BuildReport:
     """A new index of ``records`` embedded by ``backbone`` (on its device), closed when done;
     ``add_options`` are :func:`add_records`'s."""
-    with create_index(folder, backbone, spec, model_kwargs) as gallery:
-        return add_records(gallery, backbone, records, **add_options)
+    with create_index(folder, backbone, spec, model_kwargs) as index_dir:
+        return add_records(index_dir, backbone, records, **add_options)
 
 
 def backbone_for(manifest: Manifest, device: torch.device, weights: str | None = None) -> Backbone:
@@ -152,7 +152,7 @@ def backbone_for(manifest: Manifest, device: torch.device, weights: str | None =
 
 
 def add_records(
-    gallery: Gallery,
+    index_dir: IndexDir,
     backbone: Backbone,
     records: Sequence[ImageRecord],
     *,
@@ -171,39 +171,36 @@ def add_records(
     """
     start = time.perf_counter()
     report = BuildReport(duplicates_skipped=skip_duplicates)
-    near = finder_for(gallery, backbone.random_weights, report.duplicates)
+    near = finder_for(index_dir, backbone.random_weights, report.duplicates)
     report.near_duplicate_threshold = near.threshold if near else None
-    existing = gallery.ids()
+    existing = index_dir.ids()
     todo = [r for r in records if r.id not in existing]
     report.already_indexed = len(records) - len(todo)
-    seen = gallery.content_hashes()
-    pending: list[tuple[ImageRow, np.ndarray, np.ndarray, np.ndarray]] = []
+    seen = index_dir.content_hashes()
+    pending_rows: list[ImageRow] = []
+    pending: list[StoredFeatures] = []  # the pending rows' features, a part per batch
 
     def flush() -> None:
-        if not pending:
+        if not pending_rows:
             return
-        patches = np.stack([p for _, _, p, _ in pending])
-        gallery.fit_pca(patches)  # an index of reduced patches fits its PCA on its first chunk
-        reduced = gallery.reduce_patches(patches)
-        gallery.fit_codes(reduced)  # an index of patch codes trains them on its first chunk, like the PCA
-        gallery.commit_new(
-            NewImages(
-                rows=[row for row, *_ in pending],
-                global_features=np.stack([g for _, g, _, _ in pending]),
-                patch_features=reduced,
-                patch_weights=np.stack([w for *_, w in pending]),
-            )
-        )
-        report.added += len(pending)
+        feats = StoredFeatures.concat(pending)
+        index_dir.fit_pca(feats.patch_features)  # an index of reduced patches fits its PCA on its first chunk
+        feats.patch_features = index_dir.reduce_patches(feats.patch_features)
+        index_dir.fit_codes(feats.patch_features)  # an index of patch codes trains them on its first chunk, like the PCA
+        index_dir.commit_new(NewImages(rows=list(pending_rows), features=feats))
+        report.added += len(pending_rows)
         if near:
-            near.add([row.id for row, *_ in pending], np.stack([g for _, g, _, _ in pending]))
+            near.add([row.id for row in pending_rows], feats.global_features)
+        pending_rows.clear()
         pending.clear()
 
+    kind = index_dir.manifest.patch_weights
     for batch in embed_records(
-        backbone, todo, kinds=(gallery.manifest.patch_weights,), batch_size=batch_size,
+        backbone, todo, kinds=(kind,), batch_size=batch_size,
         workers=workers, limits=limits, progress=progress,
     ):
         report.failures += batch.failures
+        keep = []
         for k, pos in enumerate(batch.positions):
             rec, digest = todo[pos], batch.hashes[k]
             if digest in seen:
@@ -212,28 +209,29 @@ def add_records(
                     continue
             else:
                 seen[digest] = rec.id
-            row = ImageRow(
+            pending_rows.append(ImageRow(
                 id=rec.id, path=rec.path, label=rec.label, content_hash=digest,
                 width=batch.sizes[k][0], height=batch.sizes[k][1], bytes=batch.nbytes[k],
                 metadata=rec.metadata, added_at=now_iso(),
-            )
-            pending.append((row, batch.global_features[k], batch.patch_features[k],
-                            batch.patch_weights[gallery.manifest.patch_weights][k]))
-        if len(pending) >= commit_every:
+            ))
+            keep.append(k)
+        if keep:
+            pending.append(batch.stored(kind).take(keep))
+        if len(pending_rows) >= commit_every:
             flush()
     flush()
-    if not gallery.trained and len(gallery):
-        gallery.train()
-    elif report.added and (notice := gallery.retrain_if_outgrown()):
+    if not index_dir.trained and len(index_dir):
+        index_dir.train()
+    elif report.added and (notice := index_dir.retrain_if_outgrown()):
         report.notices.append(notice)
-    if report.added and (notice := gallery.codes_notice()):
+    if report.added and (notice := index_dir.codes_notice()):
         report.notices.append(notice)
     if near:
         report.near_duplicates = near.finish()
     report.seconds = time.perf_counter() - start
     if not save_report:
         return report
-    reports = gallery.folder / "reports"
+    reports = index_dir.folder / "reports"
     reports.mkdir(exist_ok=True)
-    write_json(reports / f"build-{now_iso().replace(':', '')}-{gallery.generation:08d}.json", report.to_dict())
+    write_json(reports / f"build-{now_iso().replace(':', '')}-{index_dir.generation:08d}.json", report.to_dict())
     return report

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .metadata import ImageRow
 
-DB_NAME = "meta.sqlite"  # the index directory's metadata database (indexer.gallery opens it read-write)
+DB_NAME = "meta.sqlite"  # the index directory's metadata database (indexer.index_dir opens it read-write)
 
 
 class Catalog:

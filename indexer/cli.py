@@ -153,11 +153,11 @@ def _print_report(report) -> None:
             print(f"  {f.path}: {f.reason}: {f.message}")
 
 
-def _run_add(gallery, backbone, args) -> int:
+def _run_add(index_dir, backbone, args) -> int:
     from .build import add_records
 
     report = add_records(
-        gallery, backbone, _records(args), batch_size=args.batch_size, workers=args.workers,
+        index_dir, backbone, _records(args), batch_size=args.batch_size, workers=args.workers,
         commit_every=args.commit_every, skip_duplicates=args.skip_duplicates, progress=not args.no_progress,
     )
     _print_report(report)
@@ -168,25 +168,25 @@ def _build(args) -> int:
     from reranker.backbones import create_backbone
 
     from .build import backbone_for, create_index
-    from .gallery import Gallery
+    from .index_dir import IndexDir
 
     if args.ray is not None or args.shards is not None:
         return _build_sharded(args)
     device = _device(args.device)
     if (args.dir / "manifest.json").exists():
-        gallery = Gallery.open(args.dir)
-        gallery.manifest.check_compatible(args.model, None)
-        print(f"resuming the build in {args.dir} ({len(gallery)} images already indexed)")
-        backbone = backbone_for(gallery.manifest, device, args.weights)
+        index_dir = IndexDir.open(args.dir)
+        index_dir.manifest.check_compatible(args.model, None)
+        print(f"resuming the build in {args.dir} ({len(index_dir)} images already indexed)")
+        backbone = backbone_for(index_dir.manifest, device, args.weights)
     else:
         model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
         backbone = create_backbone(args.model, args.weights or "pretrained", grid=args.grid, model_kwargs=model_kwargs)
-        gallery = create_index(args.dir, backbone, _index_spec(args), model_kwargs)  # checked before it is written
+        index_dir = create_index(args.dir, backbone, _index_spec(args), model_kwargs)  # checked before it is written
         backbone = backbone.to(device)
     if backbone.random_weights:
         print("note: random weights: results are meaningless except for testing", file=sys.stderr)
-    with gallery:
-        return _run_add(gallery, backbone, args)
+    with index_dir:
+        return _run_add(index_dir, backbone, args)
 
 
 def _build_sharded(args) -> int:
@@ -233,18 +233,18 @@ def _index_spec(args):
 
 def _add(args) -> int:
     from .build import backbone_for
-    from .gallery import Gallery
+    from .index_dir import IndexDir
 
-    with Gallery.open(args.dir) as gallery:
-        return _run_add(gallery, backbone_for(gallery.manifest, _device(args.device), args.weights), args)
+    with IndexDir.open(args.dir) as index_dir:
+        return _run_add(index_dir, backbone_for(index_dir.manifest, _device(args.device), args.weights), args)
 
 
 def _remove(args) -> int:
-    from .gallery import Gallery
+    from .index_dir import IndexDir
 
-    with Gallery.open(args.dir) as gallery:
-        unknown = gallery.remove(args.ids)
-        print(f"removed {len(args.ids) - len(unknown)} images; {len(gallery)} remain")
+    with IndexDir.open(args.dir) as index_dir:
+        unknown = index_dir.remove(args.ids)
+        print(f"removed {len(args.ids) - len(unknown)} images; {len(index_dir)} remain")
         if unknown:
             print(f"not in the index: {', '.join(unknown)}", file=sys.stderr)
             return 1
@@ -252,12 +252,12 @@ def _remove(args) -> int:
 
 
 def _info(args) -> int:
-    from .gallery import Gallery
+    from .index_dir import IndexDir
 
-    with Gallery.open(args.dir) as gallery:
-        info = gallery.info()
-        if args.recall_queries and gallery.manifest.factory != "Flat":  # exact search needs no check
-            info["recall_vs_exact"] = gallery.recall(queries=args.recall_queries)
+    with IndexDir.open(args.dir) as index_dir:
+        info = index_dir.info()
+        if args.recall_queries and index_dir.manifest.factory != "Flat":  # exact search needs no check
+            info["recall_vs_exact"] = index_dir.recall(queries=args.recall_queries)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -267,10 +267,10 @@ def _info(args) -> int:
 
 
 def _verify(args) -> int:
-    from .gallery import Gallery
+    from .index_dir import IndexDir
 
-    with Gallery.open(args.dir) as gallery:
-        report = gallery.verify()
+    with IndexDir.open(args.dir) as index_dir:
+        report = index_dir.verify()
     print(f"checked {report.checked} images: {'OK' if report.ok else 'PROBLEMS'}")
     for p in report.problems:
         print(f"  {p}")
@@ -279,19 +279,19 @@ def _verify(args) -> int:
 
 def _search(args) -> int:
     from .build import backbone_for
-    from .gallery import Gallery
+    from .index_dir import IndexDir
     from .loading import load_image
     from .search import Searcher, SearchSettings
 
     image = load_image(args.image)
     device = _device(args.device)
-    with Gallery.open(args.index) as gallery:
-        searcher = Searcher(gallery, backbone_for(gallery.manifest, device, args.weights), device)
+    with IndexDir.open(args.index) as index_dir:
+        searcher = Searcher(index_dir, backbone_for(index_dir.manifest, device, args.weights), device)
         values = settings_from_args(args)
         settings = SearchSettings(**{**values, "marginals": values["marginals"] or "auto"})
         result = searcher.search([image], settings, keep_plans=args.explain is not None)[0]
         if args.explain is not None:
-            _write_explanations(args.explain, image, result, gallery, searcher.backbone.transform)
+            _write_explanations(args.explain, image, result, index_dir, searcher.backbone.transform)
     if args.json:
         print(json.dumps({
             "results": [h.__dict__ for h in result.hits],
@@ -316,7 +316,7 @@ def _search(args) -> int:
     return 0
 
 
-def _write_explanations(folder: Path, query, result, gallery, transform) -> None:
+def _write_explanations(folder: Path, query, result, index_dir, transform) -> None:
     from reranker.views import model_view
     from reranker.visualize import render_match
 
@@ -324,7 +324,7 @@ def _write_explanations(folder: Path, query, result, gallery, transform) -> None
     from .loading import load_image
 
     folder.mkdir(parents=True, exist_ok=True)
-    grid = gallery.manifest.grid
+    grid = index_dir.manifest.grid
     for h in result.hits:
         if h.id not in result.plans:
             continue

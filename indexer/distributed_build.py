@@ -4,7 +4,7 @@ Ray Data reads the source (a folder or CSV / JSON-lines manifest, listed as
 :mod:`indexer.sources` lists it, or a Parquet list with a ``path`` column), a pool of model
 actors (one per GPU, or CPU actors) decodes and embeds with the same code as a local build
 (:func:`indexer.embedding.embed_records`), and this process commits the features to the shard
-of each image (:func:`indexer.shards.shard_of`) through :class:`indexer.gallery.Gallery`, every
+of each image (:func:`indexer.shards.shard_of`) through :class:`indexer.index_dir.IndexDir`, every
 ``commit_every`` images per shard. Each commit is atomic; a rerun skips every committed id, so an
 interrupted build (a dead worker, node or driver) recomputes only what was not committed.
 
@@ -30,10 +30,11 @@ from reranker.device import resolve_device
 from .atomic import write_json
 from .build import BuildReport, backbone_for
 from .embedding import Failure, embed_records
-from .gallery import Gallery, NewImages
+from .index_dir import IndexDir, NewImages
 from .loading import LoadLimits
 from .manifest import Manifest
 from .metadata import ImageRow, now_iso
+from .patch_store import StoredFeatures
 from .shards import ShardLayout, shard_of
 from .sources import ImageRecord, from_source
 
@@ -165,18 +166,18 @@ def _drop_ids(done: set[str]):
     return drop
 
 
-def open_shards(root: Path, layout: ShardLayout, manifest: Manifest | None) -> list[Gallery]:
+def open_shards(root: Path, layout: ShardLayout, manifest: Manifest | None) -> list[IndexDir]:
     """Open every shard of ``root``, creating the missing ones with ``manifest``; the layout file is
     written once all of them exist (so a crash while creating them leaves no half layout)."""
-    galleries: list[Gallery] = []
+    galleries: list[IndexDir] = []
     try:
         for folder in layout.folders(root):
             if (folder / "manifest.json").exists():
-                galleries.append(Gallery.open(folder))
+                galleries.append(IndexDir.open(folder))
             elif manifest is None:
                 raise FileNotFoundError(f"shard {folder} is missing from the sharded index {root}")
             else:
-                galleries.append(Gallery.create(folder, Manifest(**manifest.__dict__)))
+                galleries.append(IndexDir.create(folder, Manifest(**manifest.__dict__)))
     except BaseException:
         for g in galleries:
             g.close()
@@ -189,8 +190,8 @@ def open_shards(root: Path, layout: ShardLayout, manifest: Manifest | None) -> l
 class _ShardWriter:
     """Buffers one shard's embedded images and commits them ``commit_every`` at a time."""
 
-    def __init__(self, gallery: Gallery, commit_every: int) -> None:
-        self.gallery, self.commit_every = gallery, commit_every
+    def __init__(self, index_dir: IndexDir, commit_every: int) -> None:
+        self.index_dir, self.commit_every = index_dir, commit_every
         self.pending: list[tuple[ImageRow, np.ndarray, np.ndarray, np.ndarray]] = []
         self.added = 0
 
@@ -202,11 +203,13 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        self.gallery.commit_new(NewImages(
+        self.index_dir.commit_new(NewImages(
             rows=[r for r, *_ in self.pending],
-            global_features=np.stack([g for _, g, _, _ in self.pending]),
-            patch_features=self.gallery.reduce_patches(np.stack([p for _, _, p, _ in self.pending])),
-            patch_weights=np.stack([w for *_, w in self.pending]),
+            features=StoredFeatures(
+                global_features=np.stack([g for _, g, _, _ in self.pending]),
+                patch_features=self.index_dir.reduce_patches(np.stack([p for _, _, p, _ in self.pending])),
+                patch_weights=np.stack([w for *_, w in self.pending]),
+            ),
         ))
         self.added += len(self.pending)
         self.pending.clear()

@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from reranker.backbones import Backbone
+from reranker.features import Features
 from reranker.marginals import PerImageWeights
 
 from .loading import ImageLoadError, LoadLimits, content_hash, load_image, read_bytes
+from .patch_store import StoredFeatures
 from .sources import ImageRecord
 
 
@@ -46,6 +48,10 @@ class EmbeddedBatch:
     patch_features: np.ndarray  # (b, G*G, D) float32
     patch_weights: dict[str, np.ndarray]  # kind -> (b, G*G) float32
     failures: list[Failure] = field(default_factory=list)
+
+    def stored(self, kind: str) -> StoredFeatures:
+        """The batch's features with the ``kind`` patch weights, as the index stores them."""
+        return StoredFeatures(self.global_features, self.patch_features, self.patch_weights[kind])
 
 
 class _GalleryDataset(Dataset):
@@ -96,14 +102,14 @@ def forward_features(
 
 def embed_pil_images(
     backbone: Backbone, images: Sequence[Image.Image], kind: PerImageWeights | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> Features:
     """Features of in-memory images (e.g. a query) on the backbone's device: ``(B, D)``,
     ``(B, G*G, D)`` and one kind of patch weights ``(B, G*G)``, or None with ``kind=None``.
     Attention is captured only for kinds read from it (not for uniform or None): the forward
     otherwise keeps its fused attention."""
     batch = torch.stack([backbone.transform(im.convert("RGB")) for im in images])
     g, p, w = forward_features(backbone, batch, () if kind is None else (kind,))
-    return g, p, None if kind is None else w[kind]
+    return Features(g, p, None if kind is None else w[kind])
 
 
 def embed_records(

@@ -96,7 +96,7 @@ class NearDuplicateFinder:
     trained (``finish`` after training). ``exact`` holds the build's exact duplicates, not repeated.
     """
 
-    gallery: object  # indexer.gallery.Gallery
+    index_dir: object  # indexer.index_dir.IndexDir
     threshold: float
     exact: list[tuple[str, str]] = field(default_factory=list)
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
@@ -105,7 +105,7 @@ class NearDuplicateFinder:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         self._waiting.append((list(ids), np.asarray(vectors, dtype=np.float32)))
-        if self.gallery.trained:
+        if self.index_dir.trained:
             self._flush()
 
     def finish(self) -> list[tuple[str, str, float]]:
@@ -114,14 +114,14 @@ class NearDuplicateFinder:
         return sorted(self.pairs, key=lambda p: -p[2])
 
     def _flush(self) -> None:
-        index = self.gallery.faiss
+        index = self.index_dir.faiss
         exact = {frozenset(p) for p in self.exact}
         while self._waiting and index.ntotal:
             ids, vectors = self._waiting.pop(0)
             scores, neighbours = index.search(np.ascontiguousarray(vectors), min(_NEIGHBOURS, index.ntotal))
             found = [(k, int(f), float(s)) for k, (row_s, row_f) in enumerate(zip(scores, neighbours))
                      for s, f in zip(row_s, row_f) if f >= 0 and s >= self.threshold]
-            rows = self.gallery.rows_by_faiss_id(sorted({f for _, f, _ in found}))
+            rows = self.index_dir.rows_by_faiss_id(sorted({f for _, f, _ in found}))
             for k, f, s in found:
                 other = rows[f].id if f in rows else None
                 key = frozenset((ids[k], other))
@@ -131,7 +131,7 @@ class NearDuplicateFinder:
                 self.pairs.append((ids[k], other, s))
 
 
-def finder_for(gallery, random_weights: bool, exact: list[tuple[str, str]]) -> NearDuplicateFinder | None:
+def finder_for(index_dir, random_weights: bool, exact: list[tuple[str, str]]) -> NearDuplicateFinder | None:
     """The build's finder, or None when the gallery's backbone has no measured threshold."""
-    threshold = threshold_for(gallery.manifest.model, random_weights)
-    return None if threshold is None else NearDuplicateFinder(gallery, threshold, exact)
+    threshold = threshold_for(index_dir.manifest.model, random_weights)
+    return None if threshold is None else NearDuplicateFinder(index_dir, threshold, exact)

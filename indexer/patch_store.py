@@ -28,12 +28,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from .atomic import atomic_open
 from .checksum import file_digest, HashingWriter
+
+if TYPE_CHECKING:
+    from reranker.features import Features
 
 PARTS = ("global", "patches", "weights")
 DTYPES = {"global": np.float32, "patches": np.float16, "codes": np.uint8, "weights": np.float32}
@@ -43,12 +46,36 @@ IN_MEMORY_BYTES = 1 << 20  # a segment up to this size (all parts) is read, not 
 
 
 @dataclass
-class Gathered:
-    """Features of a list of images, in the order asked for."""
+class StoredFeatures:
+    """The one storage type: features of ``k`` images as the index stores them, row by row.
+
+    The numpy counterpart of :class:`reranker.features.Features` (same names, same shapes, one
+    leading axis of images).
+    """
 
     global_features: np.ndarray  # (k, D) float32
-    patch_features: np.ndarray  # (k, G*G, d) float16, or (k, G*G, M) uint8 codes in a store of codes
+    patch_features: np.ndarray  # (k, G*G, d) float16 (float32 before storing), or (k, G*G, M) uint8 codes
     patch_weights: np.ndarray  # (k, G*G) float32
+
+    def __len__(self) -> int:
+        return len(self.global_features)
+
+    def take(self, rows: slice | Sequence[int] | np.ndarray) -> "StoredFeatures":
+        """The images at ``rows``."""
+        return StoredFeatures(self.global_features[rows], self.patch_features[rows], self.patch_weights[rows])
+
+    @staticmethod
+    def concat(parts: Sequence["StoredFeatures"]) -> "StoredFeatures":
+        """The images of ``parts``, one after the other."""
+        return StoredFeatures(np.concatenate([p.global_features for p in parts]),
+                              np.concatenate([p.patch_features for p in parts]),
+                              np.concatenate([p.patch_weights for p in parts]))
+
+    def to_device(self, device: Any = "cpu") -> "Features":
+        """The same features as tensors on ``device`` (dtypes kept: codes stay codes)."""
+        from reranker.features import Features  # torch: only when tensors are asked for
+
+        return Features.from_numpy(self.global_features, self.patch_features, self.patch_weights, device)
 
 
 class PatchStore:
@@ -139,14 +166,14 @@ class PatchStore:
         with self._lock:
             return list(self._open)
 
-    def gather(self, locations: Sequence[tuple[int, int]]) -> Gathered:
+    def gather(self, locations: Sequence[tuple[int, int]]) -> StoredFeatures:
         """Features at ``(segment, offset)`` locations, in that order (one read per segment)."""
         if not locations:
             raise ValueError("nothing to gather")
         first = self.segment(locations[0][0])
         k = len(locations)
         patch = self.patch_part
-        out = Gathered(
+        out = StoredFeatures(
             np.empty((k, *first["global"].shape[1:]), np.float32),
             np.empty((k, *first[patch].shape[1:]), DTYPES[patch]),
             np.empty((k, *first["weights"].shape[1:]), np.float32),

@@ -16,8 +16,8 @@ from reranker.rerank import Features, rerank_batch
 
 from .embedding import embed_pil_images
 from .calibration import Calibration
-from .gallery import Gallery
-from .patch_store import Gathered
+from .index_dir import IndexDir
+from .patch_store import StoredFeatures
 from .search_params import DEFAULT_MARGINALS, SEARCH_PARAMS, default
 from .vector_index import VectorSearcher
 
@@ -81,33 +81,39 @@ class QueryResult:
     query_patches: torch.Tensor | None = None
     query_weights: torch.Tensor | None = None
     plans: dict[str, torch.Tensor] = field(default_factory=dict)  # gallery id -> (n, m) plan
-    candidate_weights: dict[str, np.ndarray] = field(default_factory=dict)  # gallery id -> stored (m,) weights
+    #: gallery id -> what the reranker compared the query with (patches decoded), on the CPU
+    candidate_features: dict[str, Features] = field(default_factory=dict)
+
+    @property
+    def candidate_weights(self) -> dict[str, np.ndarray]:
+        """Gallery id -> the stored ``(m,)`` patch weights of each reranked candidate with a plan."""
+        return {i: f.patch_weights.numpy() for i, f in self.candidate_features.items()}
 
 
 class Searcher:
     """Searches one index with the backbone that built it, on one device."""
 
     def __init__(
-        self, gallery: Gallery, backbone: Backbone, device: torch.device | str = "cpu", vector_backend: str = "auto"
+        self, index_dir: IndexDir, backbone: Backbone, device: torch.device | str = "cpu", vector_backend: str = "auto"
     ) -> None:
-        self.gallery = gallery
+        self.index_dir = index_dir
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.vector_backend = vector_backend
-        self.vectors = VectorSearcher(gallery.faiss, self.device, vector_backend)
+        self.vectors = VectorSearcher(index_dir.faiss, self.device, vector_backend)
 
     def refresh(self) -> None:
         """Pick up a FAISS index the gallery replaced (after an add or a remove)."""
-        self.vectors = VectorSearcher(self.gallery.faiss, self.device, self.vector_backend)
+        self.vectors = VectorSearcher(self.index_dir.faiss, self.device, self.vector_backend)
 
     @property
     def calibration(self) -> Calibration | None:
-        return self.gallery.calibration
+        return self.index_dir.calibration
 
     def default_marginals(self) -> str:
         """``auto`` on an index without a calibration: the measured default where the index allows
         it (cross-correlation needs full-size patches), else its stored weights, else uniform."""
-        manifest = self.gallery.manifest
+        manifest = self.index_dir.manifest
         if DEFAULT_MARGINALS == "crosscorr" and not manifest.pca_dim:
             return "crosscorr"
         return "rollout" if manifest.patch_weights != "uniform" else "uniform"
@@ -117,7 +123,7 @@ class Searcher:
         ``auto`` marginals resolved; validated (ValueError names the bad parameter)."""
         settings.validate()
         values = self.calibration.setting() if self.calibration is not None else {"marginals": self.default_marginals()}
-        if values.get("marginals") == "rollout" and self.gallery.manifest.patch_weights == "uniform":
+        if values.get("marginals") == "rollout" and self.index_dir.manifest.patch_weights == "uniform":
             values["marginals"] = "uniform"
         filled = settings.filled(values)
         filled = dataclasses.replace(filled, marginals=self.resolve_marginals(filled.marginals))
@@ -126,7 +132,7 @@ class Searcher:
 
     def resolve_marginals(self, marginals: str) -> str:
         """The marginals a search uses (``auto``: see :meth:`effective`); refuses what the index cannot do."""
-        manifest = self.gallery.manifest
+        manifest = self.index_dir.manifest
         if marginals == "auto":
             return self.effective(SearchSettings()).marginals
         if marginals == "rollout" and manifest.patch_weights == "uniform":
@@ -141,7 +147,7 @@ class Searcher:
         ``rollout`` (the only case that captures attention), ``uniform`` for uniform (no
         attention), None for ``crosscorr`` (per-pair weights from the features alone)."""
         if marginals == "rollout":
-            return self.gallery.manifest.patch_weights
+            return self.index_dir.manifest.patch_weights
         return "uniform" if marginals == "uniform" else None
 
     def search(
@@ -163,20 +169,17 @@ class Searcher:
         settings = self.effective(settings)
         marginals = settings.marginals
         t0 = time.perf_counter()
-        g, p, w = embed_pil_images(self.backbone, images, self.query_weight_kind(marginals))
-        if self.gallery.pca is not None:
-            p = self.gallery.pca.transform_tensor(p)  # on the device
+        query = embed_pil_images(self.backbone, images, self.query_weight_kind(marginals))
+        if self.index_dir.pca is not None:  # on the device
+            query.patch_features = self.index_dir.pca.transform_tensor(query.patch_features)
         t1 = time.perf_counter()
-        scores, ids = self.vectors.search(g, max(settings.top_k, settings.rerank_k))
+        scores, ids = self.vectors.search(query.global_features, max(settings.top_k, settings.rerank_k))
         t2 = time.perf_counter()
         candidates = [self._candidates(scores[q], ids[q], settings.rerank_k) for q in range(len(images))]
-        reranked = self._rerank(g, p, w, candidates, settings, marginals, keep_plans)
+        reranked = self._rerank(query, candidates, settings, marginals, keep_plans)
         if keep_plans:  # one copy each for the whole batch
-            g, p, w = g.cpu(), p.cpu(), None if w is None else w.cpu()
-        results = [
-            self._result(g[q], p[q], None if w is None else w[q], candidates[q], reranked[q], settings, marginals)
-            for q in range(len(images))
-        ]
+            query = query.to("cpu")
+        results = [self._result(query[q], candidates[q], reranked[q], settings, marginals) for q in range(len(images))]
         t3 = time.perf_counter()
         timings = {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3,
                    "total": (t3 - t0) * 1e3}
@@ -189,7 +192,7 @@ class Searcher:
         valid = ids >= 0  # FAISS pads with -1 when it finds fewer than asked
         scores, ids = scores[valid], ids[valid]
         k = min(rerank_k, len(ids))
-        rows, feats = self.gallery.features([int(i) for i in ids], decode=False) if len(ids) else ([], None)
+        rows, feats = self.index_dir.features([int(i) for i in ids], decode=False) if len(ids) else ([], None)
         return _Candidates(scores, ids, rows, feats, k)
 
     def _stacked_candidates(self, candidates: list["_Candidates"], qs: list[int], K: int) -> tuple[Features, torch.Tensor]:
@@ -197,17 +200,16 @@ class Searcher:
         per part); in an index of patch codes the codes are decoded there, by a gather of
         centroids (rounded to float16, as stored patch vectors are)."""
         dev = self.device
-
-        def stacked(part: str) -> torch.Tensor:
-            return torch.from_numpy(np.stack([getattr(candidates[q].feats, part)[:K] for q in qs])).to(dev)
-
-        patches = stacked("patch_features")
-        if self.gallery.codec is not None:
-            patches = self.gallery.decode_patches(patches, dev).to(torch.float16)
+        parts = [candidates[q].feats.take(slice(K)) for q in qs]
+        stacked = StoredFeatures(*(np.stack([getattr(f, name) for f in parts])
+                                   for name in ("global_features", "patch_features", "patch_weights")))
+        feats = stacked.to_device(dev)  # (Q, K, ...)
+        if self.index_dir.codec is not None:
+            feats.patch_features = self.index_dir.decode_patches(feats.patch_features, dev).to(torch.float16)
         scores = torch.from_numpy(np.stack([candidates[q].scores[:K] for q in qs])).to(dev)
-        return Features(stacked("global_features"), patches, stacked("patch_weights")), scores
+        return feats, scores
 
-    def _rerank(self, g, p, w, candidates: list["_Candidates"], settings: SearchSettings, marginals: str,
+    def _rerank(self, query: Features, candidates: list["_Candidates"], settings: SearchSettings, marginals: str,
                 keep_plans: bool) -> list["_Reranked | None"]:
         """One batched solve over every query with the same number of candidates to rerank; what
         comes back to the CPU is each query's top hits (order, sigma, final score) and, with
@@ -220,7 +222,7 @@ class Searcher:
         for K, qs in by_k.items():
             feats, scores = self._stacked_candidates(candidates, qs, K)
             res = rerank_batch(
-                Features(g[qs], p[qs], None if w is None else w[qs]), feats, scores,
+                query[qs], feats, scores,
                 marginals=marginals, s=settings.s, lam=settings.lam, eps=settings.eps,
             )
             top = res.order[:, : settings.top_k]  # the reranked candidates that can be returned
@@ -229,16 +231,19 @@ class Searcher:
             order = picked[0].long().tolist()
             sigma, final = picked[1].tolist(), picked[2].tolist()
             plans = res.plans.cpu() if keep_plans else None
+            kept = feats.to("cpu") if keep_plans else None
             for i, q in enumerate(qs):
-                out[q] = _Reranked(order[i], sigma[i], final[i], None if plans is None else plans[i])
+                out[q] = _Reranked(order[i], sigma[i], final[i], None if plans is None else plans[i],
+                                   None if kept is None else kept[i])
         return out
 
-    def _result(self, g, p, w, c: "_Candidates", reranked: "_Reranked | None", settings, marginals) -> QueryResult:
+    def _result(self, query: Features, c: "_Candidates", reranked: "_Reranked | None", settings,
+                marginals) -> QueryResult:
         order = list(range(len(c.ids)))
         structural: list[float | None] = [None] * len(c.ids)
         final = [float(x) for x in c.scores]
         plans: dict[str, torch.Tensor] = {}
-        weights: dict[str, np.ndarray] = {}
+        features: dict[str, Features] = {}
         if reranked is not None:
             # reranked.order holds min(top_k, K) positions; beyond K: global order, below the reranked
             order = reranked.order + order[c.k :]
@@ -247,7 +252,8 @@ class Searcher:
             if reranked.plans is not None:
                 # clone: a view would keep the whole batch's plans alive wherever one result is kept
                 plans = {c.rows[i].id: reranked.plans[i].clone() for i in range(c.k)}
-                weights = {c.rows[i].id: c.feats.patch_weights[i].astype(np.float32) for i in range(c.k)}
+                # views into the batch's copy (cheap): keep only what is needed, cloned, as the engine does
+                features = {c.rows[i].id: reranked.features[i] for i in range(c.k)}
         hits = []
         for after, i in enumerate(order[: settings.top_k]):
             r = c.rows[i]
@@ -255,7 +261,8 @@ class Searcher:
                             int(c.ids[i])))
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
-            query_global=g, query_patches=p, query_weights=w, plans=plans, candidate_weights=weights,
+            query_global=query.global_features, query_patches=query.patch_features, query_weights=query.patch_weights,
+            plans=plans, candidate_features=features,
         )
 
 
@@ -268,6 +275,7 @@ class _Reranked:
     sigma: list[float]
     final: list[float]
     plans: torch.Tensor | None
+    features: Features | None = None  # (K, ...) the candidates' features on the CPU, when plans are kept
 
 
 @dataclass
@@ -277,5 +285,5 @@ class _Candidates:
     scores: np.ndarray
     ids: np.ndarray
     rows: list
-    feats: Gathered | None
+    feats: StoredFeatures | None
     k: int  # how many of them are reranked

@@ -1,6 +1,6 @@
 """Search shard index directories held by Ray actors, with the single-index search code.
 
-One :class:`ShardServer` actor per shard holds its :class:`~indexer.gallery.Gallery` (FAISS
+One :class:`ShardServer` actor per shard holds its :class:`~indexer.index_dir.IndexDir` (FAISS
 index and patch store). The front (:class:`ShardedSearcher`, a :class:`~indexer.search.Searcher`)
 embeds the query batch once, fans the global search out to every shard, merges by score, gathers
 the candidates' stored features from their shards in one call per shard, and reranks them in
@@ -30,10 +30,10 @@ from reranker.backbones import Backbone
 
 from .build import backbone_for
 from .calibration import Calibration
-from .gallery import Gallery
+from .index_dir import IndexDir
 from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow
-from .patch_store import Gathered
+from .patch_store import StoredFeatures
 from .search import Searcher
 from .vector_index import VectorSearcher, build_index
 
@@ -54,27 +54,27 @@ class ShardServer:
     """A Ray actor's state: one shard's gallery, searched on the CPU."""
 
     def __init__(self, folder: str) -> None:
-        self.gallery = Gallery.open(Path(folder))
-        self.vectors = VectorSearcher(self.gallery.faiss, torch.device("cpu"))
+        self.index_dir = IndexDir.open(Path(folder))
+        self.vectors = VectorSearcher(self.index_dir.faiss, torch.device("cpu"))
 
     def describe(self) -> tuple[Manifest, dict[str, Any], Calibration | None]:
-        return self.gallery.manifest, self.gallery.info(), self.gallery.calibration
+        return self.index_dir.manifest, self.index_dir.info(), self.index_dir.calibration
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.vectors.search(torch.from_numpy(queries), k)
 
-    def features(self, faiss_ids: list[int]) -> tuple[list[ImageRow], Gathered]:
+    def features(self, faiss_ids: list[int]) -> tuple[list[ImageRow], StoredFeatures]:
         """Rows and decoded features (this shard's own PCA / codes applied) of its images."""
-        return self.gallery.features(faiss_ids)
+        return self.index_dir.features(faiss_ids)
 
     def row(self, image_id: str) -> ImageRow | None:
-        return self.gallery.row(image_id)
+        return self.index_dir.row(image_id)
 
     def paths(self) -> set[str]:
-        return {r.path for r in self.gallery.rows()}
+        return {r.path for r in self.index_dir.rows()}
 
     def close(self) -> None:
-        self.gallery.close()
+        self.index_dir.close()
 
 
 @dataclass
@@ -146,7 +146,7 @@ class ShardedIndex:
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
-    def features(self, faiss_ids: Sequence[int], decode: bool = True) -> tuple[list[ImageRow], Gathered]:
+    def features(self, faiss_ids: Sequence[int], decode: bool = True) -> tuple[list[ImageRow], StoredFeatures]:
         """Rows and stored features by global id, in that order, with one call per shard holding any."""
         n = len(self.shards)
         wanted: dict[int, list[int]] = {}
@@ -187,10 +187,10 @@ class ShardedIndex:
                 ray.kill(s.actor)
 
 
-def _merge(parts: list[tuple[list[int], Gathered]], n: int) -> Gathered:
-    """One :class:`Gathered` from each shard's, each part's rows going to its positions."""
+def _merge(parts: list[tuple[list[int], StoredFeatures]], n: int) -> StoredFeatures:
+    """One :class:`StoredFeatures` from each shard's, each part's rows going to its positions."""
     values = {}
-    for f in dataclasses.fields(Gathered):
+    for f in dataclasses.fields(StoredFeatures):
         first = getattr(parts[0][1], f.name)
         if first is None:
             values[f.name] = None
@@ -199,7 +199,7 @@ def _merge(parts: list[tuple[list[int], Gathered]], n: int) -> Gathered:
         for positions, gathered in parts:
             out[positions] = getattr(gathered, f.name)
         values[f.name] = out
-    return Gathered(**values)
+    return StoredFeatures(**values)
 
 
 def _common_calibration(calibrations: list[Calibration | None]) -> Calibration | None:

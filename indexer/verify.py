@@ -12,7 +12,7 @@ from .patch_codes import PatchCodec
 from .vector_index import index_ids
 
 if TYPE_CHECKING:
-    from .gallery import Gallery
+    from .index_dir import IndexDir
 
 
 @dataclass
@@ -22,7 +22,7 @@ class VerifyReport:
     checked: int = 0
 
 
-def verify_index(index: "Gallery", checksums: bool = True) -> VerifyReport:
+def verify_index(index: "IndexDir", checksums: bool = True) -> VerifyReport:
     """Check that FAISS, the patch store and the metadata agree, and (with ``checksums``) that every
     segment file and the patch codebook are byte for byte what the commits recorded."""
     problems: list[str] = []
@@ -81,7 +81,7 @@ def verify_index(index: "Gallery", checksums: bool = True) -> VerifyReport:
             problems.append("FAISS vectors differ from the stored global vectors")
     return VerifyReport(ok=not problems, problems=problems, checked=n)
 
-def _verify_codec(index: "Gallery") -> list[str]:
+def _verify_codec(index: "IndexDir") -> list[str]:
     if not index.manifest.patch_codes or not len(index):
         return []
     if not PatchCodec.exists(index.folder):

@@ -7,24 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .features import Features
 from .marginals import MARGINALS, Marginals, diml_normalise, uniform_weights
 from .ot import sinkhorn
 from .rollout import normalise_weights
-
-
-@dataclass
-class Features:
-    """Features of one or more images, as stored in the index.
-
-    Attributes:
-        global_features: ``(..., D)``, L2-normalised.
-        patch_features: ``(..., G*G, D)``, L2-normalised (any float dtype).
-        patch_weights: ``(..., G*G)`` per-image weights (rollout), or None.
-    """
-
-    global_features: torch.Tensor
-    patch_features: torch.Tensor
-    patch_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -227,12 +213,7 @@ def rerank(
 
     Same keyword arguments as :func:`rerank_batch`; the result keeps a leading query axis of 1.
     """
-    def add_axis(f: Features) -> Features:
-        w = f.patch_weights
-        return Features(f.global_features.unsqueeze(0), f.patch_features.unsqueeze(0),
-                        None if w is None else w.unsqueeze(0))
-
     if query.global_features.dim() != 1:
         raise ValueError("rerank takes one query: global features (D,); use rerank_batch for several")
     scores = None if global_scores is None else global_scores.unsqueeze(0)
-    return rerank_batch(add_axis(query), add_axis(candidates), scores, **kwargs)
+    return rerank_batch(query.unsqueeze(0), candidates.unsqueeze(0), scores, **kwargs)

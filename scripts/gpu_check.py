@@ -62,7 +62,7 @@ def _backbone(small: bool):
 def step_index(device: str, small: bool, goals: list, work: Path) -> dict:
     """Index a few shared photos on ``device`` and on the CPU, search both: same rankings, scores within 1e-3."""
     from indexer.build import build_index
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.loading import load_image
     from indexer.search import Searcher, SearchSettings
     from indexer.sources import ImageRecord
@@ -75,8 +75,8 @@ def step_index(device: str, small: bool, goals: list, work: Path) -> dict:
     for dev in dict.fromkeys((device, "cpu")):
         backbone = _backbone(small).to(dev)
         build_index(work / f"index-{dev}", backbone, records, batch_size=8, workers=0, progress=False)
-        with Gallery.open(work / f"index-{dev}") as gallery:
-            results = Searcher(gallery, backbone, dev).search(queries, settings)
+        with IndexDir.open(work / f"index-{dev}") as index_dir:
+            results = Searcher(index_dir, backbone, dev).search(queries, settings)
         out[dev] = [[(h.id, h.final_score) for h in r.hits] for r in results]
     same = all([i for i, _ in a] == [i for i, _ in b] for a, b in zip(out[device], out["cpu"]))
     diff = max(abs(x - y) for a, b in zip(out[device], out["cpu"]) for (_, x), (_, y) in zip(a, b))

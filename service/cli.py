@@ -46,6 +46,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--max-batch", type=int)
     serve.add_argument("--batch-wait-ms", type=float)
+    serve.add_argument("--torch-threads", type=int,
+                       help="CPU threads of torch (default: one per core; 1 when the cores are shared)")
     serve.add_argument("--timeout-keep-alive", type=int, default=TIMEOUT_KEEP_ALIVE_S,
                        help="seconds a connection may stay idle, or take to send a request head "
                             f"(default {TIMEOUT_KEEP_ALIVE_S})")
@@ -58,7 +60,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 _FLAGS = ("index", "host", "port", "model", "weights", "device", "api_key", "top_k", "rerank_k", "s", "lam",
-          "marginals", "max_upload_bytes", "queue_size", "max_batch", "batch_wait_ms")
+          "marginals", "max_upload_bytes", "queue_size", "max_batch", "batch_wait_ms", "torch_threads")
 
 
 def _fail(message: str) -> int:

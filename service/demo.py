@@ -54,11 +54,11 @@ def ensure_demo_index(
     if not (folder / "manifest.json").exists():
         return build_demo_index(folder, backbone, device, model_kwargs, progress=progress)
     records = demo_records()
-    with open_index(folder) as gallery:
-        gallery.manifest.check_compatible(model, backbone.weights_id)
-        if not {r.id for r in records} <= gallery.ids():
+    with open_index(folder) as index_dir:
+        index_dir.manifest.check_compatible(model, backbone.weights_id)
+        if not {r.id for r in records} <= index_dir.ids():
             print(f"completing the demo index in {folder}", file=sys.stderr)
-            add_records(gallery, backbone.to(device), records, workers=0, progress=progress)
+            add_records(index_dir, backbone.to(device), records, workers=0, progress=progress)
     return folder
 
 

@@ -13,14 +13,14 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 from PIL import Image
 
-from indexer import Catalog, Gallery, ImageRecord, QueryResult, Searcher, SearchSettings, add_records, backbone_for
+from indexer import Catalog, IndexDir, ImageRecord, QueryResult, Searcher, SearchSettings, add_records, backbone_for
 from indexer.atomic import write_bytes
 from indexer.loading import LoadLimits, content_hash
 from reranker.device import resolve_device
@@ -37,11 +37,10 @@ UPLOADS = "uploads"
 
 @dataclass
 class SearchOutcome:
-    """One query's result, its stage timings and the patch weights of its reranked hits."""
+    """One query's result (with the plans and features of its returned reranked hits) and its stage timings."""
 
     result: QueryResult
     timings_ms: dict[str, float]
-    candidate_weights: dict[str, np.ndarray] = field(default_factory=dict)
     batch_size: int = 1
 
 
@@ -58,7 +57,7 @@ class Engine:
 
     def __init__(
         self,
-        gallery: Gallery,
+        index_dir: IndexDir,
         searcher: Searcher,
         *,
         queue_size: int = 64,
@@ -69,10 +68,10 @@ class Engine:
         decode_gate: DecodeGate | None = None,
         catalog: Catalog | None = None,
     ) -> None:
-        self.gallery = gallery
+        self.index_dir = index_dir
         self.searcher = searcher
-        self.catalog = catalog if catalog is not None else Catalog(gallery.folder)
-        self.uploads = gallery.folder.resolve() / UPLOADS
+        self.catalog = catalog if catalog is not None else Catalog(index_dir.folder)
+        self.uploads = index_dir.folder.resolve() / UPLOADS
         self.limits = limits
         self.metrics = metrics
         self.decode_gate = decode_gate or DecodeGate()  # bounds the decoding of queries (service.decoding)
@@ -83,7 +82,7 @@ class Engine:
         self._lock = threading.Lock()
         self._seconds_per_query = 0.1  # running estimate, for Retry-After
         self._thread: threading.Thread | None = None
-        self._info = gallery.info()
+        self._info = index_dir.info()
         self._remove_orphan_uploads()
 
     @classmethod
@@ -92,30 +91,32 @@ class Engine:
         if settings.index is None:
             raise ValueError("no index directory given (--index DIR, VIT_RERANK_INDEX, or --demo)")
         device = resolve_device(settings.device)
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)  # process-wide, as torch's threads are
         catalog = None
         if settings.ray is not None:  # shards on a Ray cluster (service.ray_backend): read-only
             from .ray_backend import open_shards
 
-            gallery, searcher, catalog = open_shards(settings.shards or [settings.index], settings.ray, device,
+            index_dir, searcher, catalog = open_shards(settings.shards or [settings.index], settings.ray, device,
                                                      settings.weights)
         else:
-            gallery = Gallery.open(Path(settings.index).resolve())
+            index_dir = IndexDir.open(Path(settings.index).resolve())
             try:
-                backbone = backbone_for(gallery.manifest, device, settings.weights)
-                searcher = Searcher(gallery, backbone, device)
+                backbone = backbone_for(index_dir.manifest, device, settings.weights)
+                searcher = Searcher(index_dir, backbone, device)
             except BaseException:
-                gallery.close()
+                index_dir.close()
                 raise
         limits = LoadLimits(max_pixels=settings.max_image_pixels, max_file_bytes=settings.max_upload_bytes)
         return cls(
-            gallery, searcher, queue_size=settings.queue_size, max_batch=settings.max_batch,
+            index_dir, searcher, queue_size=settings.queue_size, max_batch=settings.max_batch,
             batch_wait_ms=settings.wait_ms(device.type), limits=limits, metrics=metrics, catalog=catalog,
         )
 
     # --- facts ---------------------------------------------------------------------
     @property
     def model(self) -> str:
-        return self.gallery.manifest.model
+        return self.index_dir.manifest.model
 
     @property
     def random_weights(self) -> bool:
@@ -127,7 +128,7 @@ class Engine:
 
     @property
     def grid(self) -> int:
-        return self.gallery.manifest.grid
+        return self.index_dir.manifest.grid
 
     def info(self) -> dict[str, Any]:
         """Index statistics as of the last change (no lock: never waits for inference)."""
@@ -135,15 +136,6 @@ class Engine:
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
-
-    def stored_features(self, faiss_ids: list[int]):
-        """The stored features (``indexer.patch_store.Gathered``) of images by FAISS id, read under the
-        index lock; None when one of them has left the index since (explanations, issue 14)."""
-        with self._lock:
-            try:
-                return self.gallery.features(faiss_ids)[1]
-            except (KeyError, AttributeError, NotImplementedError):  # gone, or a gallery that cannot tell
-                return None
 
     def resolve_marginals(self, marginals: str) -> str:
         return self.searcher.resolve_marginals(marginals)
@@ -178,7 +170,7 @@ class Engine:
             self._thread = None
         with self._lock:
             self.catalog.close()
-            self.gallery.close()
+            self.index_dir.close()
 
     # --- searching -----------------------------------------------------------------
     def submit(self, image: Image.Image, settings: SearchSettings) -> Future:
@@ -255,15 +247,15 @@ class Engine:
                 }
                 if self.metrics:
                     self.metrics.observe_stages(timings)
-                job.future.set_result(SearchOutcome(result, timings, result.candidate_weights, len(jobs)))
+                job.future.set_result(SearchOutcome(result, timings, len(jobs)))
 
     @staticmethod
     def _returned_plans_only(result: QueryResult) -> QueryResult:
-        """The result with the plans and stored patch weights of its returned hits only (the reranked
-        candidates below ``top_k`` are not explained, so their plans are not kept)."""
+        """The result with the plans and candidate features of its returned hits only (the reranked
+        candidates below ``top_k`` are not explained, so theirs are not kept), copied out of the batch."""
         kept = [h.id for h in result.hits if h.id in result.plans]
         return dataclasses.replace(result, plans={i: result.plans[i] for i in kept},
-                                   candidate_weights={i: result.candidate_weights[i] for i in kept})
+                                   candidate_features={i: result.candidate_features[i].clone() for i in kept})
 
     # --- changing the index ----------------------------------------------------------
     def add_image(
@@ -281,14 +273,14 @@ class Engine:
         path = self.uploads / name  # never a name from the client
         self._check_writable()
         with self._lock:
-            if self.gallery.row(image_id) is not None:
+            if self.index_dir.row(image_id) is not None:
                 raise DuplicateIdError(f"an image with id {image_id!r} is already indexed")
             self.uploads.mkdir(exist_ok=True)
             created = not path.exists()  # else an orphan of a crash, with these very bytes: left as it is
             write_bytes(path, data)
             try:
                 report = add_records(
-                    self.gallery, self.searcher.backbone,
+                    self.index_dir, self.searcher.backbone,
                     [ImageRecord(str(path), image_id, label, dict(metadata or {}))],
                     workers=0, limits=self.limits, progress=False, save_report=False,
                 )
@@ -298,13 +290,13 @@ class Engine:
                 if report.added != 1:
                     raise RuntimeError(f"the indexer added {report.added} images instead of 1")
             except BaseException:
-                if created and image_id not in self.gallery.ids():
+                if created and image_id not in self.index_dir.ids():
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
             finally:
                 self.searcher.refresh()
-                self._info = self.gallery.info()
+                self._info = self.index_dir.info()
                 release_memory()  # the indexer decoded the image at full size
         return image_id
 
@@ -317,14 +309,14 @@ class Engine:
         """
         self._check_writable()
         with self._lock:
-            row = self.gallery.row(image_id)
+            row = self.index_dir.row(image_id)
             if row is None:
                 return False
             try:
-                self.gallery.remove([image_id])
+                self.index_dir.remove([image_id])
             finally:
                 self.searcher.refresh()
-                self._info = self.gallery.info()
+                self._info = self.index_dir.info()
             path = Path(row.path)
             if path.parent == self.uploads:
                 with contextlib.suppress(FileNotFoundError):
@@ -333,7 +325,7 @@ class Engine:
 
     def _check_writable(self) -> None:
         """501 where the gallery takes no changes (its ``read_only`` says why)."""
-        why = getattr(self.gallery, "read_only", None)
+        why = getattr(self.index_dir, "read_only", None)
         if why:
             raise NotImplementedHere(why)
 

@@ -53,7 +53,7 @@ class Match:
     final_score: float = 0.0
     rank_before: int = 0
     rank_after: int = 0
-    similarity: np.ndarray | None = None  # (n, m) patch cosines, None when the features were gone
+    similarity: np.ndarray | None = None  # (n, m) patch cosines
     query_marginal: np.ndarray | None = None  # (n,) the OT marginals actually used (unit mass)
     candidate_marginal: np.ndarray | None = None  # (m,)
     near_duplicate: bool | None = None
@@ -262,15 +262,14 @@ def build_entry(view: Image.Image, sharp: Image.Image | None, outcome: Any, engi
     g_q = np.asarray(result.query_global, dtype=np.float32)
     f_q = np.asarray(result.query_patches, dtype=np.float32)
     w_q = None if result.query_weights is None else np.asarray(result.query_weights, dtype=np.float32)
-    stored = engine.stored_features([h.faiss_id for h in hits])
     matches = {}
-    for k, h in enumerate(hits):
-        w_x = np.asarray(outcome.candidate_weights[h.id], dtype=np.float32)
-        similarity = mu_q = mu_x = None
-        if stored is not None and np.shape(stored.patch_features)[1:] == f_q.shape:
-            f_x = np.asarray(stored.patch_features[k], dtype=np.float32)
-            similarity = f_q @ f_x.T
-            mu_q, mu_x = ot_marginals(result.marginals, w_q, w_x, g_q, f_q, stored.global_features[k], f_x)
+    for h in hits:
+        # what the reranker compared the query with (the searcher keeps it with the plans)
+        cand = result.candidate_features[h.id]
+        w_x = cand.patch_weights.float().numpy()
+        f_x = cand.patch_features.float().numpy()
+        similarity = f_q @ f_x.T
+        mu_q, mu_x = ot_marginals(result.marginals, w_q, w_x, g_q, f_q, cand.global_features.float().numpy(), f_x)
         matches[h.id] = Match(
             path=h.path, plan=np.asarray(result.plans[h.id], dtype=np.float32), candidate_weights=w_x,
             # ranks shown 1-based, as on the page

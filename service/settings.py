@@ -49,6 +49,9 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
     queue_size: int = Field(64, ge=1, description="queries waiting for inference; beyond: 503")
     max_batch: int = Field(16, ge=1, description="queries embedded and reranked together")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads of torch (default: torch's, one per core); 1 where other work "
+        "shares the cores: busy-waiting threads then cost far more than they bring")
     batch_wait_ms: float | None = Field(
         None, ge=0, le=1000,
         description="how long the first query of a batch waits for others (default: 5 on a GPU, 0 on a CPU)",

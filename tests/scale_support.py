@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.gallery import Gallery, NewImages
+from indexer.index_dir import IndexDir, NewImages
 from indexer.manifest import Manifest
 from indexer.metadata import ImageRow
+from indexer.patch_store import StoredFeatures
 
 DIM, GRID = 32, 7
 
@@ -36,12 +37,12 @@ def new_images(start: int, n: int, seed: int = 0) -> NewImages:
     rows = [ImageRow(id=f"img{start + i}", path=f"/nowhere/{start + i}.jpg", label=str(i % 5),
                      content_hash=f"h{start + i}", width=8, height=8, bytes=1) for i in range(n)]
     weights = np.full((n, GRID * GRID), 1.0 / (GRID * GRID), np.float32)
-    return NewImages(rows, g, patches, weights)
+    return NewImages(rows, StoredFeatures(g, patches, weights))
 
 
-def make_gallery(folder: Path, n: int, chunk: int = 200, train: bool = True, **manifest_kwargs) -> Gallery:
+def make_gallery(folder: Path, n: int, chunk: int = 200, train: bool = True, **manifest_kwargs) -> IndexDir:
     """A gallery of ``n`` synthetic images committed ``chunk`` at a time (trained at the end, as a build does)."""
-    gallery = Gallery.create(folder, manifest(**manifest_kwargs))
+    gallery = IndexDir.create(folder, manifest(**manifest_kwargs))
     for start in range(0, n, chunk):
         gallery.commit_new(new_images(start, min(chunk, n - start), seed=start))
     if train and not gallery.trained:

@@ -34,7 +34,7 @@ def gallery_photos(shared_data: Path) -> list[Path]:
 def build_index(folder: Path, photos: list[Path]) -> Path:
     """Index ``photos`` (labels from their folders) with ``test_vit``, random weights, through the library."""
     from indexer.build import add_records, new_manifest
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.sources import ImageRecord
     from reranker.backbones import create_backbone
 
@@ -43,7 +43,7 @@ def build_index(folder: Path, photos: list[Path]) -> Path:
                             model_kwargs=tiny_vit_kwargs())
     records = [ImageRecord(str(p), f"{p.parent.name}/{p.name}", p.parent.name, {"source": "clothing-small"})
                for p in photos]
-    with Gallery.create(folder, manifest) as gallery:
+    with IndexDir.create(folder, manifest) as gallery:
         report = add_records(gallery, backbone, records, workers=0, progress=False)
     assert report.added == len(photos), report
     return folder

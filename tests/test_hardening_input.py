@@ -112,7 +112,7 @@ def test_add_refuses_extreme_aspect_ratios_quickly(writer, size):
 
 def test_index_build_skips_extreme_aspect_ratios(tmp_path):
     from indexer.build import add_records, new_manifest
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.sources import ImageRecord
     from reranker.backbones import create_backbone
 
@@ -121,7 +121,7 @@ def test_index_build_skips_extreme_aspect_ratios(tmp_path):
     backbone = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
     manifest = new_manifest(backbone, patch_weights="rollout", model_kwargs=tiny_vit_kwargs())
     records = [ImageRecord(str(tmp_path / n), n) for n in ("ok.png", "thin.png")]
-    with Gallery.create(tmp_path / "index", manifest) as gallery:
+    with IndexDir.create(tmp_path / "index", manifest) as gallery:
         report = add_records(gallery, backbone, records, workers=0, progress=False)
         assert report.added == 1 and len(gallery) == 1
     assert [(f.id, f.reason) for f in report.failures] == [("thin.png", "bad_aspect_ratio")]

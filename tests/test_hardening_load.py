@@ -263,7 +263,7 @@ def test_delete_racing_readd_never_loses_the_file(index_dir, tmp_path, monkeypat
             start.wait()
             while not done.is_set():
                 with engine._lock:
-                    row = engine.gallery.db.rows_by_id(["racer"]).get("racer")
+                    row = engine.index_dir.db.rows_by_id(["racer"]).get("racer")
                     if row is not None and not Path(row.path).is_file():
                         bad.append(f"indexed without its file: {row.path}")
                 time.sleep(0.001)
@@ -285,7 +285,7 @@ def test_delete_racing_readd_never_loses_the_file(index_dir, tmp_path, monkeypat
         assert not bad, (len(bad), kinds, bad[:3])
         assert codes["add"].count(201) >= 1 and codes["delete"].count(200) >= 1, codes
 
-        row = engine.gallery.db.rows_by_id(["racer"]).get("racer")
+        row = engine.index_dir.db.rows_by_id(["racer"]).get("racer")
         files = sorted(p for p in uploads.iterdir()) if uploads.is_dir() else []
         if row is None:
             assert files == [], files

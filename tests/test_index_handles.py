@@ -2,7 +2,7 @@
 segments are closed and deleted, open segments are bounded (LRU), small segments are
 compacted, compaction keeps every feature exactly, and ``kill -9`` during it loses nothing.
 
-The images are synthetic features (no backbone), committed through ``Gallery.commit_new``.
+The images are synthetic features (no backbone), committed through ``IndexDir.commit_new``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import indexer.gallery as gallery_module
+import indexer.compaction as compaction
 import indexer.patch_store as patch_store
-from indexer.gallery import Gallery, NewImages
+from indexer.index_dir import IndexDir, NewImages
 from indexer.manifest import Manifest
 from indexer.metadata import ImageRow
+from indexer.patch_store import StoredFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -48,26 +49,26 @@ def new_images(indices, grid: int = G, dim: int = D) -> NewImages:
     feats = [features_of(i, grid, dim) for i in indices]
     rows = [ImageRow(id=f"img{i}", path=f"/nowhere/{i}.jpg", label=None, content_hash=f"hash{i}",
                      width=1, height=1, bytes=1) for i in indices]
-    return NewImages(rows, np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats]),
-                     np.stack([f[2] for f in feats]))
+    return NewImages(rows, StoredFeatures(np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats]),
+                                          np.stack([f[2] for f in feats])))
 
 
-def new_gallery(folder, grid: int = G, dim: int = D) -> Gallery:
+def new_gallery(folder, grid: int = G, dim: int = D) -> IndexDir:
     manifest = Manifest(model="synthetic", weights="random", weights_source="random", grid=grid,
                         global_dim=dim, patch_dim=dim, patch_weights="uniform")
-    return Gallery.create(Path(folder), manifest)
+    return IndexDir.create(Path(folder), manifest)
 
 
-def open_or_create(folder, grid: int = G, dim: int = D) -> Gallery:
+def open_or_create(folder, grid: int = G, dim: int = D) -> IndexDir:
     folder = Path(folder)
-    return Gallery.open(folder) if (folder / "manifest.json").exists() else new_gallery(folder, grid, dim)
+    return IndexDir.open(folder) if (folder / "manifest.json").exists() else new_gallery(folder, grid, dim)
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def check_features(gallery: Gallery, grid: int = G, dim: int = D) -> int:
+def check_features(gallery: IndexDir, grid: int = G, dim: int = D) -> int:
     """Every image's stored features are exactly those it was added with; returns the count."""
     rows = gallery.db.all_rows()
     if not rows:
@@ -80,7 +81,7 @@ def check_features(gallery: Gallery, grid: int = G, dim: int = D) -> int:
     return len(rows)
 
 
-def gathered(gallery: Gallery, faiss_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gathered(gallery: IndexDir, faiss_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     _, got = gallery.features(list(faiss_ids))
     return got.global_features.copy(), got.patch_features.copy(), got.patch_weights.copy()
 
@@ -148,7 +149,7 @@ def test_1000_single_adds_keep_open_files_bounded_under_a_low_limit(tmp_path, mo
     assert proc.returncode == 0, err  # no OSError (too many open files) under RLIMIT_NOFILE 256
     stats = json.loads(out.strip().splitlines()[-1])
     # Segments do not grow with the adds: at most a few of >= 256 images plus 33 small ones.
-    assert stats["peak_segments"] <= 1000 // gallery_module.COMPACT_SMALL_ROWS + gallery_module.COMPACT_MAX_SMALL + 1
+    assert stats["peak_segments"] <= 1000 // compaction.COMPACT_SMALL_ROWS + compaction.COMPACT_MAX_SMALL + 1
     assert stats["open_segments"] <= stats["max_open"]
     # The store holds at most 3 descriptors per open segment, plus SQLite's 3 (db, -wal, -shm).
     assert stats["peak_fds"] <= stats["base"] + 3 * stats["max_open"] + 3 + 2, stats
@@ -187,7 +188,7 @@ def test_removed_segments_are_deleted_and_released(tmp_path, monkeypatch):
     assert gallery.segments == [2, 3, 5, 6] and not list(segments_dir.glob("00000007.*"))
     gallery.close()
     assert references_to(segments_dir) == []
-    with Gallery.open(folder) as reopened:
+    with IndexDir.open(folder) as reopened:
         assert reopened.segments == [2, 3, 5, 6] and check_features(reopened) == 4
         assert reopened.verify().ok
         # Removing every image leaves no segment at all.
@@ -199,7 +200,7 @@ def test_removed_segments_are_deleted_and_released(tmp_path, monkeypatch):
 def test_open_segments_are_bounded_and_reopened_on_demand(tmp_path, monkeypatch):
     monkeypatch.setattr(patch_store, "MAX_OPEN_SEGMENTS", 4)
     monkeypatch.setattr(patch_store, "IN_MEMORY_BYTES", 0)
-    monkeypatch.setattr(gallery_module, "COMPACT_MAX_SMALL", 1000)  # keep every segment
+    monkeypatch.setattr(compaction, "COMPACT_MAX_SMALL", 1000)  # keep every segment
     with new_gallery(tmp_path / "index") as gallery:
         for i in range(12):
             gallery.commit_new(new_images([i]))
@@ -237,15 +238,15 @@ def test_compaction_merges_small_segments_and_keeps_every_feature(tmp_path, monk
     files = {p.name.split(".")[0] for p in (folder / "segments").iterdir()}
     assert files == {f"{s:08d}" for s in gallery.segments}  # the merged-away files are gone
     gallery.close()
-    with Gallery.open(folder) as reopened:
+    with IndexDir.open(folder) as reopened:
         for a, b in zip(before, gathered(reopened, ids)):
             np.testing.assert_array_equal(a, b)
         assert reopened.verify().ok and len(reopened.segments) == 2
 
 
 def test_compaction_with_removals_small_thresholds_and_force(tmp_path, monkeypatch):
-    monkeypatch.setattr(gallery_module, "COMPACT_SMALL_ROWS", 8)
-    monkeypatch.setattr(gallery_module, "COMPACT_MAX_SMALL", 3)
+    monkeypatch.setattr(compaction, "COMPACT_SMALL_ROWS", 8)
+    monkeypatch.setattr(compaction, "COMPACT_MAX_SMALL", 3)
     folder = tmp_path / "index"
     rng = random.Random(7)
     with new_gallery(folder) as gallery:
@@ -276,7 +277,7 @@ def test_compaction_with_removals_small_thresholds_and_force(tmp_path, monkeypat
 
 
 def test_a_failed_compaction_keeps_the_add_and_the_old_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr(gallery_module, "COMPACT_MAX_SMALL", 2)
+    monkeypatch.setattr(compaction, "COMPACT_MAX_SMALL", 2)
     folder = tmp_path / "index"
     with new_gallery(folder) as gallery:
         for i in range(2):
@@ -292,7 +293,7 @@ def test_a_failed_compaction_keeps_the_add_and_the_old_layout(tmp_path, monkeypa
         assert gallery.store.segment_ids_on_disk() == {1, 2, 3}  # the failed merge left nothing
         assert check_features(gallery) == 3 and gallery.verify().ok
         monkeypatch.undo()
-        monkeypatch.setattr(gallery_module, "COMPACT_MAX_SMALL", 2)
+        monkeypatch.setattr(compaction, "COMPACT_MAX_SMALL", 2)
         gallery.commit_new(new_images([3]))  # the next commit compacts
         assert len(gallery.segments) == 1 and check_features(gallery) == 4 and gallery.verify().ok
 
@@ -301,11 +302,11 @@ def test_a_failed_compaction_keeps_the_add_and_the_old_layout(tmp_path, monkeypa
 
 ADD_UNTIL_KILLED = r"""
 import sys
-import indexer.gallery as gallery_module
+import indexer.compaction as compaction
 from test_index_handles import open_or_create, new_images
 
 folder, total = sys.argv[1], int(sys.argv[2])
-gallery_module.COMPACT_MAX_SMALL = 3  # compact every few adds
+compaction.COMPACT_MAX_SMALL = 3  # compact every few adds
 gallery = open_or_create(folder, 16, 32)
 original = gallery.store.write_merged
 
@@ -358,7 +359,7 @@ def test_kill_9_during_compaction_loses_nothing(tmp_path):
         kills += 1
         live, files = live_segments_on_disk(folder)
         torn += bool(files - live or any(p.name.endswith(".tmp") for p in (folder / "segments").iterdir()))
-        with Gallery.open(folder) as gallery:
+        with IndexDir.open(folder) as gallery:
             report = gallery.verify()
             assert report.ok, report.problems
             ids = gallery.ids()
@@ -373,8 +374,8 @@ def test_kill_9_during_compaction_loses_nothing(tmp_path):
 
     proc = child(ADD_UNTIL_KILLED, str(folder), str(total), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    with Gallery.open(folder) as gallery:
+    with IndexDir.open(folder) as gallery:
         assert gallery.verify().ok
         assert gallery.ids() == {f"img{i}" for i in range(total)}
         assert check_features(gallery, 16, 32) == total
-        assert len(gallery.segments) <= total // gallery_module.COMPACT_SMALL_ROWS + 4 + 1
+        assert len(gallery.segments) <= total // compaction.COMPACT_SMALL_ROWS + 4 + 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_vit_kwargs
-from indexer.gallery import Gallery
+from indexer.index_dir import IndexDir
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_kill_9_during_a_build_loses_nothing_committed(shared_data, tmp_path, ex
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         kills += 1
-        with Gallery.open(index) as gallery:
+        with IndexDir.open(index) as gallery:
             report = gallery.verify()
             assert report.ok, report.problems
             ids = gallery.ids()
@@ -86,7 +86,7 @@ def test_kill_9_during_a_build_loses_nothing_committed(shared_data, tmp_path, ex
     # Resume to the end: every image is there exactly once, and the index searches.
     proc = start_build(index, manifest, extra)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    with Gallery.open(index) as gallery:
+    with IndexDir.open(index) as gallery:
         assert gallery.verify().ok
         assert gallery.ids() == {str(p) for p in photos}
         assert len(gallery) == len(photos) and gallery.faiss.ntotal == len(photos)

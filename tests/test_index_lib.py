@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import tiny_vit_kwargs
 from indexer.build import add_records, backbone_for, new_manifest
-from indexer.gallery import Gallery
+from indexer.index_dir import IndexDir
 from indexer.loading import LoadLimits, load_image
 from indexer.manifest import FORMAT_VERSION, IndexMismatchError, Manifest
 from indexer.search import Searcher, SearchSettings
@@ -48,7 +48,7 @@ def records_of(paths: list[Path]) -> list[ImageRecord]:
 def build(folder: Path, backbone, records, *, factory="Flat", pca_dim=None, patch_weights="rollout", **kwargs):
     manifest = new_manifest(backbone, patch_weights=patch_weights, factory=factory,
                             pca_dim=pca_dim, model_kwargs=tiny_vit_kwargs())
-    gallery = Gallery.create(folder, manifest)
+    gallery = IndexDir.create(folder, manifest)
     report = add_records(gallery, backbone, records, workers=0, progress=False, **kwargs)
     return gallery, report
 
@@ -191,7 +191,7 @@ def test_non_flat_factories_train_search_and_remove(tmp_path, backbone, photos, 
         searcher.refresh()
         hits = searcher.search([load_image(query)], SearchSettings(top_k=5, rerank_k=0))[0].hits
         assert query.name not in {h.id for h in hits}
-    with Gallery.open(folder) as reopened:
+    with IndexDir.open(folder) as reopened:
         assert len(reopened) == len(photos) - 2 and reopened.trained
         assert isinstance(base_index(reopened.faiss), kind)
 
@@ -199,7 +199,7 @@ def test_non_flat_factories_train_search_and_remove(tmp_path, backbone, photos, 
 def test_a_bad_factory_string_is_a_clear_error_and_the_build_keeps_its_images(tmp_path, backbone, photos):
     with pytest.raises(ValueError, match="invalid FAISS factory string"):
         build(tmp_path / "index", backbone, records_of(photos[:4]), factory="NoSuchIndex")
-    with Gallery.open(tmp_path / "index") as gallery:  # committed before training: not lost
+    with IndexDir.open(tmp_path / "index") as gallery:  # committed before training: not lost
         assert len(gallery) == 4
 
 
@@ -325,7 +325,7 @@ def test_a_newer_format_is_refused(tmp_path, backbone, photos):
     data["format_version"] = FORMAT_VERSION + 1
     path.write_text(json.dumps(data))
     with pytest.raises(IndexMismatchError, match="upgrade vit-rerank"):
-        Gallery.open(tmp_path / "index")
+        IndexDir.open(tmp_path / "index")
 
 
 def test_another_model_or_weights_file_is_refused(flat_gallery, tmp_path):

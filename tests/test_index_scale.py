@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-import indexer.gallery as gallery_module
+import indexer.global_index as global_index
 import indexer.index_plan as plan_module
-from indexer.gallery import Gallery
+from indexer.index_dir import IndexDir
 from indexer.index_plan import choose, parse_bytes
 from indexer.vector_index import base_index, build_index
 from scale_support import DIM, make_gallery, new_images
@@ -52,7 +52,7 @@ def small_thresholds(monkeypatch):
     """Thresholds scaled down so that a few hundred vectors need an approximate index."""
     monkeypatch.setattr(plan_module, "EXACT_MAX", 100)
     monkeypatch.setattr(plan_module, "HNSW_MAX", 300)
-    monkeypatch.setattr(gallery_module, "RETRAIN_MIN", 100)
+    monkeypatch.setattr(global_index, "RETRAIN_MIN", 100)
 
 
 def test_auto_ivf_is_trained_on_a_sample_tuned_recorded_and_verified(tmp_path, small_thresholds):
@@ -69,7 +69,7 @@ def test_auto_ivf_is_trained_on_a_sample_tuned_recorded_and_verified(tmp_path, s
         assert 0.85 <= measured["recall_at_k"] <= 1.0
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["factory"] == "auto" and manifest["index_plan"]["factory"] == plan.factory
-    with Gallery.open(tmp_path / "index") as reopened:
+    with IndexDir.open(tmp_path / "index") as reopened:
         assert reopened.plan.factory == plan.factory and reopened.plan.search_value == plan.search_value
         assert "memory-mapped" in reopened.faiss_description()
 
@@ -94,10 +94,10 @@ def test_add_and_remove_on_approximate_indexes_and_codes(tmp_path, small_thresho
         assert len(gallery) == 398 and gallery.faiss.ntotal == 398 and gallery.verify().ok
         gallery.commit_new(new_images(400, 100, seed=400))
         assert gallery.faiss.ntotal == 498 and gallery.verify().ok
-        query = new_images(400, 100, seed=400).global_features[:1]
+        query = new_images(400, 100, seed=400).features.global_features[:1]
         ids = gallery.faiss.search(query, 5)[1][0]
         assert 400 in ids  # the image just added is found (its own vector as the query)
-    with Gallery.open(tmp_path / "index") as reopened:  # memory-mapped, then changed: reloaded first
+    with IndexDir.open(tmp_path / "index") as reopened:  # memory-mapped, then changed: reloaded first
         assert reopened.remove(["img401"]) == [] and reopened.faiss.ntotal == 497 and reopened.verify().ok
 
 

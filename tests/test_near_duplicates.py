@@ -77,7 +77,7 @@ def near_copy_folder(shared_data, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def real_index(near_copy_folder, real_weights, tmp_path_factory):
     from indexer.build import add_records, new_manifest
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.sources import ImageRecord
     from reranker.backbones import create_backbone
     from reranker.defaults import default_model_kwargs
@@ -87,7 +87,7 @@ def real_index(near_copy_folder, real_weights, tmp_path_factory):
     folder = tmp_path_factory.mktemp("near-index") / "index"
     manifest = new_manifest(backbone, patch_weights="rollout", model_kwargs=kwargs)
     records = [ImageRecord(str(p), p.name, "dress") for p in sorted(near_copy_folder["folder"].iterdir())]
-    with Gallery.create(folder, manifest) as gallery:
+    with IndexDir.create(folder, manifest) as gallery:
         report = add_records(gallery, backbone, records, workers=0, progress=False, commit_every=4)
     return folder, report
 

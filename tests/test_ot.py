@@ -320,7 +320,8 @@ def test_default_stop_is_within_1e4_of_converged_on_real_dinov2_problems(shared_
 
     backbone = create_backbone("vit_small_patch14_dinov2", str(real_weights))
     paths = sorted((shared_data / "clothing-small" / "test").glob("*/*.jpg"))[::40][:9]
-    g, p, _ = embed_pil_images(backbone, [Image.open(x) for x in paths], None)
+    query = embed_pil_images(backbone, [Image.open(x) for x in paths], None)
+    g, p = query.global_features, query.patch_features
     query = Features(g[:1], p[:1])
     cands = Features(g[1:].unsqueeze(0), p[1:].half().unsqueeze(0))
     S, mu_q, mu_x = _crosscorr_marginals(query, cands, p[:1], cands.patch_features.float())

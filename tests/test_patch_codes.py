@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.gallery import Gallery
+from indexer.index_dir import IndexDir
 from indexer.patch_codes import PatchCodec, parse_spec
 from scale_support import DIM, GRID, clustered, make_gallery, new_images
 
@@ -72,7 +72,7 @@ def test_an_index_of_codes_stores_bytes_and_decodes_only_on_request(tmp_path):
         assert raw.patch_features.dtype == np.uint8
         rows, feats = gallery.features([0, 5])
         assert feats.patch_features.dtype == np.float16 and feats.patch_features.shape == (2, GRID * GRID, DIM)
-        original = new_images(0, 200, seed=0).patch_features[[0, 5]]
+        original = new_images(0, 200, seed=0).features.patch_features[[0, 5]]
         cosine = (feats.patch_features.astype(np.float32) * original).sum(-1)
         assert cosine.mean() > 0.85
         on_device = gallery.decode_patches(raw.patch_features, "cpu")
@@ -92,31 +92,31 @@ def test_codes_are_checked_by_verify_corrupt_and_half_written(tmp_path):
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
     path.write_bytes(bytes(flipped))
-    with Gallery.open(tmp_path / "index") as g:
+    with IndexDir.open(tmp_path / "index") as g:
         report = g.verify()
         assert not report.ok and any("codes" in p and "differ" in p for p in report.problems), report.problems
     # Half-written: the file cut short.
     path.write_bytes(good[: len(good) // 2])
-    with Gallery.open(tmp_path / "index") as g:
+    with IndexDir.open(tmp_path / "index") as g:
         report = g.verify()
         assert not report.ok and any(f"segment {seg}" in p for p in report.problems)
     path.write_bytes(good)
-    with Gallery.open(tmp_path / "index") as g:
+    with IndexDir.open(tmp_path / "index") as g:
         assert g.verify().ok
     # The codebook itself.
     book = tmp_path / "index" / "codes.npz"
     data = bytearray(book.read_bytes())
     data[-40] ^= 0x01
     book.write_bytes(bytes(data))
-    with Gallery.open(tmp_path / "index") as g:
+    with IndexDir.open(tmp_path / "index") as g:
         report = g.verify()
         assert not report.ok and any("codes.npz" in p for p in report.problems)
 
 
 def test_compaction_and_removal_keep_codes_and_checksums(tmp_path, monkeypatch):
-    import indexer.gallery as gallery_module
+    import indexer.compaction as compaction
 
-    monkeypatch.setattr(gallery_module, "COMPACT_MAX_SMALL", 2)
+    monkeypatch.setattr(compaction, "COMPACT_MAX_SMALL", 2)
     gallery = make_gallery(tmp_path / "index", 300, chunk=60, patch_codes="pq8")
     with gallery:
         assert len(gallery.segments) <= 3  # merged as they came

@@ -75,12 +75,12 @@ def _shard_ids(root: Path) -> set[str]:
 
 
 def _verify_shards(root: Path) -> set[str]:
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.shards import ShardLayout
 
     ids: set[str] = set()
     for folder in ShardLayout.load(root).folders(root):
-        with Gallery.open(folder) as g:
+        with IndexDir.open(folder) as g:
             report = g.verify()
             assert report.ok, (folder, report.problems)
             assert not ids & g.ids()
@@ -92,7 +92,7 @@ def _verify_shards(root: Path) -> set[str]:
 def built(cluster, shared_data, tmp_path_factory):
     """A 2-shard index built through ``vit-rerank index build --ray``, and a local index of the same photos."""
     from indexer.build import add_records, new_manifest
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.sources import from_manifest
     from reranker.backbones import create_backbone
     from vit_rerank.cli import main
@@ -106,7 +106,7 @@ def built(cluster, shared_data, tmp_path_factory):
     assert main(argv) == 0
     local = tmp / "local"
     backbone = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
-    with Gallery.create(local, new_manifest(backbone, patch_weights="rollout", model_kwargs=tiny_vit_kwargs())) as g:
+    with IndexDir.create(local, new_manifest(backbone, patch_weights="rollout", model_kwargs=tiny_vit_kwargs())) as g:
         report = add_records(g, backbone, from_manifest(source), workers=0, progress=False)
     return root, local, photos, report
 
@@ -127,7 +127,7 @@ def test_a_parquet_list_of_paths_is_a_source(built, tmp_path):
     import pyarrow.parquet as pq
 
     from indexer.distributed_build import build_sharded
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.shards import ShardLayout
 
     root, photos = built[0], built[2][:4]
@@ -137,14 +137,14 @@ def test_a_parquet_list_of_paths_is_a_source(built, tmp_path):
     table = pa.table({"path": [f"photos/{p.name}" for p in photos], "label": [p.parent.name for p in photos],
                       "camera": ["phone"] * len(photos)})
     pq.write_table(table, tmp_path / "list.parquet")
-    with Gallery.open(ShardLayout.load(root).folders(root)[0]) as g:
+    with IndexDir.open(ShardLayout.load(root).folders(root)[0]) as g:
         manifest = g.manifest
     report = build_sharded(tmp_path / "index", tmp_path / "list.parquet", shards=2, manifest=manifest, actors=1,
                            progress=False)
     assert report.added == len(photos) and not report.failures
     rows = []
     for folder in ShardLayout.load(tmp_path / "index").folders(tmp_path / "index"):
-        with Gallery.open(folder) as g:
+        with IndexDir.open(folder) as g:
             rows += g.db.all_rows()
     assert sorted(r.id for r in rows) == sorted(f"photos/{p.name}" for p in photos)
     assert all(r.metadata == {"camera": "phone"} and Path(r.path).exists() for r in rows)
@@ -163,7 +163,7 @@ def test_every_shard_is_an_ordinary_index(built, capsys):
 
 def test_sharded_search_ranks_as_the_local_index(built):
     from indexer.build import backbone_for
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.loading import load_image
     from indexer.search import Searcher, SearchSettings
     from indexer.sharded_search import open_sharded
@@ -174,11 +174,11 @@ def test_sharded_search_ranks_as_the_local_index(built):
     settings = SearchSettings(top_k=10, rerank_k=10)
     sharded = open_sharded(shard_folders([root]), "cpu")
     try:
-        with Gallery.open(local) as g:
+        with IndexDir.open(local) as g:
             want = Searcher(g, backbone_for(g.manifest, "cpu"), "cpu").search(queries, settings)
         got = sharded.search(queries, settings)
     finally:
-        sharded.gallery.close()
+        sharded.index_dir.close()
     for w, r in zip(want, got):
         assert [h.id for h in r.hits] == [h.id for h in w.hits]
         assert [h.rank_before for h in r.hits] == [h.rank_before for h in w.hits]
@@ -206,7 +206,7 @@ def test_http_service_over_shards(built, cluster):
         assert_error(added, 501, "sharded")
         assert_error(client.delete(f"/index/images/{got['results'][0]['id']}"), 501, "sharded")
         engine = client.app.state.service.engine
-        ray.kill(engine.gallery.shards[1].actor)  # a shard dies: no silent answer from the other one
+        ray.kill(engine.index_dir.shards[1].actor)  # a shard dies: no silent answer from the other one
         r = client.post("/search", files={"image": ("q.jpg", query, "image/jpeg")}, data=form)
         assert_error(r, 503, "shard 1", "unavailable")
         assert r.headers.get("Retry-After")

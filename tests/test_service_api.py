@@ -62,7 +62,7 @@ def test_metrics_count_requests_and_stages(client, photos):
 def test_search_matches_the_library(client, index_dir, photos):
     """The answer is the library's Searcher's answer (an independent in-process run), shaped by the contract."""
     from indexer.build import backbone_for
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.loading import load_image
     from indexer.search import Searcher, SearchSettings
 
@@ -81,7 +81,7 @@ def test_search_matches_the_library(client, index_dir, photos):
     hits = body["results"]
     assert [h["rank_after"] for h in hits] == list(range(8))
 
-    with Gallery.open(index_dir) as gallery:
+    with IndexDir.open(index_dir) as gallery:
         searcher = Searcher(gallery, backbone_for(gallery.manifest, "cpu"), "cpu")
         expected = searcher.search([load_image(query)], SearchSettings(top_k=8, rerank_k=12, s=0.9, lam=0.5))[0]
     assert [h["id"] for h in hits] == [e.id for e in expected.hits]
@@ -304,7 +304,7 @@ def test_api_key(own_index):
 
 def test_failed_mutation_changes_nothing(own_index, photos, monkeypatch):
     """A commit that fails leaves the index, its files and the answers exactly as they were."""
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
 
     with make_client(own_index) as c:
         before = search(c, photos[7].read_bytes(), top_k=30, rerank_k=5).json()["results"]
@@ -313,7 +313,7 @@ def test_failed_mutation_changes_nothing(own_index, photos, monkeypatch):
         def broken_commit(**_):
             raise OSError("disk full (simulated)")
 
-        monkeypatch.setattr(engine.gallery.db, "commit", broken_commit)
+        monkeypatch.setattr(engine.index_dir.db, "commit", broken_commit)
         assert_error(_add(c, png_bytes(), id="doomed"), 500, "internal error")
         assert_error(c.delete(f"/index/images/hat%2F{photos[0].name}"), 500)
         monkeypatch.undo()
@@ -325,7 +325,7 @@ def test_failed_mutation_changes_nothing(own_index, photos, monkeypatch):
         assert [(h["id"], round(h["final_score"], 5)) for h in after] == \
                [(h["id"], round(h["final_score"], 5)) for h in before]
         assert _add(c, png_bytes(), id="fine").status_code == 201  # and the next change works
-    with Gallery.open(own_index) as gallery:
+    with IndexDir.open(own_index) as gallery:
         report = gallery.verify()
         assert report.ok, report.problems
         assert len(gallery) == 31 and "doomed" not in gallery.ids()
@@ -360,11 +360,11 @@ def test_kept_plans_own_their_memory(index_dir, photos):
     """A result's plans must not be views of the whole batch's plan tensor (the explanation cache
     counts each query's own plans: views would keep every query of the batch alive)."""
     from indexer.build import backbone_for
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.loading import load_image
     from indexer.search import Searcher, SearchSettings
 
-    with Gallery.open(index_dir) as gallery:
+    with IndexDir.open(index_dir) as gallery:
         searcher = Searcher(gallery, backbone_for(gallery.manifest, "cpu"), "cpu")
         results = searcher.search([load_image(p) for p in photos[:4]], SearchSettings(top_k=5, rerank_k=20),
                                   keep_plans=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from indexer.loading import load_image
 from indexer.search import SearchSettings
@@ -63,3 +64,27 @@ def test_a_failing_query_fails_alone(engine, photos):
         f_bad.result(60)
     assert len(f_good.result(60).result.hits) == 5
     assert len(engine.search(load_image(photos[2]), good, timeout=60).result.hits) == 5  # the worker lives
+
+
+def test_torch_threads_setting_limits_torch_and_searches_the_same(shared_data, tmp_path_factory, photos):
+    index = session_index(tmp_path_factory, shared_data)
+    before = torch.get_num_threads()
+    query = load_image(photos[3])
+    try:
+        default = Engine.open(ServiceSettings(index=index, device="cpu")).start()
+        try:
+            expected = default.search(query, SearchSettings(top_k=5), timeout=60).result.hits
+        finally:
+            default.close()
+        one = Engine.open(ServiceSettings(index=index, device="cpu", torch_threads=1)).start()
+        try:
+            assert torch.get_num_threads() == 1
+            hits = one.search(query, SearchSettings(top_k=5), timeout=60).result.hits
+        finally:
+            one.close()
+        assert [h.id for h in hits] == [h.id for h in expected]
+        assert [h.final_score for h in hits] == pytest.approx([h.final_score for h in expected], abs=2e-4)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="torch_threads"):
+        ServiceSettings(index=index, torch_threads=0)

@@ -64,7 +64,7 @@ def photos(shared_data) -> list[Path]:
 def index_dir(tmp_path_factory, photos) -> Path:
     """20 clothing photos indexed with the tiny random ViT."""
     from indexer.build import add_records, new_manifest
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.sources import ImageRecord
     from reranker.backbones import create_backbone
 
@@ -73,7 +73,7 @@ def index_dir(tmp_path_factory, photos) -> Path:
     manifest = new_manifest(backbone, patch_weights="rollout",
                             model_kwargs=tiny_vit_kwargs())
     records = [ImageRecord(path=str(p), id=f"{p.parent.name}-{p.stem[:8]}", label=p.parent.name) for p in photos]
-    gallery = Gallery.create(folder, manifest)
+    gallery = IndexDir.create(folder, manifest)
     try:
         report = add_records(gallery, backbone, records, workers=0, progress=False)
         assert report.added == len(photos)

@@ -135,16 +135,16 @@ def run_index_bench(
     forward_plain_img_s = _forward_throughput(backbone, batches, "uniform", device)
     del batches
 
-    index_dir = root / f"index-{model}"
-    if index_dir.exists():
-        shutil.rmtree(index_dir)
-    with create_index(index_dir, backbone, IndexSpec(patch_weights=weights)) as gallery:
-        report = add_records(gallery, backbone, gallery_records, batch_size=batch_size, workers=workers,
+    index_path = root / f"index-{model}"
+    if index_path.exists():
+        shutil.rmtree(index_path)
+    with create_index(index_path, backbone, IndexSpec(patch_weights=weights)) as index_dir:
+        report = add_records(index_dir, backbone, gallery_records, batch_size=batch_size, workers=workers,
                              progress=progress)
         if report.failures:
             raise RuntimeError(f"{len(report.failures)} synthetic images failed to load: {report.failures[:3]}")
-        info = gallery.info()
-        searcher = Searcher(gallery, backbone, device)
+        info = index_dir.info()
+        searcher = Searcher(index_dir, backbone, device)
         settings = SearchSettings(top_k=10, rerank_k=rerank_k)
         query_images = [load_image(r.path) for r in query_records]
         searcher.search(query_images[:1], settings)  # warm-up
@@ -159,7 +159,7 @@ def run_index_bench(
         indexing_img_s=report.images_per_second,
         ratio_indexing_to_forward=report.images_per_second / forward_img_s,
         bytes_per_image_patch_store=info["bytes_per_image"],
-        bytes_per_image_directory=_directory_bytes(index_dir) / images,
+        bytes_per_image_directory=_directory_bytes(index_path) / images,
         search_queries=len(query_images), rerank_k=rerank_k,
         latency_ms={stage: percentiles(v) for stage, v in stages.items()},
     )

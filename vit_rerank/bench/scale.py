@@ -108,8 +108,9 @@ def _folder_bytes(folder: Path) -> int:
 
 def synthetic_chunk(pool: dict[str, Any], codes: np.ndarray, start: int, n: int, seed: int):
     """Images ``start .. start+n``: noisy copies of base images (see the module's docstring)."""
-    from indexer.gallery import NewImages
+    from indexer.index_dir import NewImages
     from indexer.metadata import ImageRow
+    from indexer.patch_store import StoredFeatures
 
     rng = np.random.default_rng(seed)
     base = len(pool["global"])
@@ -123,7 +124,7 @@ def synthetic_chunk(pool: dict[str, Any], codes: np.ndarray, start: int, n: int,
     c[swap] = codes[donors[swap], which[swap]]
     rows = [ImageRow(id=f"s{start + i}", path="", label=str(pool["labels"][s]), content_hash=f"s{start + i}",
                      width=224, height=224, bytes=0) for i, s in enumerate(src)]
-    return NewImages(rows, g, c, pool["weights"][src]), src
+    return NewImages(rows, StoredFeatures(g, c, pool["weights"][src])), src
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -132,7 +133,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def measure_size(n: int, pool: dict[str, Any], codec, folder: Path, args) -> dict[str, Any]:
-    from indexer.gallery import Gallery
+    from indexer.index_dir import IndexDir
     from indexer.index_plan import parse_bytes
     from indexer.manifest import Manifest
     from indexer.search_params import default
@@ -143,25 +144,25 @@ def measure_size(n: int, pool: dict[str, Any], codec, folder: Path, args) -> dic
                         global_dim=dim, patch_dim=dim, patch_weights="rollout", factory="auto",
                         patch_codes=codec.spec, max_index_memory=parse_bytes(args.max_index_memory))
     codes = codec.encode(pool["patches"])
-    gallery = Gallery.create(folder, manifest)
+    index_dir = IndexDir.create(folder, manifest)
     codec.save(folder)
-    gallery.codec = codec
+    index_dir.codec = codec
     commit_s = 0.0
     for start in range(0, n, CHUNK):
         new, _ = synthetic_chunk(pool, codes, start, min(CHUNK, n - start), seed=start)
         t = time.perf_counter()
-        gallery.commit_new(new)
+        index_dir.commit_new(new)
         commit_s += time.perf_counter() - t
     t = time.perf_counter()
-    gallery.train()
+    index_dir.train()
     train_s = time.perf_counter() - t
-    plan = gallery.plan
-    gallery.close()
+    plan = index_dir.plan
+    index_dir.close()
     disk = _folder_bytes(folder)
 
     rss0 = _rss()
     t = time.perf_counter()
-    gallery = Gallery.open(folder)
+    index_dir = IndexDir.open(folder)
     open_s = time.perf_counter() - t
     rng = np.random.default_rng(12345)
     qsrc = rng.integers(0, len(pool["global"]), args.queries)
@@ -173,11 +174,11 @@ def measure_size(n: int, pool: dict[str, Any], codec, folder: Path, args) -> dic
     k = args.rerank_k
     for q in range(args.queries):
         t0 = time.perf_counter()
-        scores, ids = gallery.faiss.search(qg[q:q + 1], k)
+        scores, ids = index_dir.faiss.search(qg[q:q + 1], k)
         t1 = time.perf_counter()
         valid = ids[0] >= 0
-        rows, feats = gallery.features(ids[0][valid].tolist(), decode=False)
-        cand_p = gallery.decode_patches(feats.patch_features, "cpu")
+        rows, feats = index_dir.features(ids[0][valid].tolist(), decode=False)
+        cand_p = index_dir.decode_patches(feats.patch_features, "cpu")
         t2 = time.perf_counter()
         res = rerank_batch(
             Features(torch.from_numpy(qg[q:q + 1]), torch.from_numpy(qp[q:q + 1]), torch.from_numpy(qw[q:q + 1])),
@@ -192,8 +193,8 @@ def measure_size(n: int, pool: dict[str, Any], codec, folder: Path, args) -> dic
         hits_global += rows[0].label == label
         hits_rerank += rows[int(res.order[0, 0])].label == label
     rss = _rss() - rss0
-    recall = gallery.recall(queries=min(100, args.queries * 2), k=100)
-    gallery.close()
+    recall = index_dir.recall(queries=min(100, args.queries * 2), k=100)
+    index_dir.close()
     return {
         "images": n, "measured": True, "factory": plan.factory,
         "search_param": f"{plan.search_param}={plan.search_value}" if plan.search_param else "",

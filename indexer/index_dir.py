@@ -13,19 +13,11 @@ Every change writes new files first (atomically), then commits one SQLite transa
 that makes them current; files of older generations and half-written ones are removed
 afterwards or on the next open. ``kill -9`` at any moment leaves the last commit intact.
 
-Segments are bounded in number by compaction: each commit (add or remove) ends by merging
-the small segments (under ``COMPACT_SMALL_ROWS`` images) into one new segment once there are
-more than ``COMPACT_MAX_SMALL`` of them, synchronously. The merged segment is written first,
-then one transaction repoints the images' ``(segment, offset)`` and the segment list, then
-the old files are deleted; a crash leaves the old or the new layout, and the next open
-removes the files of the other. Segments left without images are dropped the same way.
-
-At scale: the commit records a digest of every segment file (and of ``codes.npz``), which
-``verify`` checks; a non-flat FAISS index is trained on a sample and filled segment by segment
-(no whole-gallery array), with ``--factory auto`` choosing it (:mod:`indexer.index_plan`); it is
-retrained, and the report says so, once the gallery has grown ``RETRAIN_GROWTH`` times past the
-size it was trained at. Until the first training a non-flat index holds no FAISS file at all.
-The FAISS file is memory-mapped on open where FAISS can (reloaded into memory before a change).
+Segments are kept few by compaction (:mod:`indexer.compaction`). The FAISS index is trained,
+tuned and retrained by :mod:`indexer.global_index`; a non-flat one holds no FAISS file until its
+first training. The commit records a digest of every segment file (and of ``codes.npz``), which
+``verify`` checks. The FAISS file is memory-mapped on open where FAISS can (reloaded into memory
+before a change).
 """
 
 from __future__ import annotations
@@ -33,32 +25,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import faiss
 import numpy as np
 
 from .atomic import remove_temporaries
 from .calibration import Calibration
 from .catalog import DB_NAME
+from .compaction import SegmentCompaction
+from .global_index import GlobalIndexUpkeep
 from .manifest import Manifest
 from .metadata import ImageRow, MetadataDB, now_iso
-from .patch_store import Gathered, PatchStore
-from .index_plan import DEFAULT_MAX_MEMORY, IndexPlan, choose, tune
+from .patch_store import StoredFeatures, PatchStore
+from .index_plan import IndexPlan
 from .patch_codes import PatchCodec
 from .pca import PatchPCA
 from .verify import VerifyReport, verify_index
-from .vector_index import (AUTO, add_vectors, build_index, load_index, new_trained_index, remove_ids,
+from .vector_index import (add_vectors, build_index, load_index, remove_ids,
                            save_index)
 
-COMPACT_SMALL_ROWS = 256  # a segment holding fewer images than this is small
-COMPACT_MAX_SMALL = 32  # more small segments than this are merged into one
-RETRAIN_GROWTH = 4  # a non-flat (or auto) index is retrained when the gallery reaches this many times its training size
-RETRAIN_MIN = 1000  # ... and has at least this many images
 STREAM_CHUNK = 65_536  # global vectors read at a time when training, filling or checking FAISS
 
 log = logging.getLogger(__name__)
@@ -66,15 +54,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NewImages:
-    """Images ready to be committed: their metadata rows and features."""
+    """Images ready to be committed: their metadata rows and their features, row for row
+    (patches float32 or float16, already reduced by the index's PCA when it has one)."""
 
     rows: list[ImageRow]
-    global_features: np.ndarray
-    patch_features: np.ndarray
-    patch_weights: np.ndarray
+    features: StoredFeatures
 
 
-class Gallery:
+class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
     """Read and change an index directory (one writer at a time)."""
 
     def __init__(self, folder: Path, manifest: Manifest) -> None:
@@ -108,7 +95,7 @@ class Gallery:
 
     # --- opening -------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, manifest: Manifest) -> "Gallery":
+    def create(cls, folder: Path, manifest: Manifest) -> "IndexDir":
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if (folder / "manifest.json").exists():
@@ -120,14 +107,14 @@ class Gallery:
         return cls(folder, manifest)
 
     @classmethod
-    def open(cls, folder: Path) -> "Gallery":
+    def open(cls, folder: Path) -> "IndexDir":
         return cls(folder, Manifest.load(folder))
 
     def close(self) -> None:
         self.store.close()
         self.db.close()
 
-    def __enter__(self) -> "Gallery":
+    def __enter__(self) -> "IndexDir":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -170,7 +157,7 @@ class Gallery:
         """Content hash -> id of the first image indexed with it."""
         return self.db.hashes()
 
-    def features(self, faiss_ids: Sequence[int], decode: bool = True) -> tuple[list[ImageRow], Gathered]:
+    def features(self, faiss_ids: Sequence[int], decode: bool = True) -> tuple[list[ImageRow], StoredFeatures]:
         """Metadata and stored features of images by FAISS id, in that order. In an index of patch
         codes the patches are decoded (float16, on the CPU) unless ``decode`` is False (then they are
         the uint8 codes: :meth:`decode_patches` decodes them on a device)."""
@@ -251,15 +238,16 @@ class Gallery:
         ids = np.arange(first, first + len(new.rows), dtype=np.int64)
         for k, row in enumerate(new.rows):
             row.row, row.segment, row.offset = int(ids[k]), segment, k
-        patches = new.patch_features
+        patches = new.features.patch_features
         if self.manifest.patch_codes and np.asarray(patches).dtype != np.uint8:
             if self.codec is None:
                 self.fit_codes(patches)
             patches = self.codec.encode(patches)
-        digests = self.store.write_segment(segment, new.global_features, patches, new.patch_weights)
+        digests = self.store.write_segment(segment, new.features.global_features, patches,
+                                           new.features.patch_weights)
         self._make_writable()
         if self.holds_faiss():
-            add_vectors(self.faiss, new.global_features, ids)
+            add_vectors(self.faiss, new.features.global_features, ids)
         checksums = {**self.checksums, str(segment): digests}
         try:
             self._commit_faiss(insert=new.rows, segments=[*self.segments, segment], next_segment=segment + 1,
@@ -311,184 +299,6 @@ class Gallery:
         self._compact_after_commit()
         return unknown
 
-    # --- compaction ----------------------------------------------------------
-    def _segment_counts(self) -> dict[int, int]:
-        """Images per live segment (0 for a segment whose images were all removed)."""
-        if self._counts is None:
-            stored = self.db.segment_counts()
-            self._counts = {seg: stored.get(seg, 0) for seg in self.segments}
-        return self._counts
-
-    def compact(self, *, force: bool = False) -> int:
-        """Merge the small segments into one new segment when there are more than
-        ``COMPACT_MAX_SMALL`` of them (with ``force``: when there are two or more), and drop
-        the segments without images. Every image keeps its FAISS id and exact features; the
-        change is one transaction (see the module's docstring). Returns the segments removed."""
-        counts = self._segment_counts()
-        empty = [seg for seg in self.segments if counts.get(seg, 0) == 0]
-        small = [seg for seg in self.segments if 0 < counts.get(seg, 0) < COMPACT_SMALL_ROWS]
-        merge = small if len(small) > COMPACT_MAX_SMALL or (force and len(small) > 1) else []
-        if not merge and not empty:
-            return 0
-        segments = [seg for seg in self.segments if seg not in set(merge) | set(empty)]
-        next_segment = self.next_segment
-        relocate: list[tuple[int, int, int]] = []
-        if merge:
-            target = next_segment
-            next_segment += 1
-            locations = self.db.locations_in(merge)
-            try:
-                merged = self.store.write_merged(target, [(seg, off) for _, seg, off in locations])
-            except BaseException:
-                self.store.remove_segments([target])  # never committed: nothing refers to it
-                raise
-            relocate = [(row, target, k) for k, (row, _, _) in enumerate(locations)]
-            segments.append(target)
-        # On a failed commit the new segment is left to the next open's garbage collection:
-        # whether it became live is then read from the database, not guessed here.
-        gone = [*merge, *empty]
-        checksums = {k: v for k, v in self.checksums.items() if int(k) not in set(gone)}
-        if merge:
-            checksums[str(target)] = merged
-        self.db.commit(relocate=relocate, state={"segments": segments, "next_segment": next_segment,
-                                                 "checksums": checksums})
-        self.segments, self.next_segment, self.checksums = segments, next_segment, checksums
-        for seg in gone:
-            counts.pop(seg, None)
-        if merge:
-            counts[target] = len(relocate)
-        self.store.remove_segments(gone)
-        return len(gone)
-
-    def _compact_after_commit(self) -> None:
-        """Compact after a change that is already committed: a failure leaves the previous
-        (valid) layout and is logged, not raised, since the change itself succeeded."""
-        try:
-            self.compact()
-        except (OSError, sqlite3.Error) as err:
-            self._counts = None
-            log.warning("compacting the patch store of %s failed; the index is unchanged: %s", self.folder, err)
-
-    def train(self) -> None:
-        """Build the configured (non-flat, or ``auto``) FAISS index and commit it: trained on a sample,
-        filled segment by segment, its search parameter tuned for the target recall (see
-        :mod:`indexer.index_plan`)."""
-        self.faiss = self._build_faiss()
-        self.trained = True
-        self.trained_at = len(self)
-        self._mapped = False
-        self._commit_faiss()
-        self._record_plan()
-
-    def plan_for(self, n: int) -> IndexPlan:
-        """The index plan for ``n`` vectors: ``auto``'s choice, or the fixed factory."""
-        m = self.manifest
-        if m.factory == AUTO:
-            return choose(n, m.global_dim, m.max_index_memory or DEFAULT_MAX_MEMORY, m.target_recall)
-        plan = IndexPlan(m.factory, n, m.global_dim, m.max_index_memory or 0, 0, "the factory asked for",
-                         target_recall=m.target_recall)
-        plan.training_sample = n
-        return plan
-
-    def _build_faiss(self, without: np.ndarray | None = None) -> faiss.Index:
-        n = len(self) - (0 if without is None else len(without))
-        plan = self.plan_for(n)
-        sample, _ = self.sample_global(plan.training_sample or 0)
-        if without is not None and len(sample):
-            sample, sample_ids = self.sample_global(plan.training_sample + len(without))
-            sample = sample[~np.isin(sample_ids, without)][: plan.training_sample]
-        index = new_trained_index(plan.factory, self.manifest.global_dim, sample)
-        plan.training_sample = len(sample)
-        for ids, vectors in self.global_chunks():
-            if without is not None:
-                keep = ~np.isin(ids, without)
-                ids, vectors = ids[keep], vectors[keep]
-            if len(ids):
-                add_vectors(index, vectors, ids)
-        if self.manifest.factory == AUTO or plan.factory != "Flat":
-            self._tune(index, plan, without)
-        self.plan = plan
-        return index
-
-    def _tune(self, index: faiss.Index, plan: IndexPlan, without: np.ndarray | None) -> None:
-        queries, qids = self.sample_global(200, seed=1)
-        if without is not None:
-            keep = ~np.isin(qids, without)
-            queries, qids = queries[keep], qids[keep]
-        if len(queries) == 0:
-            return
-
-        def chunks():
-            for ids, vectors in self.global_chunks():
-                if without is not None:
-                    keep = ~np.isin(ids, without)
-                    ids, vectors = ids[keep], vectors[keep]
-                yield ids, vectors
-
-        tune(index, queries, qids, chunks, plan)
-
-    def recall(self, queries: int = 100, k: int = 100, seed: int = 2) -> dict[str, Any]:
-        """Recall@k of the FAISS index against exact search, on ``queries`` gallery vectors as queries."""
-        from .index_plan import exact_top_k, recall_at_k
-
-        vectors, qids = self.sample_global(queries, seed=seed)
-        if len(qids) == 0 or not self.holds_faiss():
-            return {"recall_at_k": None, "k": k, "queries": 0}
-        approx = self.faiss.search(np.ascontiguousarray(vectors), k + 1)[1]
-        exact = exact_top_k(vectors, self.global_chunks(), k + 1)
-        return {"recall_at_k": recall_at_k(approx, exact, qids, k), "k": k, "queries": len(qids)}
-
-    def needs_retraining(self) -> str | None:
-        """Why the FAISS index should be retrained now (the gallery outgrew its training), or None."""
-        if self.manifest.factory == "Flat" or not self.trained:
-            return None
-        n = len(self)
-        if n >= RETRAIN_MIN and n >= RETRAIN_GROWTH * max(self.trained_at, 1):
-            return (f"the gallery has {n} images, {n / max(self.trained_at, 1):.1f}x the {self.trained_at} "
-                    f"its {self.manifest.factory} index was trained at")
-        return None
-
-    def codes_notice(self) -> str | None:
-        """A note when the patch codes were trained on far fewer images than the gallery now holds."""
-        if self.codec is None:
-            return None
-        n, grid = len(self), max(self.manifest.grid, 1) ** 2
-        trained_images = self.codec.trained_on / grid
-        if n >= RETRAIN_MIN and n >= 100 * trained_images:
-            return (f"patch codes were trained on {self.codec.trained_on} patches (~{trained_images:.0f} images); the "
-                    f"gallery has {n}: rebuild the index to retrain them if its content has changed")
-        return None
-
-    def retrain_if_outgrown(self) -> str | None:
-        """Retrain FAISS when :meth:`needs_retraining` says so; returns the notice (also logged)."""
-        reason = self.needs_retraining()
-        if reason is None:
-            return None
-        before = self.plan.factory if self.plan else self.manifest.factory
-        self.train()
-        notice = f"retrained the FAISS index: {reason}; now {self.plan.factory if self.plan else before}"
-        log.warning(notice)
-        self.notices.append(notice)
-        return notice
-
-    def _record_plan(self) -> None:
-        """Copy the committed plan into manifest.json (informational; the database is authoritative)."""
-        if self.plan is None:
-            return
-        self.manifest.index_plan = self.plan.to_dict()
-        try:
-            self.manifest.save(self.folder)
-        except OSError as err:
-            log.warning("could not copy the index plan into the manifest: %s", err)
-
-    def _rebuild_without(self, faiss_ids: np.ndarray) -> int:
-        self.faiss = self._build_faiss(without=faiss_ids)
-        return len(faiss_ids)
-
-    def holds_faiss(self) -> bool:
-        """Whether FAISS holds the gallery's vectors (a non-flat index does not until trained)."""
-        return self.trained or self.manifest.factory == "Flat"
-
     def _make_writable(self) -> None:
         """Reload a memory-mapped FAISS index into memory before changing it."""
         if self._mapped:
@@ -533,15 +343,6 @@ class Gallery:
             os.unlink(self.folder / old)
 
     # --- checks --------------------------------------------------------------
-    def faiss_description(self) -> str:
-        """The FAISS index in use, e.g. ``IVF1024,Flat nprobe=16`` (``untrained`` before the first training)."""
-        if not self.holds_faiss():
-            return "untrained (built at the end of the build)"
-        desc = self.plan.factory if self.plan is not None else self.manifest.factory
-        if self.plan is not None and self.plan.search_param:
-            desc += f" {self.plan.search_param}={self.plan.search_value}"
-        return desc + (" (memory-mapped)" if self._mapped else "")
-
     def patch_bytes_per_image(self) -> int:
         """Bytes per image of the stored patch data (vectors or codes, and weights)."""
         m = self.manifest
@@ -582,6 +383,6 @@ class Gallery:
         return verify_index(self, checksums)
 
 
-def open_index(folder: str | Path) -> Gallery:
+def open_index(folder: str | Path) -> IndexDir:
     """Open the index directory ``folder`` (use it as a context manager to close it)."""
-    return Gallery.open(Path(folder))
+    return IndexDir.open(Path(folder))
