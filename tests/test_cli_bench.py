@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_cli  # in this process: the same ``main`` as the console script
 
 
@@ -40,3 +42,33 @@ def test_bench_index_json_small(tmp_path):
     for stage in r["latency_ms"].values():
         assert 0 <= stage["p50"] <= stage["p95"]
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 14
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")  # POT's own tight stop; sigma is checked
+def test_bench_sinkhorn_solvers_agree_with_pot_and_anderson_needs_fewer_iterations():
+    """The solvers ``bench sinkhorn`` compares: its float64 reference agrees with POT's, and Anderson
+    reaches |dsigma| <= 1e-4 (with zero-mass columns, as cross-correlation marginals have) and stays
+    there, at an iteration count where classic Sinkhorn has not."""
+    import ot
+
+    from helpers import patch_problem
+    from reranker.ot import sinkhorn
+    from vit_rerank.bench.sinkhorn import EPS, anderson, converged_sigma
+
+    S, a, b = patch_problem(1, 6)
+    S, a, b = S.reshape(6, 49, 49), a.expand(1, 6, 49).reshape(6, 49).clone(), b.reshape(6, 49).clone()
+    b[:, :3] = 0.0  # columns without mass
+    b /= b.sum(1, keepdim=True)
+    for s in (1.0, 0.5):
+        ref = converged_sigma(S, a, b, s)
+        if s == 1.0:
+            for i in range(2):
+                plan = ot.sinkhorn(a[i].double().numpy(), b[i].double().numpy(), (1 - S[i]).double().numpy(), EPS,
+                                   numItermax=20_000, stopThr=1e-9)
+                assert abs(float((plan * S[i].double().numpy()).sum()) - float(ref[i])) < 1e-6
+        _, errors = anderson(S, a, b, s, 60, 3, reference=ref.float())
+        assert max(errors[-20:]) <= 1e-4
+        first = next(k for k, e in enumerate(errors, 1) if e <= 1e-4)
+        if s == 1.0:
+            classic = sinkhorn(S, a, b, eps=EPS, s=s, omega=1.0, max_iter=first, tol=0.0, check_every=first)
+            assert float((classic.sigma.double() - ref).abs().max()) > 1e-4
