@@ -81,13 +81,23 @@ class QueryResult:
     query_patches: torch.Tensor | None = None
     query_weights: torch.Tensor | None = None
     plans: dict[str, torch.Tensor] = field(default_factory=dict)  # gallery id -> (n, m) plan
-    #: gallery id -> what the reranker compared the query with (patches decoded), on the CPU
-    candidate_features: dict[str, Features] = field(default_factory=dict)
+    #: with plans kept: what the reranker compared the query with, candidate by candidate (``(k, ...)``,
+    #: patches decoded, on the CPU), and their gallery ids in the same order
+    candidates: Features | None = None
+    candidate_ids: list[str] = field(default_factory=list)
+
+    def candidate(self, image_id: str) -> Features:
+        """The features a reranked candidate was compared with (ValueError if none are kept for it)."""
+        if self.candidates is None or image_id not in self.candidate_ids:
+            raise ValueError(f"no kept features for {image_id!r}")
+        return self.candidates[self.candidate_ids.index(image_id)]
 
     @property
     def candidate_weights(self) -> dict[str, np.ndarray]:
-        """Gallery id -> the stored ``(m,)`` patch weights of each reranked candidate with a plan."""
-        return {i: f.patch_weights.numpy() for i, f in self.candidate_features.items()}
+        """Gallery id -> the stored ``(m,)`` patch weights of each kept candidate."""
+        if self.candidates is None:
+            return {}
+        return dict(zip(self.candidate_ids, self.candidates.patch_weights.numpy()))
 
 
 class Searcher:
@@ -243,7 +253,7 @@ class Searcher:
         structural: list[float | None] = [None] * len(c.ids)
         final = [float(x) for x in c.scores]
         plans: dict[str, torch.Tensor] = {}
-        features: dict[str, Features] = {}
+        candidates, candidate_ids = None, []
         if reranked is not None:
             # reranked.order holds min(top_k, K) positions; beyond K: global order, below the reranked
             order = reranked.order + order[c.k :]
@@ -252,8 +262,8 @@ class Searcher:
             if reranked.plans is not None:
                 # clone: a view would keep the whole batch's plans alive wherever one result is kept
                 plans = {c.rows[i].id: reranked.plans[i].clone() for i in range(c.k)}
-                # views into the batch's copy (cheap): keep only what is needed, cloned, as the engine does
-                features = {c.rows[i].id: reranked.features[i] for i in range(c.k)}
+                # a view into the batch's copy: a caller keeps what it needs, copied, as the engine does
+                candidates, candidate_ids = reranked.features, [c.rows[i].id for i in range(c.k)]
         hits = []
         for after, i in enumerate(order[: settings.top_k]):
             r = c.rows[i]
@@ -262,7 +272,7 @@ class Searcher:
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
             query_global=query.global_features, query_patches=query.patch_features, query_weights=query.patch_weights,
-            plans=plans, candidate_features=features,
+            plans=plans, candidates=candidates, candidate_ids=candidate_ids,
         )
 
 

@@ -265,7 +265,7 @@ def build_entry(view: Image.Image, sharp: Image.Image | None, outcome: Any, engi
     matches = {}
     for h in hits:
         # what the reranker compared the query with (the searcher keeps it with the plans)
-        cand = result.candidate_features[h.id]
+        cand = result.candidate(h.id)
         w_x = cand.patch_weights.float().numpy()
         f_x = cand.patch_features.float().numpy()
         similarity = f_q @ f_x.T

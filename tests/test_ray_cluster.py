@@ -193,12 +193,25 @@ def test_http_service_over_shards(built, cluster):
     form = {"top_k": "8", "rerank_k": "8"}
     with make_client(local) as client:
         want = client.post("/search", files={"image": ("q.jpg", query, "image/jpeg")}, data=form).json()
+        want_explained = client.get(want["results"][0]["explanation_json_url"]).json()
     with make_client(root, ray=cluster.address, shards=[root]) as client:
         assert client.get("/readyz").status_code == 200
         r = client.post("/search", files={"image": ("q.jpg", query, "image/jpeg")}, data=form)
         assert r.status_code == 200, r.text
         got = r.json()
         assert [x["id"] for x in got["results"]] == [x["id"] for x in want["results"]]
+        # the explanation's numbers come from the features the sharded search gathered: as on one index
+        explained = client.get(got["results"][0]["explanation_json_url"])
+        assert explained.status_code == 200, explained.text
+        e = explained.json()
+        for key in ("global_score", "structural_score", "matched_mass"):
+            assert e[key] == pytest.approx(want_explained[key], abs=1e-5), key
+        def top_pairs(doc):
+            return {(p["query"]["index"], p["candidate"]["index"]) for p in doc["pairs"][:3]}
+
+        assert top_pairs(e) == top_pairs(want_explained)
+        assert sorted(p["similarity"] for p in e["pairs"]) == pytest.approx(
+            sorted(p["similarity"] for p in want_explained["pairs"]), abs=1e-5)
         info = client.get("/index").json()
         assert info["images"] == len(photos) and info["shards"] == 2
         assert client.get(f"/images/{got['results'][0]['id']}").status_code == 200
