@@ -192,27 +192,25 @@ class _ShardWriter:
 
     def __init__(self, index_dir: IndexDir, commit_every: int) -> None:
         self.index_dir, self.commit_every = index_dir, commit_every
-        self.pending: list[tuple[ImageRow, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.rows: list[ImageRow] = []
+        self.features: list[StoredFeatures] = []  # the pending rows' features, one part per image
         self.added = 0
 
-    def add(self, row: ImageRow, g: np.ndarray, p: np.ndarray, w: np.ndarray) -> None:
-        self.pending.append((row, g, p, w))
-        if len(self.pending) >= self.commit_every:
+    def add(self, row: ImageRow, features: StoredFeatures) -> None:
+        self.rows.append(row)
+        self.features.append(features)
+        if len(self.rows) >= self.commit_every:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.rows:
             return
-        self.index_dir.commit_new(NewImages(
-            rows=[r for r, *_ in self.pending],
-            features=StoredFeatures(
-                global_features=np.stack([g for _, g, _, _ in self.pending]),
-                patch_features=self.index_dir.reduce_patches(np.stack([p for _, _, p, _ in self.pending])),
-                patch_weights=np.stack([w for *_, w in self.pending]),
-            ),
-        ))
-        self.added += len(self.pending)
-        self.pending.clear()
+        feats = StoredFeatures.concat(self.features)
+        feats.patch_features = self.index_dir.reduce_patches(feats.patch_features)
+        self.index_dir.commit_new(NewImages(rows=list(self.rows), features=feats))
+        self.added += len(self.rows)
+        self.rows.clear()
+        self.features.clear()
 
 
 def build_sharded(
@@ -263,7 +261,7 @@ def build_sharded(
         done: set[str] = set().union(*(g.ids() for g in galleries))
         seen: dict[str, str] = {}
         for g in galleries:
-            seen.update(g.db.hashes())
+            seen.update(g.content_hashes())
         n_actors = actors or default_actors(gpus_per_actor, cpus_per_actor)
         ds, listed = _source_dataset(Path(source), layout, done, label_from_parent, blocks=4 * n_actors)
         report = ShardedBuildReport(duplicates_skipped=skip_duplicates, actors=n_actors)
@@ -333,5 +331,6 @@ def _take(batch: dict[str, np.ndarray], i: int, writers: list[_ShardWriter], see
     row = ImageRow(id=image_id, path=rec["path"], label=rec["label"], content_hash=digest,
                    width=int(batch["width"][i]), height=int(batch["height"][i]), bytes=int(batch["nbytes"][i]),
                    metadata=rec["metadata"], added_at=now_iso())
-    writers[int(batch["shard"][i])].add(row, batch["global"][i], batch["patches"][i], batch["weights"][i])
+    features = StoredFeatures(batch["global"], batch["patches"], batch["weights"]).take([i])
+    writers[int(batch["shard"][i])].add(row, features)
 

@@ -15,7 +15,7 @@ this module needs torch only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,37 +38,26 @@ class Features:
 
         return cls(move(global_features), move(patch_features), None if patch_weights is None else move(patch_weights))
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Features":
+        """``fn`` applied to each part (the weights only when there are any)."""
+        w = self.patch_weights
+        return Features(fn(self.global_features), fn(self.patch_features), None if w is None else fn(w))
+
     def to(self, device: torch.device | str) -> "Features":
         """The same features on ``device`` (no copy when they are already there)."""
-        w = self.patch_weights
-        return Features(self.global_features.to(device), self.patch_features.to(device),
-                        None if w is None else w.to(device))
+        return self._apply(lambda t: t.to(device))
 
     def clone(self) -> "Features":
         """A copy that shares no storage (a view would keep the whole batch it came from alive)."""
-        w = self.patch_weights
-        return Features(self.global_features.clone(), self.patch_features.clone(), None if w is None else w.clone())
+        return self._apply(torch.Tensor.clone)
 
     def __getitem__(self, index: Any) -> "Features":
         """The images at ``index`` of the leading axes (an int, a slice, a list or a tensor of positions)."""
-        w = self.patch_weights
-        return Features(self.global_features[index], self.patch_features[index], None if w is None else w[index])
+        return self._apply(lambda t: t[index])
 
     def __len__(self) -> int:
         return self.global_features.shape[0]
 
     def unsqueeze(self, dim: int = 0) -> "Features":
         """A new leading axis of length 1 (``dim`` counts among the leading axes)."""
-        w = self.patch_weights
-        return Features(self.global_features.unsqueeze(dim), self.patch_features.unsqueeze(dim),
-                        None if w is None else w.unsqueeze(dim))
-
-    @staticmethod
-    def stack(items: Sequence["Features"]) -> "Features":
-        """One batch from features with equal shapes: a new leading axis (weights: all or none)."""
-        weights = [f.patch_weights for f in items]
-        if any(w is None for w in weights) and not all(w is None for w in weights):
-            raise ValueError("some features have patch weights and some do not")
-        return Features(torch.stack([f.global_features for f in items]),
-                        torch.stack([f.patch_features for f in items]),
-                        None if weights[0] is None else torch.stack(weights))
+        return self._apply(lambda t: t.unsqueeze(dim))

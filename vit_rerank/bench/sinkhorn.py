@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from reranker.ot import _plain_kernel, sinkhorn
+
 from .quality import DEFAULT_DATA
 from .report import report_handler
 
@@ -83,17 +85,9 @@ def real_problems(weights: str, data: Path, queries: int, candidates: int):
 
 
 def _kernel(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype=torch.float32):
-    """The plain Gibbs kernel with the dummy row and column (s < 1) and the full marginals."""
-    K = torch.exp((S.to(dtype) - 1.0) / EPS)
-    a, b = a.to(dtype), b.to(dtype)
-    if s < 1.0:
-        B, n, m = K.shape
-        full = K.new_full((B, n + 1, m + 1), 1.0 - s)
-        full[:, :n, :m] = K
-        full[:, n, m] = 0.0
-        mass = a.new_full((B, 1), 1.0 - s)
-        K, a, b = full, torch.cat([a, mass], 1), torch.cat([b, mass], 1)
-    return K, a, b
+    """The shipped solver's plain Gibbs kernel, with the dummy row and column when s < 1, and the
+    full marginals, in ``dtype``."""
+    return _plain_kernel(S.to(dtype), a.to(dtype), b.to(dtype), EPS, s)[:3]
 
 
 def _sigma(K: torch.Tensor, a: torch.Tensor, v: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
@@ -158,8 +152,6 @@ def anderson(S, a, b, s: float, iters: int, memory: int, reference: torch.Tensor
 
 def shipped(S, a, b, s: float, omega: float, max_iter: int | None = None):
     """:func:`reranker.ot.sinkhorn` as the reranker calls it (or stopped at ``max_iter`` exactly)."""
-    from reranker.ot import sinkhorn
-
     if max_iter is None:
         return sinkhorn(S, a, b, eps=EPS, s=s, omega=omega)
     return sinkhorn(S, a, b, eps=EPS, s=s, omega=omega, max_iter=max_iter, tol=0.0, check_every=max_iter)
