@@ -124,8 +124,8 @@ def _check_crosscorr_dims(query: Features) -> None:
 
 def _check_similarity(S: torch.Tensor, fq: torch.Tensor, fx: torch.Tensor) -> None:
     """A NaN or inf in either grid makes a row or column of ``S`` non-finite (``inf * 0`` is NaN),
-    so one reduction over ``S`` (``Q*K*n*m``) replaces one over the grids (``Q*K*m*D``); the grids
-    are only scanned, to name the culprit, when ``S`` is not finite."""
+    so the solver's one pass over ``S`` (``Q*K*n*m``, its range) stands for a pass over the grids
+    (``Q*K*m*D``); when it refuses ``S``, this names the grid at fault."""
     if torch.isfinite(S.sum()):
         return
     _check_finite("query patch features", fq)
@@ -188,8 +188,12 @@ def rerank_batch(
     else:
         S = similarity(fq, fx)
         mu_q, mu_x = _marginals(query, candidates, marginals, fx)
-    _check_similarity(S, fq, fx)
-    result = sinkhorn(S, _normalised(mu_q), _normalised(mu_x), eps=eps, s=s, max_iter=max_iter, tol=tol)
+    mu_q, mu_x = _normalised(mu_q), _normalised(mu_x)
+    try:  # the solver checks S in the pass that reads its range; only a refusal pays for naming the culprit
+        result = sinkhorn(S, mu_q, mu_x, eps=eps, s=s, max_iter=max_iter, tol=tol)
+    except ValueError:
+        _check_similarity(S, fq, fx)
+        raise
     final = global_scores + lam * result.sigma
     order = torch.sort(final, dim=1, descending=True, stable=True).indices
     return RerankResult(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -226,25 +228,54 @@ def test_far_patch_problem_does_not_disturb_its_batch(s):
 
 
 @pytest.mark.parametrize("s", [1.0, 0.6])
-def test_padded_kernel_is_the_dummy_construction(s):
-    """The kernel built contiguously and then padded equals the method's (n+1) x (m+1) kernel:
-    exp((S - 1) / eps) inside, 1 - s on the dummy row and column, 0 dummy-to-dummy."""
+@pytest.mark.parametrize("shift", [0.0, 7.5])
+def test_padded_kernel_is_the_dummy_construction_up_to_a_constant(s, shift):
+    """The kernel built contiguously and then padded is the method's (n+1) x (m+1) kernel,
+    exp((S - 1) / eps) inside, 1 - s on the dummy row and column, 0 dummy-to-dummy, times the one
+    constant exp(1 / eps - shift), which the scalings absorb (the plan is unchanged)."""
     from reranker.ot import _plain_kernel
 
+    eps = 0.05
     S = torch.rand(3, 4, 5) * 2 - 1
     a, b = torch.full((3, 4), 0.25), torch.full((3, 5), 0.2)
-    K, a_full, b_full, core_min = _plain_kernel(S, a, b, 0.05, s)
-    core = torch.exp((S - 1) / 0.05)
-    assert core_min == float(core.min())  # the plain/log domain test reads the real entries only
+    K, a_full, b_full = _plain_kernel(S, a, b, eps, s, shift)
+    K = K.double() * math.exp(shift - 1 / eps)
+    core = torch.exp((S.double() - 1) / eps)
     if s == 1.0:
-        torch.testing.assert_close(K, core)
+        torch.testing.assert_close(K, core, rtol=1e-5, atol=0)
         return
-    expected = torch.full((3, 5, 6), 1 - s)
+    expected = torch.full((3, 5, 6), 1 - s, dtype=torch.float64)
     expected[:, :4, :5] = core
     expected[:, 4, 5] = 0.0
-    torch.testing.assert_close(K, expected)
+    torch.testing.assert_close(K, expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(a_full[:, -1], torch.full((3,), 1 - s))
     torch.testing.assert_close(b_full[:, -1], torch.full((3,), 1 - s))
+
+
+def test_kernel_shift_keeps_entries_in_fp32_or_chooses_the_log_domain():
+    from reranker.ot import _kernel_shift
+
+    assert _kernel_shift(-1.0, 1.0, 0.05, 0.5) == 0.0  # exp(+-20), dummy (1 - s) e^20: no shift needed
+    shift = _kernel_shift(-0.2, 1.0, 0.02, 1.0)  # exponents -10 .. 50: centred
+    assert shift == pytest.approx(20.0) and 50 - shift <= 40 and -10 - shift >= -40
+    assert _kernel_shift(-1.0, 1.0, 0.02, 1.0) is None  # a spread of exp(100): beyond fp32, log domain
+    # exponents 180 .. 200 and the dummy's ln(0.5) + 200: a spread of 20, far from 0: centred
+    assert _kernel_shift(0.9, 1.0, 0.005, 0.5) == pytest.approx(190.0)
+
+
+@pytest.mark.parametrize("s", [1.0, 0.7])
+def test_a_shifted_plain_kernel_gives_the_log_domain_solution(s):
+    """At eps = 0.015 on cosines in [0.2, 1] the plain kernel is shifted (exponents up to 67); the
+    plain solve must still equal the log-domain one."""
+    from reranker.ot import _kernel_shift
+
+    S, a, b = patch_problem(1, 6)
+    S = 0.2 + 0.8 * (S - S.min()) / (S.max() - S.min())
+    assert _kernel_shift(float(S.min()), float(S.max()), 0.015, s) not in (None, 0.0)
+    plain = sinkhorn(S, a, b, eps=0.015, s=s, tol=1e-6, max_iter=5000, log_domain=False)
+    logd = sinkhorn(S, a, b, eps=0.015, s=s, tol=1e-6, max_iter=5000, log_domain=True)
+    torch.testing.assert_close(plain.sigma, logd.sigma, atol=2e-5, rtol=0)
+    torch.testing.assert_close(plain.plan, logd.plan, atol=2e-5, rtol=0)
 
 
 # --- the default stop against the converged solution (issue 13) ------------------------------------------
