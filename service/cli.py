@@ -74,6 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from reranker.backbones import WeightsUnavailableError
     from reranker.defaults import default_model_kwargs
     from reranker.device import resolve_device
+    from reranker.threads import run_on_own_thread
 
     from .settings import ServiceSettings
 
@@ -97,7 +98,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         weights = settings.weights or "pretrained"
         try:
-            index = ensure_demo_index(settings.model, weights, device, model_kwargs, progress=not args.no_progress)
+            # on a thread of its own, whose OpenMP pool ends with it (reranker.threads)
+            index = run_on_own_thread(lambda: ensure_demo_index(settings.model, weights, device, model_kwargs,
+                                                                progress=not args.no_progress))
         except WeightsUnavailableError as err:
             return _fail(f"{err}\nFor the demo: vit-rerank serve --demo --weights /path/to/checkpoint, "
                          "or --weights random (testing only: the page and every answer say so).")

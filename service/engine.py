@@ -24,6 +24,7 @@ from indexer import Catalog, IndexDir, ImageRecord, QueryResult, Searcher, Searc
 from indexer.atomic import write_bytes
 from indexer.loading import LoadLimits, content_hash
 from reranker.device import resolve_device
+from reranker.threads import run_on_own_thread, use_torch_threads
 
 from .decoding import DecodeGate, model_side, release_memory
 from .errors import DuplicateIdError, ImageRejectedError, NotImplementedHere, QueueFullError
@@ -82,6 +83,7 @@ class Engine:
         self._lock = threading.Lock()
         self._seconds_per_query = 0.1  # running estimate, for Retry-After
         self._thread: threading.Thread | None = None
+        self.torch_threads: int | None = None  # the inference thread's intra-op threads (None: torch's default)
         self._info = index_dir.info()
         self._remove_orphan_uploads()
 
@@ -91,8 +93,15 @@ class Engine:
         if settings.index is None:
             raise ValueError("no index directory given (--index DIR, VIT_RERANK_INDEX, or --demo)")
         device = resolve_device(settings.device)
-        if settings.torch_threads is not None:
-            torch.set_num_threads(settings.torch_threads)  # process-wide, as torch's threads are
+        threads = settings.torch_threads or torch.get_num_threads()
+        # Loaded on a thread of its own, so that the caller's thread grows no OpenMP pool to slow the
+        # inference thread down (reranker.threads); the engine's torch work all runs on that thread.
+        engine = run_on_own_thread(lambda: cls._load(settings, device, metrics), threads, "vit-rerank-loader")
+        engine.torch_threads = threads
+        return engine
+
+    @classmethod
+    def _load(cls, settings: ServiceSettings, device: torch.device, metrics: ServiceMetrics | None) -> "Engine":
         catalog = None
         if settings.ray is not None:  # shards on a Ray cluster (service.ray_backend): read-only
             from .ray_backend import open_shards
@@ -196,6 +205,7 @@ class Engine:
         return max(1, math.ceil((self._queue.qsize() + 1) * self._seconds_per_query))
 
     def _run(self) -> None:
+        use_torch_threads(self.torch_threads)
         while True:
             job = self._queue.get()
             if job is None:

@@ -1,7 +1,8 @@
 """Explanations of recent queries: the patch-matching picture and its numbers, from cached query state.
 
-A search leaves, per query id, the model's view of the query, and for each returned reranked hit its
-transport plan, patch similarities, OT marginals and scores. The cache is bounded in memory (LRU)
+A search leaves, per query id, the decoded query photo, and for each returned reranked hit its
+transport plan, patch similarities, OT marginals and scores. The crops of the query that a picture
+shows are cut when a picture is first drawn, not on the search path. The cache is bounded in memory (LRU)
 and in time (TTL); an expired query's explanations are gone (the caller answers 404).
 """
 
@@ -67,20 +68,28 @@ class Match:
 class QueryExplanations:
     """The cached state of one query."""
 
-    query_view: Image.Image  # the centre crop the model saw
+    query_image: Image.Image  # the decoded query (bounded as the service decodes it)
     query_weights: np.ndarray | None  # None: the search used per-pair marginals (crosscorr)
     grid: int
     matches: dict[str, Match]
     pictures: dict[tuple[str, PictureOptions], bytes] = field(default_factory=dict)
-    query_sharp: Image.Image | None = None  # the same crop at up to DEFAULT_PANEL px, for the picture
     model: str = ""
     marginals: str = ""
     s: float = 1.0
     lam: float = 1.0
+    views: dict[int | None, Image.Image] = field(default_factory=dict)  # query crops made so far, by side
+
+    def view(self, transform: Callable, side: int | None = None) -> Image.Image:
+        """The centre crop of the query that the model saw (``side`` None), or the same crop at up to
+        ``side`` px for a picture (:func:`sharp_view`); each is made once, when first asked for."""
+        if side not in self.views:
+            self.views[side] = model_view(self.query_image, transform) if side is None else sharp_view(
+                self.query_image, transform, side)
+        return self.views[side]
 
     def nbytes(self) -> int:
-        views = [v for v in (self.query_view, self.query_sharp) if v is not None]
-        pixels = sum(v.width * v.height * 4 for v in views)  # Pillow keeps RGB in 4 bytes a pixel
+        images = [self.query_image, *self.views.values()]
+        pixels = sum(v.width * v.height * 4 for v in images)  # Pillow keeps RGB in 4 bytes a pixel
         arrays = sum(m.nbytes() for m in self.matches.values())
         weights = 0 if self.query_weights is None else self.query_weights.nbytes
         return pixels + arrays + weights + sum(len(p) for p in self.pictures.values()) + 1024
@@ -201,7 +210,7 @@ class ExplanationCache:
         except (OSError, ValueError) as err:
             raise ExplanationNotFound(f"the gallery image {gallery_id!r} can no longer be read: {err}") from None
         png = render_match(
-            entry.query_sharp or entry.query_view, candidate, match.plan, grid=entry.grid,
+            entry.view(self.transform, options.size), candidate, match.plan, grid=entry.grid,
             # the heat map shows the OT marginals this pair used (else the stored per-image weights)
             query_weights=entry.query_weights if match.query_marginal is None else match.query_marginal,
             candidate_weights=match.candidate_weights if match.candidate_marginal is None else match.candidate_marginal,
@@ -249,7 +258,7 @@ def ot_marginals(kind: str, query_weights: np.ndarray | None, candidate_weights:
     return normalise_weights(mu_q).numpy().astype(np.float64), normalise_weights(mu_x).numpy().astype(np.float64)
 
 
-def build_entry(view: Image.Image, sharp: Image.Image | None, outcome: Any, engine: Any,
+def build_entry(query: Image.Image, outcome: Any, engine: Any,
                 near_threshold: float | None) -> QueryExplanations | None:
     """What the cache keeps of one search (``service.engine.SearchOutcome``); None without reranked hits."""
     result = outcome.result
@@ -279,5 +288,5 @@ def build_entry(view: Image.Image, sharp: Image.Image | None, outcome: Any, engi
             query_marginal=mu_q, candidate_marginal=mu_x,
             near_duplicate=None if near_threshold is None else bool(h.global_score >= near_threshold),
         )
-    return QueryExplanations(view, w_q, engine.grid, matches, query_sharp=sharp, model=engine.model,
+    return QueryExplanations(query, w_q, engine.grid, matches, model=engine.model,
                              marginals=result.marginals, s=s, lam=lam)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Security, UploadFile
@@ -16,17 +16,31 @@ from pydantic import SecretStr
 from indexer.near_duplicates import threshold_for
 from indexer.search import SearchSettings
 from indexer.search_params import SEARCH_PARAMS
-from reranker.views import model_view
+from reranker.threads import single_threaded
 
 from .engine import Engine, SearchOutcome
 from .errors import Forbidden, NotFound, Unauthorized, Unprocessable
-from .explanations import PictureOptions, build_entry, sharp_view
+from .explanations import PictureOptions, build_entry
 from .gallery_images import gallery_image, thumbnail
 from .settings import Marginals
 from .schemas import ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status
 from .state import ServiceState
 from .decoding import decode_bounded  # 503 + Retry-After when too many images are being decoded
 from .uploads import check_image_id, file_suffix, parse_metadata, read_upload, single_valued_form
+
+T = TypeVar("T")
+
+
+def _single_threaded_call(fn: Callable[..., T], *args: Any) -> T:
+    single_threaded()
+    return fn(*args)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the request thread pool, with torch on that thread alone: the engine's inference
+    thread keeps the only OpenMP pool (reranker.threads)."""
+    return await run_in_threadpool(_single_threaded_call, fn, *args)
+
 
 router = APIRouter()
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has a key")
@@ -132,20 +146,13 @@ async def search(
         raise Unprocessable(str(err)) from None
     resolved = settings.marginals
     data = await read_upload(image, cfg.max_upload_bytes)
-    query, view, sharp = await run_in_threadpool(_decode_with_view, data, image.content_type, engine)
+    query = await off_loop(decode_bounded, data, image.content_type, engine)
     outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, settings))  # 503 when the queue is full
     query_id = secrets.token_hex(12)
-    await run_in_threadpool(_remember, state, query_id, view, sharp, outcome)
+    await off_loop(_remember, state, query_id, query, outcome)
     if explain:
-        await run_in_threadpool(_render_all, state, query_id, outcome)
+        await off_loop(_render_all, state, query_id, outcome)
     return _response(state, query_id, settings, resolved, outcome)
-
-
-def _decode_with_view(data: bytes, declared_type: str | None, engine) -> tuple[Any, Any, Any]:
-    """The decoded query (bounded, reduced to what the model needs), the centre-cropped view the model
-    sees and the same crop at the picture's size (both kept for its explanations)."""
-    query = decode_bounded(data, declared_type, engine)
-    return query, model_view(query, engine.transform), sharp_view(query, engine.transform)
 
 
 def _near_threshold(state: ServiceState) -> float | None:
@@ -153,8 +160,8 @@ def _near_threshold(state: ServiceState) -> float | None:
     return threshold_for(engine.model, engine.random_weights)
 
 
-def _remember(state: ServiceState, query_id: str, view: Any, sharp: Any, outcome: SearchOutcome) -> None:
-    entry = build_entry(view, sharp, outcome, state.engine, _near_threshold(state))
+def _remember(state: ServiceState, query_id: str, query: Any, outcome: SearchOutcome) -> None:
+    entry = build_entry(query, outcome, state.engine, _near_threshold(state))
     if entry is not None:
         state.explanations.put(query_id, entry)
 
@@ -200,7 +207,7 @@ async def explanation_numbers(
 ) -> Any:
     """The numbers of one reranked result: global cosine, sigma, final score, ranks, matched mass and the
     strongest patch pairs (grid cells, similarity, mass), so that a client can draw its own overlay."""
-    body = await run_in_threadpool(state.explanations.numbers, query_id, gallery_id, top)
+    body = await off_loop(state.explanations.numbers, query_id, gallery_id, top)
     return Explanation(query_id=query_id, id=gallery_id, picture_url=f"/explanations/{query_id}/{_url_id(gallery_id)}.png",
                        **body)
 
@@ -220,7 +227,7 @@ async def explanation(
     if not picture.endswith(".png"):
         raise NotFound("explanation pictures are named <gallery id>.png (numbers: <gallery id>.json)")
     options = PictureOptions(size=size, links=links, faded=faded, heatmap=heatmap, unmatched=unmatched)
-    png = await run_in_threadpool(state.explanations.picture, query_id, picture.removesuffix(".png"), options)
+    png = await off_loop(state.explanations.picture, query_id, picture.removesuffix(".png"), options)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
 
 
@@ -230,12 +237,12 @@ async def explanation(
 async def image(state: State, engine: ReadyEngine, image_id: str,
                 size: Annotated[Literal["full", "thumb"], Query(description="thumb: at most 256 px")] = "full") -> Response:
     """A gallery image by id (only images the index knows; no client path reaches the disk)."""
-    row = await run_in_threadpool(engine.catalog.row, image_id)
+    row = await off_loop(engine.catalog.row, image_id)
     if row is None:
         raise NotFound(f"no image with id {image_id!r} in the index")
     if size == "thumb":
-        return await run_in_threadpool(thumbnail, state, row)
-    return await run_in_threadpool(gallery_image, row)
+        return await off_loop(thumbnail, state, row)
+    return await off_loop(gallery_image, row)
 
 
 # --- the index ----------------------------------------------------------------------------
@@ -258,9 +265,9 @@ async def add_image(
     """Index one more image; it is stored in the index directory and survives restarts."""
     image_id, meta = check_image_id(id), parse_metadata(metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
-    await run_in_threadpool(decode_bounded, data, image.content_type, engine)  # validated, through the decode gate
+    await off_loop(decode_bounded, data, image.content_type, engine)  # validated, through the decode gate
     # 409 for a known id, 400 when the indexer refuses the image (service.errors)
-    added = await run_in_threadpool(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
+    added = await off_loop(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
     return Added(id=added, added=True)
 
 
@@ -268,6 +275,6 @@ async def add_image(
                dependencies=[Depends(require_api_key)])
 async def remove_image(engine: ReadyEngine, image_id: str) -> Removed:
     """Remove one image from the index."""
-    if not await run_in_threadpool(engine.remove_image, image_id):
+    if not await off_loop(engine.remove_image, image_id):
         raise NotFound(f"no image with id {image_id!r} in the index")
     return Removed(id=image_id, removed=True)

@@ -144,7 +144,7 @@ def test_query_view_is_the_model_crop(client, photos):
     body = search(client, photos[2].read_bytes(), top_k=1).json()
     entry = client.app.state.service.explanations._cache[body["query_id"]]
     tensor = client.app.state.service.engine.transform(Image.open(photos[2]).convert("RGB"))
-    assert entry.query_view.size == (tensor.shape[2], tensor.shape[1])
+    assert entry.view(client.app.state.service.engine.transform).size == (tensor.shape[2], tensor.shape[1])
 
 
 # --- gallery images --------------------------------------------------------------------------------

@@ -77,11 +77,15 @@ def test_torch_threads_setting_limits_torch_and_searches_the_same(shared_data, t
         finally:
             default.close()
         one = Engine.open(ServiceSettings(index=index, device="cpu", torch_threads=1)).start()
+        seen: list[int] = []  # the torch threads of the thread that runs each search
+        search = one.searcher.search
+        one.searcher.search = lambda *a, **k: (seen.append(torch.get_num_threads()), search(*a, **k))[1]
         try:
-            assert torch.get_num_threads() == 1
             hits = one.search(query, SearchSettings(top_k=5), timeout=60).result.hits
         finally:
             one.close()
+        assert one.torch_threads == 1 and seen == [1]
+        assert torch.get_num_threads() == before  # the setting is the inference thread's, not the caller's
         assert [h.id for h in hits] == [h.id for h in expected]
         assert [h.final_score for h in hits] == pytest.approx([h.final_score for h in expected], abs=2e-4)
     finally:

@@ -204,6 +204,7 @@ def run(
     from reranker.device import resolve_device
     from reranker.backbones import create_backbone
     from reranker.defaults import default_model_kwargs
+    from reranker.threads import run_on_own_thread
     from service.demo import build_demo_index
     from service.engine import Engine
     from service.settings import ServiceSettings
@@ -218,8 +219,10 @@ def run(
     with tempfile.TemporaryDirectory(prefix="vit-rerank-bench-") as tmp:
         if index is None:
             print(f"building a demo index with {model} ({weights} weights)...", file=sys.stderr)
-            backbone = create_backbone(model, weights, model_kwargs=model_kwargs)
-            index = build_demo_index(Path(tmp) / "index", backbone, device, model_kwargs, progress=False)
+            # on threads of their own, so that this one grows no OpenMP pool beside the engine's (reranker.threads)
+            backbone = run_on_own_thread(lambda: create_backbone(model, weights, model_kwargs=model_kwargs))
+            index = run_on_own_thread(lambda: build_demo_index(Path(tmp) / "index", backbone, device, model_kwargs,
+                                                               progress=False))
         cfg = ServiceSettings(index=index, device=device.type, queue_size=queue_size)
         engine = Engine.open(cfg).start()
         from indexer.loading import load_image
@@ -228,9 +231,11 @@ def run(
         try:
             _warm(lambda: engine.search(load_image(payloads[0]), settings, timeout=120))
             inproc = {c: _in_process(engine, payloads, settings, c, requests, cap_s) for c in CONCURRENCY}
-            embed = _embed_alone(engine.searcher.backbone, payloads, requests)
         finally:
             engine.close()
+        # in the engine's conditions, once its thread has ended: a thread of its own with as many torch threads
+        embed = run_on_own_thread(lambda: _embed_alone(engine.searcher.backbone, payloads, requests),
+                                  engine.torch_threads)
         with _server(index, device.type, queue_size, Path(tmp) / "server.log") as base:
             asyncio.run(_http_side(base, payloads, form, 1, 3, cap_s))  # warm-up
             http = {c: asyncio.run(_http_side(base, payloads, form, c, requests, cap_s)) for c in CONCURRENCY}
