@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from cachetools import TTLCache
 from PIL import Image
 from torchvision import transforms as T
 
 from indexer.loading import load_image
+from reranker.features import Features
+from reranker.marginals import cross_correlation_weights
+from reranker.rollout import normalise_weights
 from reranker.views import model_view
 from reranker.visualize import DEFAULT_PANEL, render_match, strongest_links
 
@@ -233,28 +237,20 @@ class ExplanationCache:
             return len(self._cache)
 
 
-def ot_marginals(kind: str, query_weights: np.ndarray | None, candidate_weights: np.ndarray, query_global: np.ndarray,
-                 query_patches: np.ndarray, candidate_global: np.ndarray, candidate_patches: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The unit-mass marginals the reranker used for one pair (as ``reranker.rerank`` computes them)."""
-    import torch
-
-    from reranker.marginals import cross_correlation_weights
-    from reranker.rollout import normalise_weights
-
-    n, m = len(query_patches), len(candidate_patches)
+def ot_marginals(kind: str, query: Features, candidates: Features) -> tuple[np.ndarray, np.ndarray]:
+    """The unit-mass marginals the reranker used between one query ``(D), (n, D), (n)`` and ``h``
+    candidates ``(h, D), (h, m, D), (h, m)``, as ``reranker.rerank`` computes them: ``(h, n)``, ``(h, m)``."""
+    f_q, f_x = query.patch_features.float(), candidates.patch_features.float()
+    h, n, m = f_x.shape[0], f_q.shape[0], f_x.shape[1]
     if kind == "uniform":
-        return np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+        return np.full((h, n), 1.0 / n), np.full((h, m), 1.0 / m)
     if kind == "crosscorr":
-
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(a, dtype=np.float32))
-
-        mu_q, mu_x = cross_correlation_weights(t(query_global)[None], t(query_patches)[None],
-                                               t(candidate_global)[None, None], t(candidate_patches)[None, None])
-        mu_q, mu_x = mu_q[0, 0], mu_x[0, 0]
+        mu_q, mu_x = cross_correlation_weights(query.global_features.float()[None], f_q[None],
+                                               candidates.global_features.float()[None], f_x[None])
+        mu_q, mu_x = mu_q[0], mu_x[0]
     else:
-        mu_q, mu_x = torch.as_tensor(query_weights).float(), torch.as_tensor(candidate_weights).float()
+        mu_q = query.patch_weights.float().expand(h, n)
+        mu_x = candidates.patch_weights.float()
     return normalise_weights(mu_q).numpy().astype(np.float64), normalise_weights(mu_x).numpy().astype(np.float64)
 
 
@@ -268,24 +264,25 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
     settings = result.settings
     lam = float(settings.lam) if settings is not None and settings.lam is not None else 1.0
     s = float(settings.s) if settings is not None and settings.s is not None else 1.0
-    g_q = np.asarray(result.query_global, dtype=np.float32)
-    f_q = np.asarray(result.query_patches, dtype=np.float32)
     w_q = None if result.query_weights is None else np.asarray(result.query_weights, dtype=np.float32)
+    query_features = Features(torch.as_tensor(np.asarray(result.query_global, dtype=np.float32)),
+                              torch.as_tensor(np.asarray(result.query_patches, dtype=np.float32)),
+                              None if w_q is None else torch.as_tensor(w_q))
+    # what the reranker compared the query with (the searcher keeps it with the plans), all hits at once
+    rows = {image_id: i for i, image_id in enumerate(result.candidate_ids)}
+    cands = result.candidates[torch.tensor([rows[h.id] for h in hits])]
+    similarities = torch.matmul(query_features.patch_features, cands.patch_features.float().transpose(1, 2)).numpy()
+    mu_q, mu_x = ot_marginals(result.marginals, query_features, cands)
+    weights = cands.patch_weights.float().numpy()
     matches = {}
-    for h in hits:
-        # what the reranker compared the query with (the searcher keeps it with the plans)
-        cand = result.candidate(h.id)
-        w_x = cand.patch_weights.float().numpy()
-        f_x = cand.patch_features.float().numpy()
-        similarity = f_q @ f_x.T
-        mu_q, mu_x = ot_marginals(result.marginals, w_q, w_x, g_q, f_q, cand.global_features.float().numpy(), f_x)
+    for i, h in enumerate(hits):
         matches[h.id] = Match(
-            path=h.path, plan=np.asarray(result.plans[h.id], dtype=np.float32), candidate_weights=w_x,
+            path=h.path, plan=np.asarray(result.plans[h.id], dtype=np.float32), candidate_weights=weights[i],
             # ranks shown 1-based, as on the page
             title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}",
             label=h.label, global_score=h.global_score, structural_score=float(h.structural_score),
-            final_score=h.final_score, rank_before=h.rank_before, rank_after=h.rank_after, similarity=similarity,
-            query_marginal=mu_q, candidate_marginal=mu_x,
+            final_score=h.final_score, rank_before=h.rank_before, rank_after=h.rank_after,
+            similarity=similarities[i], query_marginal=mu_q[i], candidate_marginal=mu_x[i],
             near_duplicate=None if near_threshold is None else bool(h.global_score >= near_threshold),
         )
     return QueryExplanations(query, w_q, engine.grid, matches, model=engine.model,
