@@ -147,6 +147,15 @@ def test_query_view_is_the_model_crop(client, photos):
     assert entry.view(client.app.state.service.engine.transform).size == (tensor.shape[2], tensor.shape[1])
 
 
+def test_query_crops_are_cut_when_a_picture_is_drawn_not_on_the_search_path(client, photos):
+    body = search(client, photos[2].read_bytes(), top_k=1).json()
+    entry = client.app.state.service.explanations._cache[body["query_id"]]
+    assert entry.views == {}  # the search kept the decoded query only
+    r = client.get(body["results"][0]["explanation_url"], params={"size": 448})
+    assert r.status_code == 200
+    assert list(entry.views) == [448] and max(entry.views[448].size) == 448
+
+
 # --- gallery images --------------------------------------------------------------------------------
 def test_images_and_thumbnails(client, photos):
     image_id = f"hat/{photos[0].name}"

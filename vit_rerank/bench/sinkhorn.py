@@ -87,7 +87,7 @@ def real_problems(weights: str, data: Path, queries: int, candidates: int):
 def _kernel(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype=torch.float32):
     """The shipped solver's plain Gibbs kernel, with the dummy row and column when s < 1, and the
     full marginals, in ``dtype``."""
-    return _plain_kernel(S.to(dtype), a.to(dtype), b.to(dtype), EPS, s)[:3]
+    return _plain_kernel(S.to(dtype), a.to(dtype), b.to(dtype), EPS, s)
 
 
 def _sigma(K: torch.Tensor, a: torch.Tensor, v: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
