@@ -94,6 +94,10 @@ class Engine:
             raise ValueError("no index directory given (--index DIR, VIT_RERANK_INDEX, or --demo)")
         device = resolve_device(settings.device)
         threads = settings.torch_threads or torch.get_num_threads()
+        if settings.ray is not None:  # joined from the caller's thread: Ray sets its SIGTERM handler on the main one
+            from .ray_backend import connect
+
+            connect(settings.ray)
         # Loaded on a thread of its own, so that the caller's thread grows no OpenMP pool to slow the
         # inference thread down (reranker.threads); the engine's torch work all runs on that thread.
         engine = run_on_own_thread(lambda: cls._load(settings, device, metrics), threads, "vit-rerank-loader")
