@@ -86,11 +86,14 @@ class QueryResult:
     candidates: Features | None = None
     candidate_ids: list[str] = field(default_factory=list)
 
-    def candidate(self, image_id: str) -> Features:
-        """The features a reranked candidate was compared with (ValueError if none are kept for it)."""
-        if self.candidates is None or image_id not in self.candidate_ids:
-            raise ValueError(f"no kept features for {image_id!r}")
-        return self.candidates[self.candidate_ids.index(image_id)]
+    def candidates_of(self, image_ids: Sequence[str]) -> Features:
+        """The features the reranked candidates ``image_ids`` were compared with, ``(len(image_ids), ...)``
+        in that order (ValueError for one without kept features)."""
+        position = {image_id: i for i, image_id in enumerate(self.candidate_ids)}
+        missing = [i for i in image_ids if i not in position]
+        if self.candidates is None or missing:
+            raise ValueError(f"no kept features for {', '.join(map(repr, missing or image_ids))}")
+        return self.candidates[torch.tensor([position[i] for i in image_ids], dtype=torch.long)]
 
     @property
     def candidate_weights(self) -> dict[str, np.ndarray]:

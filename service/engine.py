@@ -268,9 +268,8 @@ class Engine:
         """The result with the plans and candidate features of its returned hits only (the reranked
         candidates below ``top_k`` are not explained, so theirs are not kept), copied out of the batch."""
         kept = [h.id for h in result.hits if h.id in result.plans]
-        rows = torch.tensor([result.candidate_ids.index(i) for i in kept], dtype=torch.long)
         return dataclasses.replace(result, plans={i: result.plans[i] for i in kept}, candidate_ids=kept,
-                                   candidates=result.candidates[rows] if kept else None)  # a gather: a copy
+                                   candidates=result.candidates_of(kept) if kept else None)  # a gather: a copy
 
     # --- changing the index ----------------------------------------------------------
     def add_image(

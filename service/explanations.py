@@ -269,8 +269,7 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
                               torch.as_tensor(np.asarray(result.query_patches, dtype=np.float32)),
                               None if w_q is None else torch.as_tensor(w_q))
     # what the reranker compared the query with (the searcher keeps it with the plans), all hits at once
-    rows = {image_id: i for i, image_id in enumerate(result.candidate_ids)}
-    cands = result.candidates[torch.tensor([rows[h.id] for h in hits])]
+    cands = result.candidates_of([h.id for h in hits])
     similarities = torch.matmul(query_features.patch_features, cands.patch_features.float().transpose(1, 2)).numpy()
     mu_q, mu_x = ot_marginals(result.marginals, query_features, cands)
     weights = cands.patch_weights.float().numpy()

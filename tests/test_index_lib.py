@@ -258,6 +258,11 @@ def test_a_batch_of_queries_gives_what_each_query_gives_alone(flat_gallery, back
             if key in hits:
                 _, stored = flat_gallery.features([hits[key].faiss_id])
                 np.testing.assert_array_equal(weights, stored.patch_weights[0])
+        # Kept features come back in the order asked for; an id without any is refused by name.
+        picked = alone.candidates_of(alone.candidate_ids[::-1][:3])
+        torch.testing.assert_close(picked.patch_features, alone.candidates.patch_features.flip(0)[:3])
+        with pytest.raises(ValueError, match="'no-such-id'"):
+            alone.candidates_of([alone.candidate_ids[0], "no-such-id"])
 
 
 def test_python_search_without_reranking_keeps_the_global_order(flat_gallery, backbone, photos):
