@@ -23,3 +23,21 @@ def default_model_kwargs(name: str) -> dict[str, Any]:
     if "dinov2" in name:
         return {"img_size": DINOV2_IMG_SIZE, "pretrained_cfg_overlay": {"crop_pct": DINOV2_CROP_PCT}}
     return {}
+
+
+#: Where the patch grid of a new index is read on a plain ViT: the output of this block (counted like
+#: Python indices), at the native token grid (16 x 16 for ViT-S/14 at 224 px). An intermediate block's
+#: tokens match across images far better than the final, normed ones (measured in docs/quality.md).
+DEFAULT_PATCH_LAYER = -2
+#: ``grid`` value meaning the backbone's own token grid (no pooling).
+NATIVE_GRID = 0
+#: The grid of backbones whose patch layer cannot be chosen (Swin, CvT): the method's 7 x 7.
+METHOD_GRID = 7
+#: ``--patch-layer`` / ``--grid`` value meaning "the default for this backbone".
+AUTO = "auto"
+
+
+def patch_defaults(supports_patch_layer: bool) -> tuple[int, int | None]:
+    """``(grid, patch_layer)`` of a new index whose flags leave them to the project: the native grid of
+    an intermediate block on a plain ViT, the method's pooled final grid elsewhere."""
+    return (NATIVE_GRID, DEFAULT_PATCH_LAYER) if supports_patch_layer else (METHOD_GRID, None)

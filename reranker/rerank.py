@@ -1,4 +1,16 @@
-"""Structural reranking: reorder global-retrieval candidates by partial OT over patch grids."""
+"""Structural reranking: reorder global-retrieval candidates by how their patch grids match the query's.
+
+Two scorers share one entry point, :func:`rerank_batch`, the same inputs and the same final score
+``final = cos + lambda * sigma`` (:func:`final_scores`, the one place it is computed):
+
+* ``ot``: partial optimal transport (:mod:`reranker.ot`) between the grids under patch-weight
+  marginals; ``sigma`` is the transported cosine.
+* ``mnn``: mutual nearest neighbours above a cosine threshold (:mod:`reranker.mnn`); ``sigma`` is
+  their count (or summed cosine) over the query's patches.
+
+The result carries what an explanation picture needs of each pair: the plan and its marginals (OT),
+or the matches (MNN), through :meth:`RerankResult.pair_plans` and :meth:`RerankResult.pair_marginals`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +21,13 @@ import torch
 
 from .features import Features
 from .marginals import MARGINALS, Marginals, diml_normalise, uniform_weights
+from .mnn import MNN_SCORES, MnnResult, correspondence_plan, mutual_nearest_neighbours
 from .ot import sinkhorn
 from .rollout import normalise_weights
+
+
+#: The structural scorers: partial optimal transport, mutual nearest neighbours.
+SCORERS: tuple[str, ...] = ("ot", "mnn")
 
 
 @dataclass
@@ -18,15 +35,52 @@ class RerankResult:
     """Scores of ``Q`` queries' ``K`` candidates, in the candidates' given order.
 
     ``order[q]`` lists candidate positions by decreasing final score (ties keep the given order).
+    An ``ot`` result has ``plans`` and ``marginals``; an ``mnn`` result has ``matches``.
     """
 
     order: torch.Tensor  # (Q, K) int64
     global_scores: torch.Tensor  # (Q, K)
     structural_scores: torch.Tensor  # (Q, K): sigma
     final_scores: torch.Tensor  # (Q, K): global + lambda * sigma
-    plans: torch.Tensor  # (Q, K, n, m)
-    marginal_error: torch.Tensor  # (Q, K)
-    n_iter: int
+    plans: torch.Tensor | None = None  # (Q, K, n, m) ot
+    marginals: tuple[torch.Tensor, torch.Tensor] | None = None  # ot: mu_q (Q, K or 1, n), mu_x (Q, K, m), unit mass
+    matches: MnnResult | None = None  # mnn: (Q, K, n) matched candidate patch per query patch
+    marginal_error: torch.Tensor | None = None  # (Q, K) ot
+    n_iter: int = 0
+    grid_sizes: tuple[int, int] = (0, 0)  # (n, m)
+
+    def pair_plans(self, positions: torch.Tensor) -> torch.Tensor:
+        """The correspondence matrices ``(Q, t, n, m)`` of the candidates at ``positions (Q, t)``: the
+        transport plans (ot), or the matches with their cosine / n (mnn)."""
+        if self.plans is not None:
+            n, m = self.plans.shape[-2:]
+            return self.plans.gather(1, positions[:, :, None, None].expand(-1, -1, n, m))
+        match = self.matches.match.gather(1, positions[:, :, None].expand(-1, -1, self.grid_sizes[0]))
+        sim = self.matches.similarity.gather(1, positions[:, :, None].expand(-1, -1, self.grid_sizes[0]))
+        return correspondence_plan(match, sim, self.grid_sizes[1])
+
+    def pair_marginals(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch masses ``(Q, t, n)``, ``(Q, t, m)`` the scorer weighed the candidates at ``positions``
+        with: the OT marginals, or (mnn, which weighs every patch alike) uniform ones."""
+        Q, t = positions.shape
+        n, m = self.grid_sizes
+        if self.marginals is None:
+            device = positions.device
+            return uniform_weights((Q, t), n, device), uniform_weights((Q, t), m, device)
+        mu_q, mu_x = self.marginals
+        mu_q = mu_q.expand(-1, mu_x.shape[1], -1)
+        return (mu_q.gather(1, positions[:, :, None].expand(-1, -1, n)),
+                mu_x.gather(1, positions[:, :, None].expand(-1, -1, m)))
+
+
+def final_scores(global_scores: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Tensor:
+    """``cos + lambda * sigma``: the one definition of a reranked candidate's final score."""
+    return global_scores + lam * sigma
+
+
+def ranked(final: torch.Tensor) -> torch.Tensor:
+    """Positions by decreasing final score along the last axis; ties keep the given (global) order."""
+    return torch.sort(final, dim=-1, descending=True, stable=True).indices
 
 
 def _check_finite(name: str, t: torch.Tensor | None) -> None:
@@ -150,10 +204,13 @@ def rerank_batch(
     candidates: Features,
     global_scores: torch.Tensor | None = None,
     *,
+    scorer: str = "ot",
     marginals: Marginals = "rollout",
     s: float = 1.0,
     lam: float = 1.0,
     eps: float = 0.05,
+    threshold: float = 0.5,
+    mnn_score: str = "count",
     max_iter: int = 1000,
     tol: float = 2e-4,
 ) -> RerankResult:
@@ -163,17 +220,25 @@ def rerank_batch(
         query: features with shapes ``(Q, D)``, ``(Q, n, D)``, ``(Q, n)``.
         candidates: features with shapes ``(Q, K, D)``, ``(Q, K, m, D)``, ``(Q, K, m)``.
         global_scores: ``(Q, K)`` first-stage cosines; computed from the global vectors if None.
-        marginals: ``rollout`` (stored per-image weights), ``crosscorr`` (DIML, per pair) or ``uniform``.
-        s: fraction of mass matched by partial OT, in ``(0, 1]``.
+        scorer: ``ot`` (partial optimal transport) or ``mnn`` (mutual nearest neighbours).
+        marginals: ot: ``rollout`` (stored per-image weights), ``crosscorr`` (DIML, per pair) or ``uniform``.
+        s: ot: fraction of mass matched by partial OT, in ``(0, 1]``.
         lam: weight of the structural score.
-        eps, max_iter, tol: Sinkhorn settings (see :func:`reranker.ot.sinkhorn`).
+        eps, max_iter, tol: ot: Sinkhorn settings (see :func:`reranker.ot.sinkhorn`).
+        threshold, mnn_score: mnn: the cosine a match must exceed, and ``count`` or ``sum``.
     """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     if marginals not in MARGINALS:
         raise ValueError(f"marginals must be one of {', '.join(MARGINALS)}, got {marginals!r}")
     if not (0.0 < s <= 1.0) or math.isnan(s):
         raise ValueError(f"s must be in (0, 1], got {s}")
     if not math.isfinite(lam):
         raise ValueError(f"lambda must be finite, got {lam}")
+    if not (-1.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+    if mnn_score not in MNN_SCORES:
+        raise ValueError(f"mnn_score must be one of {', '.join(MNN_SCORES)}, got {mnn_score!r}")
     _validate(query, candidates, global_scores)
 
     gq = query.global_features.float()
@@ -183,6 +248,13 @@ def rerank_batch(
     global_scores = global_scores.float().to(gx.device)
     fq = query.patch_features.float()  # (Q, n, D)
     fx = candidates.patch_features.float()  # (Q, K, m, D)
+    sizes = (fq.shape[1], fx.shape[2])
+    if scorer == "mnn":
+        S = similarity(fq, fx)  # (Q, K, n, m)
+        _check_similarity(S, fq, fx)
+        matches = mutual_nearest_neighbours(S, threshold, mnn_score)
+        final = final_scores(global_scores, matches.score, lam)
+        return RerankResult(ranked(final), global_scores, matches.score, final, matches=matches, grid_sizes=sizes)
     if marginals == "crosscorr":
         S, mu_q, mu_x = _crosscorr_marginals(query, candidates, fq, fx)  # S (Q, K, n, m)
     else:
@@ -194,16 +266,17 @@ def rerank_batch(
     except ValueError:
         _check_similarity(S, fq, fx)
         raise
-    final = global_scores + lam * result.sigma
-    order = torch.sort(final, dim=1, descending=True, stable=True).indices
+    final = final_scores(global_scores, result.sigma, lam)
     return RerankResult(
-        order=order,
+        order=ranked(final),
         global_scores=global_scores,
         structural_scores=result.sigma,
         final_scores=final,
         plans=result.plan,
+        marginals=(mu_q, mu_x),
         marginal_error=result.marginal_error,
         n_iter=result.n_iter,
+        grid_sizes=sizes,
     )
 
 

