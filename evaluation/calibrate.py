@@ -1,8 +1,8 @@
 """Calibration that never loses: choose a reranking setting on half the queries, check it on the other.
 
 Given a global :class:`~evaluation.protocol.Ranking` and the structural scores ``sigma`` of each
-(marginals, s) over every query's first K candidates, every (marginals, s, lambda, K) is scored by
-the primary metric per query. The queries are split (seeded) into a tuning half and a held-out half:
+:class:`~evaluation.protocol.Structural` (ot: marginals, s; mnn: threshold) over every query's first K
+candidates, every (structural, lambda, K) is scored by the primary metric per query. The queries are split (seeded) into a tuning half and a held-out half:
 
 1. on the tuning half, a setting is *above noise* when the one-sided 95 % paired-bootstrap lower bound
    of its mean gain over the baseline is above 0; the best such setting (by mean metric) is chosen;
@@ -23,14 +23,20 @@ import numpy as np
 from indexer.calibration import Calibration
 from indexer.metadata import now_iso
 
-from .protocol import Ranking, reranked_relevance
+from indexer.search_params import sweep_values
+
+from .protocol import Ranking, Structural, reranked_relevance
 
 #: The metric a calibration maximises, per protocol.
 PRIMARY_METRIC = {"class": "precision_at_1", "place": "recall_at_1"}
 
-S_GRID = (1.0, 0.9, 0.7, 0.5, 0.3)
-LAMBDA_GRID = (0.05, 0.1, 0.25, 0.5, 1.0)
-K_GRID = (10, 20, 50, 100)
+#: The grids a calibration and ``bench quality`` search, checked against the parameters' declared bounds.
+S_GRID = tuple(sweep_values("s", (1.0, 0.9, 0.7, 0.5, 0.3)))
+LAMBDA_GRID = tuple(sweep_values("lam", (0.05, 0.1, 0.25, 0.5, 1.0)))
+K_GRID = tuple(sweep_values("rerank_k", (10, 20, 50, 100)))
+THRESHOLD_GRID = tuple(sweep_values("threshold", (0.3, 0.4, 0.5, 0.6)))
+#: OT is swept only on grids of at most this many patches (a 16 x 16 grid costs ~25x a 7 x 7 one per pair).
+OT_MAX_PATCHES = 64
 
 
 def per_query_metric(relevant: np.ndarray, metric: str, r: np.ndarray | None = None) -> np.ndarray:
@@ -63,8 +69,7 @@ def bootstrap_means(diff: np.ndarray, n_boot: int, rng: np.random.Generator) -> 
 class Setting:
     """One reranking setting a calibration may choose."""
 
-    marginals: str
-    s: float
+    structural: Structural
     lam: float
     k: int
 
@@ -80,7 +85,7 @@ def split_queries(n: int, seed: int, tune_fraction: float = 0.5) -> tuple[np.nda
 
 def calibrate(
     ranking: Ranking,
-    sigma: dict[tuple[str, float], np.ndarray],
+    sigma: dict[Structural, np.ndarray],
     protocol: str,
     *,
     lambdas: Sequence[float] = LAMBDA_GRID,
@@ -93,7 +98,7 @@ def calibrate(
 
     Args:
         ranking: the global ranking of every labelled query.
-        sigma: ``(marginals, s) -> (Q, K_max)`` structural scores of each query's first candidates.
+        sigma: ``structural -> (Q, K_max)`` scores of each query's first candidates.
         protocol: ``class`` or ``place`` (picks the primary metric).
     """
     metric = PRIMARY_METRIC[protocol]
@@ -102,11 +107,11 @@ def calibrate(
     base = per_query_metric(ranking.relevant, metric, ranking.r)
     width = min(a.shape[1] for a in sigma.values())
     ks_eff = sorted({min(k, width) for k in ks})  # K past the candidates there are reranks them all
-    settings = [Setting(m, s, lam, k) for (m, s), lam, k in itertools.product(sigma, lambdas, ks_eff)]
+    settings = [Setting(st, lam, k) for st, lam, k in itertools.product(sigma, lambdas, ks_eff)]
     scores: dict[Setting, np.ndarray] = {}
     passing: list[Setting] = []
     for st in settings:
-        relevant = reranked_relevance(ranking, sigma[(st.marginals, st.s)], st.k, st.lam)
+        relevant = reranked_relevance(ranking, sigma[st.structural], st.k, st.lam)
         scores[st] = per_query_metric(relevant, metric, ranking.r)
         gain = scores[st][tune] - base[tune]
         if gain.mean() > 0 and np.quantile(bootstrap_means(gain, n_boot, rng), 0.05) > 0:
@@ -123,12 +128,14 @@ def calibrate(
         "rejected_on_heldout": chosen is not None and not rerank,
     }
     if chosen is not None:
-        details["considered"] = {"marginals": chosen.marginals, "s": chosen.s, "lam": chosen.lam, "k": chosen.k}
+        details["considered"] = {"structural": chosen.structural.label(), "lam": chosen.lam, "k": chosen.k}
     pick = chosen if rerank else None
     return Calibration(
         rerank=rerank,
-        marginals=pick.marginals if pick else "uniform",
-        s=pick.s if pick else 1.0,
+        scorer=pick.structural.scorer if pick else "ot",
+        threshold=pick.structural.threshold if pick and pick.structural.scorer == "mnn" else None,
+        marginals=pick.structural.marginals if pick else "uniform",
+        s=pick.structural.s if pick else 1.0,
         lam=pick.lam if pick else 0.0,
         rerank_k=pick.k if pick else 0,
         metric=metric,

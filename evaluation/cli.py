@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from indexer.search_params import PRESETS, SHIPPED, preset, preset_patches, sweep_values
 from reranker.device import add_device_argument
 
 
@@ -25,6 +26,14 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _layers(text: str) -> list[int | None]:
+    """``-2,final``: block indices, ``final`` for the output after the norm."""
+    try:
+        return [None if v.lower() == "final" else int(v) for v in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices or 'final', got {text!r}") from None
 
 
 def _kwargs(text: str) -> dict:
@@ -63,16 +72,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", default=None,
                    help="a fine-tuned linear projection head (.safetensors / .pth: one weight, optional bias), "
                         "applied to the global and every patch vector")
-    p.add_argument("--grid", type=_ints, default=[7],
+    p.add_argument("--preset", default=SHIPPED, choices=list(PRESETS),
+                   help=f"the setting every sweep option below defaults to (default {SHIPPED}: what an index "
+                        "without a calibration searches with; paper: the method as published)")
+    p.add_argument("--grid", type=_ints, default=None,
                    help="patch grid side G; a comma list sweeps G (0: the backbone's native token grid)")
-    p.add_argument("--rerank-k", type=_ints, default=[100], help="candidates reranked; a comma list sweeps K")
-    p.add_argument("--s", type=_floats, default=[1.0], help="fractions of mass matched, comma list (e.g. 1.0,0.9)")
+    p.add_argument("--patch-layer", type=_layers, default=None,
+                   help="the block the patch grid is read from, counted like Python indices, or 'final' (the "
+                        "output after the norm); a comma list sweeps it (plain ViTs)")
+    p.add_argument("--scorer", type=_names, default=None, help="structural scorers, comma list of ot, mnn")
+    p.add_argument("--threshold", type=_floats, default=None, help="mnn cosine thresholds, comma list")
+    p.add_argument("--rerank-k", type=_ints, default=None, help="candidates reranked; a comma list sweeps K")
+    p.add_argument("--s", type=_floats, default=None, help="ot: fractions of mass matched, comma list (e.g. 1.0,0.9)")
     p.add_argument("--marginals", type=_names, default=None,
-                   help="comma list of rollout, rollout_mean, rollout_max, cls_rollout, last_cls, crosscorr, "
-                        "uniform (default: every kind the backbone supports)")
-    p.add_argument("--lambda", dest="lam", type=_floats, default=[1.0],
+                   help="ot: comma list of rollout, rollout_mean, rollout_max, cls_rollout, last_cls, crosscorr, "
+                        "uniform (default: the preset's)")
+    p.add_argument("--lambda", dest="lam", type=_floats, default=None,
                    help="weight of the structural score; a comma list sweeps it")
-    p.add_argument("--eps", type=float, default=0.05, help="entropic regularisation")
+    p.add_argument("--eps", type=float, default=None, help="ot: entropic regularisation")
     p.add_argument("--reference-r", action="store_true",
                    help="count the query itself in R (the reference code's R; deflates RP and MAP@R)")
     p.add_argument("--json-out", type=Path, default=None, help="write the full report as JSON here")
@@ -101,11 +118,20 @@ def _run(args: argparse.Namespace) -> int:
     from .report import calibration_line, summary_lines, terminal_table, write_json, write_markdown, write_plots
     from .runner import EvalSettings, run_evaluation
 
+    base, patches = preset(args.preset), preset_patches(args.preset)
+
+    def sweep(value: list | None, name: str) -> list:
+        return sweep_values(name, [base[name]] if value is None else value)
+
     settings = EvalSettings(
         dataset=args.dataset, root=str(args.root), model=args.model, weights=args.weights,
         model_kwargs=default_model_kwargs(args.model) if args.model_kwargs is None else args.model_kwargs,
-        head=args.head, grids=args.grid, marginals=args.marginals, s_values=args.s,
-        k_values=args.rerank_k, lam_values=args.lam, eps=args.eps, count_query_in_r=args.reference_r, limit=args.limit,
+        head=args.head, grids=args.grid or [patches["grid"]],
+        patch_layers=[patches["patch_layer"]] if args.patch_layer is None else args.patch_layer,
+        scorers=sweep(args.scorer, "scorer"), thresholds=sweep(args.threshold, "threshold"),
+        marginals=args.marginals or ([base["marginals"]] if base["marginals"] != "auto" else None),
+        s_values=sweep(args.s, "s"), k_values=sweep(args.rerank_k, "rerank_k"), lam_values=sweep(args.lam, "lam"),
+        eps=base["eps"] if args.eps is None else args.eps, count_query_in_r=args.reference_r, limit=args.limit,
         cache_dir=None if args.no_cache else (args.cache or default_cache_dir()), batch_size=args.batch_size, workers=args.workers,
         rerank_batch=args.rerank_batch, progress=not args.no_progress, calibrate=args.calibrate, seed=args.seed,
     )

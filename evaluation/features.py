@@ -74,6 +74,7 @@ def cache_key(
         "head": head,
         "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True)),
         "grid": backbone.grid,
+        "patch_layer": backbone.patch_layer,
         "patch_weights": list(patch_weights),
         "preprocessing": backbone.preprocessing,
     }

@@ -1,10 +1,13 @@
 """``vit-rerank index calibrate``: measure which reranking setting pays on an index, and store the choice.
 
 The labelled queries come from a class folder or a pairs set (embedded with the index's own backbone,
-grid, patch weights and PCA, and cached like an evaluation), or from the index's own labels
+grid, patch layer, patch weights and PCA, and cached like an evaluation), or from the index's own labels
 (leave-one-out over its stored features, nothing embedded). The candidates are the settings the index
-can serve: its stored patch weights, cross-correlation (not with PCA-reduced patches) and uniform,
-each over s, lambda and K; :func:`evaluation.calibrate.calibrate` chooses (or refuses) one.
+can serve: mutual nearest neighbours over the thresholds, and, on grids small enough for it to be
+affordable (:data:`evaluation.calibrate.OT_MAX_PATCHES`), OT with its stored patch weights,
+cross-correlation (not with PCA-reduced patches) and uniform over s; each over lambda and K.
+:func:`evaluation.calibrate.calibrate` chooses (or refuses) one. The work is bounded: at most
+``max_queries`` labelled queries (a seeded sample), all mnn thresholds from one matching.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from indexer.calibration import Calibration
 from indexer.index_dir import IndexDir
 from indexer.sources import ImageRecord
 
-from .calibrate import K_GRID, LAMBDA_GRID, S_GRID, calibrate
+from .calibrate import K_GRID, LAMBDA_GRID, OT_MAX_PATCHES, S_GRID, THRESHOLD_GRID, calibrate
 from .datasets import ClassSet, EvalSet, load_dataset
 from .features import FeatureStore, cache_key, compute_features
+from indexer.search_params import default
+
 from .protocol import Sweep, evaluate, rerank_marginals
 
 
@@ -76,7 +81,8 @@ def embedded_set(index_dir: IndexDir, source: str, device: torch.device, cache_d
 def calibrate_index(
     folder: Path, source: str | None, device: torch.device, *, cache_dir: Path, weights: str | None = None,
     seed: int = 0, s_values: Sequence[float] = S_GRID, lambdas: Sequence[float] = LAMBDA_GRID,
-    ks: Sequence[int] = K_GRID, batch_size: int = 32, workers: int = 2, progress: bool = True,
+    ks: Sequence[int] = K_GRID, thresholds: Sequence[float] = THRESHOLD_GRID, batch_size: int = 32,
+    workers: int = 2, progress: bool = True, max_queries: int | None = 600,
 ) -> Calibration:
     """Calibrate the index in ``folder`` on ``source`` (None: its own labels) and store the result."""
     with IndexDir.open(folder) as index_dir:
@@ -87,8 +93,10 @@ def calibrate_index(
             data, store = embedded_set(index_dir, source, device, cache_dir, weights=weights, batch_size=batch_size,
                                        workers=workers, progress=progress)
             origin = f"{data.name} at {data.root}"
-        sweep = Sweep(index_marginals(index_dir), list(s_values), list(ks), list(lambdas), eps=0.05)
-        outcome = evaluate(data, store, sweep, device, progress=progress)
+        scorers = ["mnn"] + (["ot"] if index_dir.manifest.grid ** 2 <= OT_MAX_PATCHES else [])
+        sweep = Sweep(index_marginals(index_dir), list(s_values), list(ks), list(lambdas), eps=default("eps"),
+                      scorers=scorers, thresholds=list(thresholds))
+        outcome = evaluate(data, store, sweep, device, progress=progress, max_queries=max_queries, seed=seed)
         cal = calibrate(outcome.ranking, outcome.sigma, outcome.protocol, lambdas=lambdas, ks=ks, seed=seed,
                         source=origin)
         cal.marginals, _ = rerank_marginals(cal.marginals)  # a stored per-image kind is the search's "rollout"

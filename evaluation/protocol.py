@@ -10,22 +10,27 @@ entries, so a variant's metrics come from the same relevance matrix, reordered.
   own group (city); Recall@N. Queries with no positive are left out (and counted).
 
 Images that failed to load take no part at all. The structural score of a pair does not
-depend on K, so each (marginals, s) is solved once for the largest K and every K of the
-sweep reuses it; candidates beyond K keep their global order.
+depend on K or lambda, so each :class:`Structural` (a scorer with its parameters) is computed
+once for the largest K through the reranker's own entry point, and every (lambda, K) of the sweep
+reorders with the reranker's own final score and order (:func:`reranker.rerank.final_scores`,
+:func:`reranker.rerank.ranked`): what is evaluated is what a search serves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from reranker.rerank import Features, rerank_batch
+from indexer.search_params import rerank_options
+from reranker.mnn import scores_at_thresholds
+from reranker.rerank import Features, final_scores, ranked, rerank_batch
 
 from .datasets import ClassSet, EvalSet, PlaceSet
 from .features import FeatureStore
@@ -34,9 +39,41 @@ from .metrics import CLASS_METRICS, RECALL_AT, class_metrics, class_r, recall_at
 PAD = -1
 
 
+@dataclass(frozen=True)
+class Structural:
+    """One structural score of a sweep: the scorer and its parameters (all but lambda and K).
+
+    ``marginals`` and ``s`` apply to ``ot``, ``threshold`` to ``mnn``; ``patches`` names the patch
+    features when an evaluation compares several (``G=16,L=10``), else it is empty.
+    """
+
+    scorer: str = "ot"
+    marginals: str = "uniform"
+    s: float = 1.0
+    threshold: float = 0.5
+    patches: str = ""
+
+    def label(self) -> str:
+        """``s=..,marginals=..`` (ot) or ``scorer=mnn,threshold=..``, after ``patches,`` when set."""
+        core = (f"s={self.s:g},marginals={self.marginals}" if self.scorer == "ot"
+                else f"scorer={self.scorer},threshold={self.threshold:g}")
+        return f"{self.patches},{core}" if self.patches else core
+
+    def options(self, lam: float, eps: float) -> dict:
+        """``rerank_batch``'s keyword arguments (a per-image kind is the reranker's ``rollout``)."""
+        marginals, _ = rerank_marginals(self.marginals)
+        return rerank_options({"scorer": self.scorer, "marginals": marginals, "s": self.s, "lam": lam, "eps": eps,
+                               "threshold": self.threshold})
+
+    @property
+    def weight_kind(self) -> str | None:
+        """The stored per-image weights it reads (None: none)."""
+        return rerank_marginals(self.marginals)[1] if self.scorer == "ot" else None
+
+
 @dataclass
 class Sweep:
-    """The structural variants to evaluate: every marginals x s x K."""
+    """The structural variants to evaluate: every (ot: marginals x s; mnn: threshold) x lambda x K."""
 
     marginals: list[str]  # per-image kinds (rollout, rollout_mean, ..., uniform) and crosscorr
     s_values: list[float]
@@ -44,8 +81,25 @@ class Sweep:
     lam_values: list[float] = field(default_factory=lambda: [1.0])
     eps: float = 0.05
     count_query_in_r: bool = False
+    scorers: list[str] = field(default_factory=lambda: ["ot"])
+    thresholds: list[float] = field(default_factory=lambda: [0.5])
+    patches: str = ""  # the patch features' label when an evaluation compares several (Structural.patches)
+
+    def structurals(self) -> list[Structural]:
+        """Every structural score of the sweep, in order."""
+        out = []
+        for scorer in self.scorers:
+            if scorer == "ot":
+                out += [Structural("ot", m, s, patches=self.patches) for m in self.marginals for s in self.s_values]
+            else:
+                out += [Structural(scorer, threshold=t, patches=self.patches) for t in self.thresholds]
+        return out
 
     def __post_init__(self) -> None:
+        if bad := [s for s in self.scorers if s not in ("ot", "mnn")]:
+            raise ValueError(f"unknown scorer {bad[0]!r}: use ot or mnn")
+        if bad := [t for t in self.thresholds if not -1.0 <= t <= 1.0]:
+            raise ValueError(f"threshold must be in [-1, 1], got {bad[0]}")
         if not self.marginals or not self.s_values or not self.k_values:
             raise ValueError("the sweep needs at least one marginals kind, one s and one K")
         if bad := [s for s in self.s_values if not (0.0 < s <= 1.0)]:
@@ -62,9 +116,9 @@ class Sweep:
         return max(self.k_values)
 
 
-def variant_name(s: float, marginals: str, k: int, lam: float | None = None) -> str:
-    """``s=..,marginals=..,k=..`` (``,lambda=..`` when the sweep has several lambdas)."""
-    name = f"s={s:g},marginals={marginals},k={k}"
+def variant_name(structural: Structural, k: int, lam: float | None = None) -> str:
+    """``<structural label>,k=..`` (``,lambda=..`` when the sweep has several lambdas)."""
+    name = f"{structural.label()},k={k}"
     return name if lam is None else f"{name},lambda={lam:g}"
 
 
@@ -101,7 +155,7 @@ class Outcome:
     rerank_timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ranking: Ranking | None = None  # the global ranking the variants reorder
-    sigma: dict[tuple[str, float], np.ndarray] = field(default_factory=dict)  # (marginals, s) -> (Q, K) sigma
+    sigma: dict[Structural, np.ndarray] = field(default_factory=dict)  # -> (Q, K) sigma
 
 
 class DeviceFeatures:
@@ -221,45 +275,82 @@ def auto_rerank_batch(k: int, n: int, dim: int, device: torch.device) -> int:
 
 
 def structural_scores(
-    ranking: Ranking, feats: DeviceFeatures, k: int, marginals: str, s: float, *, lam: float, eps: float,
+    ranking: Ranking, feats: DeviceFeatures, k: int, structural: Structural, *, eps: float,
     batch: int, progress: bool = True, description: str = "reranking",
 ) -> np.ndarray:
     """``sigma (Q, k)`` of each query's first ``k`` candidates (padding gets a finite dummy)."""
+    return structural_scores_many(ranking, feats, k, [structural], eps=eps, batch=batch, progress=progress,
+                                  description=description)[structural]
+
+
+def structural_scores_many(
+    ranking: Ranking, feats: DeviceFeatures, k: int, structurals: Sequence[Structural], *, eps: float,
+    batch: int, progress: bool = True, description: str = "reranking",
+) -> dict[Structural, np.ndarray]:
+    """:func:`structural_scores` of several structurals that differ only by their mnn threshold, from one
+    matching at the lowest threshold (:func:`reranker.mnn.scores_at_thresholds`); one alone otherwise."""
+    first = structurals[0]
+    if len(structurals) > 1 and any(dataclasses.replace(st, threshold=0.0) != dataclasses.replace(first, threshold=0.0)
+                                    or st.scorer != "mnn" for st in structurals):
+        raise ValueError("only mnn structurals that differ by their threshold are scored together")
+    run = dataclasses.replace(first, threshold=min(st.threshold for st in structurals))
     k = min(k, ranking.rows.shape[1])
-    out = np.empty((len(ranking.query_rows), k), np.float32)
-    bar = tqdm(total=len(out), unit="query", desc=description, disable=not progress, dynamic_ncols=True)
+    outs = {st: np.empty((len(ranking.query_rows), k), np.float32) for st in structurals}
+    total = len(ranking.query_rows)
+    bar = tqdm(total=total, unit="query", desc=description, disable=not progress, dynamic_ncols=True)
     try:
-        for start in range(0, len(out), batch):
+        for start in range(0, total, batch):
             q = torch.from_numpy(ranking.query_rows[start:start + batch])
             rows = torch.from_numpy(ranking.rows[start:start + batch, :k])
             rows = torch.where(rows == PAD, q[:, None], rows)  # a stand-in; its score stays -inf
             scores = torch.from_numpy(ranking.scores[start:start + batch, :k])
             scores = torch.where(torch.isfinite(scores), scores, torch.zeros(()))
-            mode, kind = rerank_marginals(marginals)
+            kind = run.weight_kind
             result = rerank_batch(feats.features(q, kind), feats.features(rows, kind), scores.to(feats.device),
-                                  marginals=mode, s=s, lam=lam, eps=eps)
-            out[start:start + len(q)] = result.structural_scores.float().cpu().numpy()
+                                  **run.options(1.0, eps))
+            if len(structurals) == 1:
+                outs[first][start:start + len(q)] = result.structural_scores.float().cpu().numpy()
+            else:
+                sigmas = scores_at_thresholds(result.matches, [st.threshold for st in structurals]).cpu().numpy()
+                for st, sigma in zip(structurals, sigmas):
+                    outs[st][start:start + len(q)] = sigma
             bar.update(len(q))
     finally:
         bar.close()
-    return out
+    return outs
+
+
+def _scored_together(structurals: list[Structural]) -> list[list[Structural]]:
+    """The structurals in groups one computation serves: the mnn thresholds of the same patches together."""
+    groups: dict[Any, list[Structural]] = {}
+    for st in structurals:
+        key = (st.scorer, st.patches) if st.scorer == "mnn" else st
+        groups.setdefault(key, []).append(st)
+    return list(groups.values())
+
+
+def reranked_order(ranking: Ranking, sigma: np.ndarray, k: int, lam: float) -> np.ndarray:
+    """Positions ``(Q, k)`` of each row's first ``k`` candidates by the served final order: the
+    reranker's own final score (``cos + lam * sigma``) and order (stable, descending)."""
+    k = min(k, sigma.shape[1])
+    final = final_scores(torch.from_numpy(ranking.scores[:, :k]), torch.from_numpy(sigma[:, :k]), lam)
+    return ranked(final).numpy()
 
 
 def reranked_relevance(ranking: Ranking, sigma: np.ndarray, k: int, lam: float) -> np.ndarray:
-    """The relevance matrix after reordering each row's first ``k`` by ``cos + lam * sigma``
-    (stable, descending); the rest keeps its global order."""
-    k = min(k, sigma.shape[1])
-    final = ranking.scores[:, :k] + np.float32(lam) * sigma[:, :k]
-    order = np.argsort(-final, axis=1, kind="stable")
-    head = np.take_along_axis(ranking.relevant[:, :k], order, axis=1)
-    return np.concatenate([head, ranking.relevant[:, k:]], axis=1)
+    """The relevance matrix after reordering each row's first ``k`` (:func:`reranked_order`); the rest
+    keeps its global order."""
+    order = reranked_order(ranking, sigma, k, lam)
+    head = np.take_along_axis(ranking.relevant[:, :order.shape[1]], order, axis=1)
+    return np.concatenate([head, ranking.relevant[:, order.shape[1]:]], axis=1)
 
 
 def evaluate(
     data: EvalSet, store: FeatureStore, sweep: Sweep, device: torch.device, *, rerank_batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool = True, max_queries: int | None = None, seed: int = 0,
 ) -> Outcome:
-    """Baseline and every variant of ``sweep`` on ``data``, from the features in ``store``."""
+    """Baseline and every variant of ``sweep`` on ``data``, from the features in ``store``; with
+    ``max_queries``, on a seeded sample of that many queries (baseline and variants alike)."""
     feats = DeviceFeatures(store, device)
     t0 = time.perf_counter()
     if isinstance(data, ClassSet):
@@ -274,6 +365,11 @@ def evaluate(
 
         def metrics(relevant: np.ndarray) -> dict[str, float]:
             return recall_at(relevant)
+    if max_queries is not None and len(ranking.query_rows) > max_queries:
+        keep = np.sort(np.random.default_rng(seed).choice(len(ranking.query_rows), max_queries, replace=False))
+        counts["queries_sampled"] = max_queries
+        ranking = Ranking(ranking.query_rows[keep], ranking.rows[keep], ranking.scores[keep], ranking.relevant[keep],
+                          None if ranking.r is None else ranking.r[keep])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     search_seconds = time.perf_counter() - t0
@@ -285,22 +381,24 @@ def evaluate(
     if k_eff < sweep.k_max:
         outcome.notes.append(f"the largest gallery has {k_eff} candidates: K above that reranks all of them")
     rerank_total = 0.0
-    for marginals in sweep.marginals:
-        for s in sweep.s_values:
-            label = f"s={s:g},marginals={marginals}"
-            t = time.perf_counter()
-            sigma = structural_scores(ranking, feats, k_eff, marginals, s, lam=1.0, eps=sweep.eps, batch=batch,
-                                      progress=progress, description=f"rerank {label}")
-            seconds = time.perf_counter() - t
-            outcome.rerank_timings[label] = seconds
-            rerank_total += seconds
-            outcome.sigma[(marginals, s)] = sigma
-            several = len(sweep.lam_values) > 1
-            for lam in sweep.lam_values:
-                for k in sweep.k_values:
-                    name = variant_name(s, marginals, k, lam if several else None)
-                    outcome.variants[name] = metrics(reranked_relevance(ranking, sigma, k, lam))
-                    outcome.sweep.append({"name": name, "s": s, "marginals": marginals, "k": k, "lambda": lam})
+    for group in _scored_together(sweep.structurals()):
+        t = time.perf_counter()
+        sigmas = structural_scores_many(ranking, feats, k_eff, group, eps=sweep.eps, batch=batch, progress=progress,
+                                        description=f"rerank {group[0].label()}" + (" ..." if len(group) > 1 else ""))
+        seconds = (time.perf_counter() - t) / len(group)
+        for structural in group:
+            outcome.rerank_timings[structural.label()] = seconds
+        rerank_total += seconds * len(group)
+        outcome.sigma.update(sigmas)
+    several = len(sweep.lam_values) > 1
+    for structural, sigma in outcome.sigma.items():
+        for lam in sweep.lam_values:
+            for k in sweep.k_values:
+                name = variant_name(structural, k, lam if several else None)
+                outcome.variants[name] = metrics(reranked_relevance(ranking, sigma, k, lam))
+                outcome.sweep.append({"name": name, "scorer": structural.scorer, "s": structural.s,
+                                      "marginals": structural.marginals, "threshold": structural.threshold,
+                                      "k": k, "lambda": lam})
     queries = len(ranking.query_rows)
     outcome.timings = {
         "search_s": search_seconds,

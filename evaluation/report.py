@@ -65,8 +65,15 @@ def calibration_line(cal: dict[str, Any]) -> str:
             f"{cal['queries']['tuning']} tuning / {cal['queries']['heldout']} held-out queries)")
     if not cal["rerank"]:
         return f"calibration: no setting beat the baseline above noise: no rerank; {held}"
-    return (f"calibration: marginals {cal['marginals']}, s {cal['s']:g}, lambda {cal['lam']:g}, "
-            f"K {cal['rerank_k']}; {held}")
+    return f"calibration: {setting_text(cal)}; {held}"
+
+
+def setting_text(setting: dict[str, Any]) -> str:
+    """``scorer mnn, threshold 0.5, lambda 0.5, K 100`` (ot: its marginals and s instead of the threshold)."""
+    scorer = setting.get("scorer", "ot")
+    core = (f"scorer mnn, threshold {setting['threshold']:g}" if scorer == "mnn"
+            else f"scorer ot, marginals {setting['marginals']}, s {setting['s']:g}")
+    return f"{core}, lambda {setting['lam']:g}, K {setting['rerank_k']}"
 
 
 def summary_lines(doc: dict[str, Any]) -> list[str]:

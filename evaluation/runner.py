@@ -35,6 +35,9 @@ class EvalSettings:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     head: str | None = None  # a fine-tuned linear projection head applied to global and patch vectors
     grids: list[int] = field(default_factory=lambda: [7])  # patch grid sides G (0: the native token grid)
+    patch_layers: list[int | None] = field(default_factory=lambda: [None])  # blocks the grid is read from (None: final)
+    scorers: list[str] = field(default_factory=lambda: ["ot"])
+    thresholds: list[float] = field(default_factory=lambda: [0.5])
     marginals: list[str] | None = None  # None: every kind the backbone supports
     s_values: list[float] = field(default_factory=lambda: [1.0])
     k_values: list[int] = field(default_factory=lambda: [100])
@@ -77,14 +80,6 @@ def resolve_marginals(backbone: Backbone, requested: list[str] | None) -> list[s
     return list(dict.fromkeys(requested))
 
 
-def native_grid(backbone: Backbone) -> int:
-    """The side of the backbone's own final token grid (16 for a 224-px patch-14 ViT)."""
-    size = backbone.data_config["input_size"][-1]
-    with torch.no_grad():
-        out = backbone(torch.zeros(1, 3, size, size, device=backbone.device))
-    return int(out.token_grid[0])
-
-
 def _records(data: EvalSet):
     return data.records if isinstance(data, ClassSet) else data.queries + data.database
 
@@ -92,8 +87,9 @@ def _records(data: EvalSet):
 def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, Any]:
     """Evaluate and return the report document (see :mod:`evaluation.report`).
 
-    Features are embedded (or read from the cache) once per grid G; every marginals, s,
-    lambda and K of the sweep reuses them. With several grids, variant names start with ``G=..,``.
+    Features are embedded (or read from the cache) once per patch configuration (grid G x patch
+    layer); every structural score, lambda and K of the sweep reuses them. With several
+    configurations, variant names start with ``G=..,L=..,``.
     """
     start = time.perf_counter()
     data = load_dataset(settings.dataset, settings.root)
@@ -111,23 +107,35 @@ def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, An
         head_id = weights_identity(settings.head)
     marginals = resolve_marginals(backbone, settings.marginals)
     sweep = Sweep(marginals, list(settings.s_values), list(settings.k_values), list(settings.lam_values),
-                  settings.eps, settings.count_query_in_r)
+                  settings.eps, settings.count_query_in_r, list(settings.scorers), list(settings.thresholds))
+    if not settings.patch_layers:
+        raise EvaluationError("--patch-layer needs at least one block (or 'final')")
+    for layer in settings.patch_layers:
+        try:
+            backbone.set_patch_layer(layer)
+        except ValueError as err:
+            raise EvaluationError(str(err)) from None
     # Only the per-image kinds the sweep reads are computed (the CLS-row rollout alone costs more than the forward).
     kinds = [m for m in marginals if m in PER_IMAGE_KINDS and m != "uniform"] or ["uniform"]
+    if "ot" not in sweep.scorers:
+        kinds = ["uniform"]  # mnn weighs every patch alike: no attention to capture
     backbone = backbone.to(device).eval()
-    grids = list(dict.fromkeys(g or native_grid(backbone) for g in settings.grids))
+    grids = list(dict.fromkeys(g or backbone.native_grid for g in settings.grids))
+    configs = [(g, layer) for g in grids for layer in dict.fromkeys(settings.patch_layers)]
     records = _records(data)
     runs = []
     with tempfile.TemporaryDirectory(prefix="vit-rerank-eval-") as scratch:
         cache_dir = Path(settings.cache_dir) if settings.cache_dir is not None else Path(scratch)
-        for grid in grids:
+        for grid, layer in configs:
             backbone.grid = grid
+            backbone.set_patch_layer(layer)
             key = cache_key(data.name, data.root, records, backbone, settings.model_kwargs, kinds, head_id)
             store = compute_features(backbone, records, key, cache_dir, batch_size=settings.batch_size,
                                      workers=settings.workers, progress=settings.progress)
-            outcome = evaluate(data, store, sweep, device, rerank_batch_size=settings.rerank_batch,
-                               progress=settings.progress)
-            runs.append((grid, store, outcome))
+            label = patches_label(grid, backbone.patch_layer) if len(configs) > 1 else ""
+            outcome = evaluate(data, store, dataclasses.replace(sweep, patches=label), device,
+                               rerank_batch_size=settings.rerank_batch, progress=settings.progress)
+            runs.append((grid, backbone.patch_layer, store, outcome))
         doc = _document(settings, data, backbone, kinds, sweep, runs, device)
     doc["settings"]["head"] = head_id
     doc["timings"]["total_s"] = time.perf_counter() - start
@@ -141,18 +149,22 @@ def weight_entropy(weights: np.ndarray) -> float:
     return float(np.mean(-(w * np.log(w)).sum(axis=1) / np.log(w.shape[1]))) if len(w) else float("nan")
 
 
+def patches_label(grid: int, layer: int | None) -> str:
+    """``G=16,L=10`` (``L=final``: the final output after the norm)."""
+    return f"G={grid},L={'final' if layer is None else layer}"
+
+
 def _merge(runs: list) -> tuple[Any, dict[str, Any]]:
-    """One outcome from the per-grid runs: variants, timings and sigma keyed ``G=..,`` when several."""
-    first = runs[0][2]
+    """One outcome from the per-configuration runs (their variants are already named ``G=..,L=..,``)."""
+    first = runs[0][3]
     if len(runs) == 1:
-        return first, {"embedding_s": runs[0][1].seconds}
+        return first, {"embedding_s": runs[0][2].seconds}
     merged = dataclasses.replace(first, variants={}, sweep=[], rerank_timings={}, sigma={}, notes=[])
-    for grid, _store, outcome in runs:
-        prefix = f"G={grid},"
-        merged.variants.update({prefix + k: v for k, v in outcome.variants.items()})
-        merged.sweep += [{**row, "name": prefix + row["name"], "grid": grid} for row in outcome.sweep]
-        merged.rerank_timings.update({prefix + k: v for k, v in outcome.rerank_timings.items()})
-        merged.sigma.update({(prefix + m, s): v for (m, s), v in outcome.sigma.items()})
+    for grid, layer, _store, outcome in runs:
+        merged.variants.update(outcome.variants)
+        merged.sweep += [{**row, "grid": grid, "patch_layer": layer} for row in outcome.sweep]
+        merged.rerank_timings.update(outcome.rerank_timings)
+        merged.sigma.update(outcome.sigma)
         merged.notes += [n for n in outcome.notes if n not in merged.notes]
     merged.timings = {
         "search_s": first.timings["search_s"],
@@ -162,12 +174,12 @@ def _merge(runs: list) -> tuple[Any, dict[str, Any]]:
     total = merged.timings["rerank_s"]
     queries = len(first.ranking.query_rows) if first.ranking is not None else 0
     merged.timings["rerank_queries_per_s"] = queries * len(merged.rerank_timings) / total if total > 0 else 0.0
-    return merged, {"embedding_s": sum(st.seconds for _, st, _ in runs)}
+    return merged, {"embedding_s": sum(st.seconds for _, _, st, _ in runs)}
 
 
 def _document(settings, data, backbone, kinds, sweep, runs, device) -> dict[str, Any]:
     outcome, embed_timing = _merge(runs)
-    store: FeatureStore = runs[0][1]
+    store: FeatureStore = runs[0][2]
     notes = list(outcome.notes)
     if backbone.random_weights:
         notes.append("random weights: the figures are meaningless except for testing")
@@ -175,23 +187,24 @@ def _document(settings, data, backbone, kinds, sweep, runs, device) -> dict[str,
         notes.append("R counts the query itself (the reference code's R); this deflates RP and MAP@R")
     if settings.limit is not None:
         notes.append(f"subset: --limit {settings.limit}")
-    embedded = sum(st.images_embedded for _, st, _ in runs)
+    embedded = sum(st.images_embedded for _, _, st, _ in runs)
     seconds = embed_timing["embedding_s"]
     embedding = {
-        "cached": all(st.cached for _, st, _ in runs),
+        "cached": all(st.cached for _, _, st, _ in runs),
         "images_embedded": embedded,
         "seconds": seconds,
         "images_per_second": embedded / seconds if seconds > 0 else 0.0,
         "cache_folder": str(store.folder) if settings.cache_dir is not None else None,
     }
-    grids = [grid for grid, *_ in runs]
+    grids = list(dict.fromkeys(grid for grid, *_ in runs))
+    layers = list(dict.fromkeys(layer for _, layer, *_ in runs))
     calibration = None
     if settings.calibrate:
         cal = calibrate(outcome.ranking, outcome.sigma, outcome.protocol, lambdas=sweep.lam_values,
                         ks=sweep.k_values, seed=settings.seed, source=f"{data.name} at {data.root}")
         calibration = cal.summary()
-    entropy = {f"G={grid}": {kind: weight_entropy(st.patch_weights[kind][st.ok]) for kind in kinds}
-               for grid, st, _ in runs}
+    entropy = {patches_label(grid, layer): {kind: weight_entropy(st.patch_weights[kind][st.ok]) for kind in kinds}
+               for grid, layer, st, _ in runs}
     return {
         "dataset": data.name,
         "root": data.root,
@@ -200,7 +213,9 @@ def _document(settings, data, backbone, kinds, sweep, runs, device) -> dict[str,
             "model": backbone.name, "weights": settings.weights, "weights_id": backbone.weights_id,
             "random_weights": backbone.random_weights, "model_kwargs": settings.model_kwargs,
             "preprocessing": backbone.preprocessing,
-            "grid": grids[0] if len(grids) == 1 else grids, "patch_weights": list(kinds),
+            "grid": grids[0] if len(grids) == 1 else grids,
+            "patch_layer": layers[0] if len(layers) == 1 else layers, "patch_weights": list(kinds),
+            "scorers": sweep.scorers, "thresholds": sweep.thresholds,
             "marginals": sweep.marginals, "s": sweep.s_values, "k": sweep.k_values,
             "lambda": sweep.lam_values[0] if len(sweep.lam_values) == 1 else sweep.lam_values,
             "eps": sweep.eps, "count_query_in_r": sweep.count_query_in_r,

@@ -76,6 +76,7 @@ def new_manifest(
         weights=backbone.weights_id,
         weights_source=backbone.weights_source,
         grid=backbone.grid,
+        patch_layer=backbone.patch_layer,
         global_dim=backbone.output_dim,
         patch_dim=pca_dim or backbone.output_dim,
         patch_weights=patch_weights,
@@ -145,7 +146,8 @@ def backbone_for(manifest: Manifest, device: torch.device, weights: str | None =
         raise IndexMismatchError(
             f"weights file {source!r} is not the one the index was built with ({manifest.weights})"
         )
-    backbone = create_backbone(manifest.model, source, grid=manifest.grid, model_kwargs=manifest.model_kwargs)
+    backbone = create_backbone(manifest.model, source, grid=manifest.grid, model_kwargs=manifest.model_kwargs,
+                               patch_layer=manifest.patch_layer)
     if backbone.weights_id != manifest.weights:
         raise IndexMismatchError(f"weights {backbone.weights_id!r} differ from the index's {manifest.weights!r}")
     return backbone.to(device)

@@ -23,7 +23,7 @@ class Calibration:
 
     Attributes:
         rerank: False when no setting beat the baseline above noise: search without reranking.
-        marginals, s, lam, rerank_k: the chosen setting (meaningful when ``rerank``).
+        scorer, threshold, marginals, s, lam, rerank_k: the chosen setting (meaningful when ``rerank``).
         metric: the primary metric the choice maximised (``map_at_r``, ``recall_at_1``, ...).
         baseline_heldout, calibrated_heldout: that metric on the held-out queries.
         gain_heldout, gain_ci95: held-out gain over the baseline and its paired-bootstrap 95 % interval.
@@ -48,6 +48,8 @@ class Calibration:
     candidates_tried: int = 0
     candidates_above_noise: int = 0
     created_at: str = ""
+    scorer: str = "ot"  # files written before the mnn scorer existed chose among OT settings
+    threshold: float | None = None  # mnn's cosine threshold (None for ot)
     details: dict[str, Any] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
@@ -66,8 +68,11 @@ class Calibration:
 
     def setting(self) -> dict[str, Any]:
         """The search parameters it sets (``rerank_k = 0`` when reranking does not pay)."""
-        return {"marginals": self.marginals, "s": self.s, "lam": self.lam,
-                "rerank_k": self.rerank_k if self.rerank else 0}
+        out = {"scorer": self.scorer, "marginals": self.marginals, "s": self.s, "lam": self.lam,
+               "rerank_k": self.rerank_k if self.rerank else 0}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
 
     def summary(self) -> dict[str, Any]:
         """What ``index info`` and ``GET /index`` show."""

@@ -7,12 +7,16 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
+from reranker.defaults import AUTO, DEFAULT_MODEL, DEFAULT_PATCH_LAYER, METHOD_GRID, default_model_kwargs
 from reranker.device import add_device_argument
 from reranker.rollout import PER_IMAGE_KINDS
 
-from .search_params import add_search_arguments, settings_from_args
+from .search_params import SEARCH_PARAMS, add_search_arguments, setting_summary, settings_from_args
+
+if TYPE_CHECKING:
+    from reranker.backbones import Backbone
 
 
 def _device(name: str):
@@ -21,12 +25,56 @@ def _device(name: str):
     return resolve_device(name)
 
 
+def _patch_layer(value: str) -> int | str | None:
+    """``--patch-layer``: an int, ``final`` (None) or ``auto``."""
+    if value.lower() in ("final", "none"):
+        return None
+    if value.lower() == AUTO:
+        return AUTO
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block index (e.g. -2) or 'final', got {value!r}") from None
+
+
+def _new_backbone(args: argparse.Namespace, model_kwargs: dict) -> "Backbone":
+    """The backbone of a new index, as its flags ask (ValueError for a layer or grid it cannot give)."""
+    from reranker.backbones import create_index_backbone
+
+    return create_index_backbone(args.model, args.weights or "pretrained", model_kwargs=model_kwargs, grid=args.grid,
+                                 patch_layer=args.patch_layer)
+
+
+def _check_patches(args: argparse.Namespace, backbone: "Backbone") -> None:
+    """Refuse ``--patch-layer`` / ``--grid`` flags that differ from the index's (IndexMismatchError)."""
+    from .manifest import IndexMismatchError
+
+    def name(layer: int | None) -> str:
+        return "final" if layer is None else str(layer)
+
+    if args.patch_layer != AUTO:
+        asked = None if args.patch_layer is None else args.patch_layer % max(backbone.depth, 1)
+        if asked != backbone.patch_layer:
+            raise IndexMismatchError(f"the index reads its patches from layer {name(backbone.patch_layer)}, not "
+                                     f"{name(args.patch_layer)}: leave --patch-layer out, or build a new index "
+                                     "(patch layer is fixed when an index is made)")
+    if args.grid is not None and (backbone.native_grid if args.grid == 0 else args.grid) != backbone.grid:
+        raise IndexMismatchError(f"the index's patch grid is {backbone.grid} x {backbone.grid}, not {args.grid}: "
+                                 "leave --grid out, or build a new index")
+
+
 def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
         p.add_argument("--model-kwargs", default=None,
                        help='JSON of extra model constructor arguments (default for DINOv2: {"img_size": 224})')
-        p.add_argument("--grid", type=int, default=7, help="patch grid side G")
+        p.add_argument("--grid", type=int, default=None,
+                       help="patch grid side G; 0: the backbone's own token grid, unpooled (default: 0 on a plain "
+                            f"ViT, {METHOD_GRID} elsewhere)")
+        p.add_argument("--patch-layer", type=_patch_layer, default=AUTO,
+                       help="the block whose output is the patch grid, counted like Python indices (-2: the "
+                            "second-to-last); 'final': the final output after the norm, as the paper (default: "
+                            f"{DEFAULT_PATCH_LAYER} on a plain ViT, final elsewhere)")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
     add_device_argument(p)
 
@@ -176,11 +224,12 @@ def _build(args) -> int:
     if (args.dir / "manifest.json").exists():
         index_dir = IndexDir.open(args.dir)
         index_dir.manifest.check_compatible(args.model, None)
-        print(f"resuming the build in {args.dir} ({len(index_dir)} images already indexed)")
         backbone = backbone_for(index_dir.manifest, device, args.weights)
+        _check_patches(args, backbone)
+        print(f"resuming the build in {args.dir} ({len(index_dir)} images already indexed)")
     else:
         model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
-        backbone = create_backbone(args.model, args.weights or "pretrained", grid=args.grid, model_kwargs=model_kwargs)
+        backbone = _new_backbone(args, model_kwargs)
         index_dir = create_index(args.dir, backbone, _index_spec(args), model_kwargs)  # checked before it is written
         backbone = backbone.to(device)
     if backbone.random_weights:
@@ -202,7 +251,7 @@ def _build_sharded(args) -> int:
         print(f"resuming the sharded build in {args.dir}")
     else:
         model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
-        backbone = create_backbone(args.model, args.weights or "pretrained", grid=args.grid, model_kwargs=model_kwargs)
+        backbone = _new_backbone(args, model_kwargs)
         manifest = plan_index(backbone, _index_spec(args), model_kwargs)  # checked before any shard is written
         if backbone.random_weights:
             print("note: random weights: results are meaningless except for testing", file=sys.stderr)
@@ -296,7 +345,7 @@ def _search(args) -> int:
         print(json.dumps({
             "results": [h.__dict__ for h in result.hits],
             "timings_ms": result.timings_ms,
-            "settings": dataclasses.asdict(result.settings),
+            "settings": {SEARCH_PARAMS[k].public_name: v for k, v in result.settings.values().items()},
             "marginals": result.marginals,
             "random_weights": result.random_weights,
         }, indent=2))
@@ -304,7 +353,7 @@ def _search(args) -> int:
     if result.random_weights:
         print("note: random weights: results are meaningless except for testing")
     st = result.settings
-    print(f"settings: rerank_k {st.rerank_k}, marginals {st.marginals}, s {st.s:g}, lambda {st.lam:g}"
+    print(f"settings: {setting_summary(st.values())}"
           + (" (the index's calibration)" if searcher.calibration is not None else ""))
     print(f"{'after':>5} {'before':>6}  {'final':>7} {'global':>7} {'struct':>7}  id (label)")
     for h in result.hits:
@@ -325,11 +374,22 @@ def _write_explanations(folder: Path, query, result, index_dir, transform) -> No
 
     folder.mkdir(parents=True, exist_ok=True)
     grid = index_dir.manifest.grid
+    written = 0
     for h in result.hits:
-        if h.id not in result.plans:
+        pair = result.pairs.get(h.id)
+        if pair is None:
             continue
+        # the same picture as the service's: the pair's correspondences, heat map of the masses the scorer used
         png = render_match(model_view(query, transform), model_view(load_image(h.path), transform),
-                           result.plans[h.id], grid=grid,
-                           query_weights=result.query_weights, candidate_weights=result.candidate_weights[h.id],
+                           pair.plan, grid=grid, query_weights=pair.query_mass, candidate_weights=pair.candidate_mass,
                            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}")
-        write_bytes(folder / f"{h.rank_after:03d}.png", png)
+        write_bytes(folder / f"{h.rank_after + 1:03d}-{_safe_name(h.id)}.png", png)
+        written += 1
+    print(f"{written} explanation pictures in {folder}", file=sys.stderr)
+
+
+def _safe_name(image_id: str) -> str:
+    """A gallery id as a short, safe file-name part."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:80] or "image"

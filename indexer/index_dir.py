@@ -357,6 +357,7 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
             "model": self.manifest.model,
             "weights": self.manifest.weights,
             "grid": self.manifest.grid,
+            "patch_layer": self.manifest.patch_layer,
             "global_dim": self.manifest.global_dim,
             "patch_dim": self.manifest.patch_dim,
             "patch_weights": self.manifest.patch_weights,

@@ -36,6 +36,7 @@ class Manifest:
     max_index_memory: int | None = None  # bytes the global index may take (factory auto)
     target_recall: float = 0.95  # recall@100 against exact that nprobe / efSearch are tuned for
     index_plan: dict[str, Any] | None = None  # a copy of the committed choice of index (the database holds it)
+    patch_layer: int | None = None  # the block the patch grid is read from (None: the final output, after the norm)
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 

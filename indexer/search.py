@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .embedding import embed_pil_images
 from .calibration import Calibration
 from .index_dir import IndexDir
 from .patch_store import StoredFeatures
-from .search_params import DEFAULT_MARGINALS, SEARCH_PARAMS, default
+from .search_params import DEFAULT_MARGINALS, SEARCH_PARAMS, rerank_options, resolve
 from .vector_index import VectorSearcher
 
 
@@ -30,6 +30,8 @@ class SearchSettings:
 
     top_k: int | None = None
     rerank_k: int | None = None
+    scorer: str | None = None
+    threshold: float | None = None
     s: float | None = None
     lam: float | None = None
     marginals: str = "auto"
@@ -42,14 +44,13 @@ class SearchSettings:
             if value is not None:
                 param.check(value)
 
-    def filled(self, values: dict[str, Any]) -> "SearchSettings":
-        """A copy whose unset parameters take ``values`` (then the defaults)."""
-        updates = {}
-        for name in SEARCH_PARAMS:
-            current = getattr(self, name)
-            if current is None or (name == "marginals" and current == "auto"):
-                updates[name] = values.get(name, default(name) if current is None else current)
-        return dataclasses.replace(self, **updates)
+    def values(self) -> dict[str, Any]:
+        """The parameters as a mapping (unset ones None or ``auto``): a layer for :func:`resolve`."""
+        return {name: getattr(self, name) for name in SEARCH_PARAMS}
+
+    def filled(self, *layers: Mapping[str, Any] | None) -> "SearchSettings":
+        """A copy whose unset parameters come from ``layers`` in order, then the defaults (:func:`resolve`)."""
+        return SearchSettings(**resolve(self.values(), *layers))
 
 
 @dataclass
@@ -69,6 +70,15 @@ class Hit:
 
 
 @dataclass
+class PairMatch:
+    """How one returned candidate matched the query, as the reranker computed it (on the CPU)."""
+
+    plan: torch.Tensor  # (n, m) the OT plan, or the MNN matches' cosine / n at each match
+    query_mass: torch.Tensor  # (n,) the query's patch masses (OT marginal; uniform for mnn)
+    candidate_mass: torch.Tensor  # (m,)
+
+
+@dataclass
 class QueryResult:
     """The results of one query, with the time of each stage in milliseconds."""
 
@@ -80,11 +90,18 @@ class QueryResult:
     query_global: torch.Tensor | None = None
     query_patches: torch.Tensor | None = None
     query_weights: torch.Tensor | None = None
-    plans: dict[str, torch.Tensor] = field(default_factory=dict)  # gallery id -> (n, m) plan
-    #: with plans kept: what the reranker compared the query with, candidate by candidate (``(k, ...)``,
+    #: with plans kept, per returned reranked hit: its correspondences with the query (the OT plan or
+    #: the MNN matches, ``(n, m)``) and the patch masses the scorer weighed it with
+    pairs: dict[str, "PairMatch"] = field(default_factory=dict)
+    #: with plans kept: what the reranker compared the query with, returned reranked hit by hit (``(k, ...)``,
     #: patches decoded, on the CPU), and their gallery ids in the same order
     candidates: Features | None = None
     candidate_ids: list[str] = field(default_factory=list)
+
+    @property
+    def plans(self) -> dict[str, torch.Tensor]:
+        """Gallery id -> the ``(n, m)`` correspondences of each explained hit."""
+        return {image_id: pair.plan for image_id, pair in self.pairs.items()}
 
     def candidates_of(self, image_ids: Sequence[str]) -> Features:
         """The features the reranked candidates ``image_ids`` were compared with, ``(len(image_ids), ...)``
@@ -131,14 +148,16 @@ class Searcher:
             return "crosscorr"
         return "rollout" if manifest.patch_weights != "uniform" else "uniform"
 
-    def effective(self, settings: SearchSettings) -> SearchSettings:
-        """``settings`` with what it leaves unset taken from the calibration, else the defaults, and
-        ``auto`` marginals resolved; validated (ValueError names the bad parameter)."""
+    def effective(self, settings: SearchSettings, service: Mapping[str, Any] | None = None) -> SearchSettings:
+        """The one resolution of a search's settings: each parameter from the request (``settings``), else
+        the index's calibration, else the ``service``'s configured defaults, else what the index allows of
+        the shipped defaults; ``auto`` marginals resolved; validated (ValueError names the bad parameter)."""
         settings.validate()
-        values = self.calibration.setting() if self.calibration is not None else {"marginals": self.default_marginals()}
-        if values.get("marginals") == "rollout" and self.index_dir.manifest.patch_weights == "uniform":
-            values["marginals"] = "uniform"
-        filled = settings.filled(values)
+        calibrated = self.calibration.setting() if self.calibration is not None else None
+        if calibrated is not None and calibrated.get("marginals") == "rollout" \
+                and self.index_dir.manifest.patch_weights == "uniform":
+            calibrated["marginals"] = "uniform"
+        filled = settings.filled(calibrated, service, {"marginals": self.default_marginals()})
         filled = dataclasses.replace(filled, marginals=self.resolve_marginals(filled.marginals))
         filled.validate()
         return filled
@@ -175,14 +194,16 @@ class Searcher:
         marginal (``rollout``); ``query_weights`` are then those weights, uniform ones for
         ``uniform`` and None for ``crosscorr`` (whose weights are per pair).
         Everything stays on the searcher's device except what the caller reads: the top
-        hits' scores; with ``keep_plans`` also, per reranked candidate, its transport plan and
-        stored patch weights, and the query's features (what an explanation picture needs).
+        hits' scores; with ``keep_plans`` also, per returned reranked hit, its correspondences (the
+        transport plan or the MNN matches), the patch masses the scorer used and its features, and
+        the query's features (what an explanation picture needs).
         Without it ``query_global``/``query_patches``/``query_weights`` stay on the device.
         """
         settings = self.effective(settings)
         marginals = settings.marginals
         t0 = time.perf_counter()
-        query = embed_pil_images(self.backbone, images, self.query_weight_kind(marginals))
+        query = embed_pil_images(self.backbone, images,
+                                 self.query_weight_kind(marginals if settings.scorer == "ot" else "uniform"))
         if self.index_dir.pca is not None:  # on the device
             query.patch_features = self.index_dir.pca.transform_tensor(query.patch_features)
         t1 = time.perf_counter()
@@ -234,20 +255,20 @@ class Searcher:
                 by_k.setdefault(c.k, []).append(q)
         for K, qs in by_k.items():
             feats, scores = self._stacked_candidates(candidates, qs, K)
-            res = rerank_batch(
-                query[qs], feats, scores,
-                marginals=marginals, s=settings.s, lam=settings.lam, eps=settings.eps,
-            )
+            res = rerank_batch(query[qs], feats, scores, **rerank_options(settings.values()))
             top = res.order[:, : settings.top_k]  # the reranked candidates that can be returned
             picked = torch.stack((top.to(torch.float64), res.structural_scores.gather(1, top).double(),
                                   res.final_scores.gather(1, top).double())).cpu()  # one copy: (3, Q, top)
             order = picked[0].long().tolist()
             sigma, final = picked[1].tolist(), picked[2].tolist()
-            plans = res.plans.cpu() if keep_plans else None
-            kept = feats.to("cpu") if keep_plans else None
+            kept = None
+            if keep_plans:  # only the hits that can be returned are explained: one gather each, one copy each
+                mu_q, mu_x = res.pair_marginals(top)
+                rows = torch.arange(len(qs), device=top.device)[:, None]
+                kept = (res.pair_plans(top).cpu(), mu_q.cpu(), mu_x.cpu(), feats[rows, top].to("cpu"))
             for i, q in enumerate(qs):
-                out[q] = _Reranked(order[i], sigma[i], final[i], None if plans is None else plans[i],
-                                   None if kept is None else kept[i])
+                out[q] = _Reranked(order[i], sigma[i], final[i], None if kept is None else tuple(
+                    part[i] for part in kept))
         return out
 
     def _result(self, query: Features, c: "_Candidates", reranked: "_Reranked | None", settings,
@@ -255,18 +276,20 @@ class Searcher:
         order = list(range(len(c.ids)))
         structural: list[float | None] = [None] * len(c.ids)
         final = [float(x) for x in c.scores]
-        plans: dict[str, torch.Tensor] = {}
+        pairs: dict[str, PairMatch] = {}
         candidates, candidate_ids = None, []
         if reranked is not None:
             # reranked.order holds min(top_k, K) positions; beyond K: global order, below the reranked
             order = reranked.order + order[c.k :]
             for i, sigma, fin in zip(reranked.order, reranked.sigma, reranked.final):
                 structural[i], final[i] = sigma, fin
-            if reranked.plans is not None:
-                # clone: a view would keep the whole batch's plans alive wherever one result is kept
-                plans = {c.rows[i].id: reranked.plans[i].clone() for i in range(c.k)}
-                # a view into the batch's copy: a caller keeps what it needs, copied, as the engine does
-                candidates, candidate_ids = reranked.features, [c.rows[i].id for i in range(c.k)]
+            if reranked.kept is not None:
+                plans, mu_q, mu_x, candidates = reranked.kept  # in reranked.order
+                candidate_ids = [c.rows[i].id for i in reranked.order]
+                # clone: a view would keep the whole batch's copy alive wherever one result is kept
+                pairs = {image_id: PairMatch(plans[j].clone(), mu_q[j].clone(), mu_x[j].clone())
+                         for j, image_id in enumerate(candidate_ids)}
+                candidates = candidates.clone()
         hits = []
         for after, i in enumerate(order[: settings.top_k]):
             r = c.rows[i]
@@ -275,20 +298,20 @@ class Searcher:
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
             query_global=query.global_features, query_patches=query.patch_features, query_weights=query.patch_weights,
-            plans=plans, candidates=candidates, candidate_ids=candidate_ids,
+            pairs=pairs, candidates=candidates, candidate_ids=candidate_ids,
         )
 
 
 @dataclass
 class _Reranked:
     """What comes back to the CPU of one query's rerank: the positions (among its K) of its first
-    ``top_k`` by final score, their sigma and final scores, and its ``(K, n, m)`` plans if kept."""
+    ``top_k`` by final score, their sigma and final scores, and, when plans are kept, for those
+    same candidates in that order: plans ``(t, n, m)``, patch masses ``(t, n)``, ``(t, m)`` and features."""
 
     order: list[int]
     sigma: list[float]
     final: list[float]
-    plans: torch.Tensor | None
-    features: Features | None = None  # (K, ...) the candidates' features on the CPU, when plans are kept
+    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Features] | None = None
 
 
 @dataclass

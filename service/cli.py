@@ -8,6 +8,8 @@ import json
 import sys
 from typing import Any
 
+from indexer.search_params import SEARCH_PARAMS, add_search_arguments
+from reranker.defaults import DEFAULT_MODEL
 from reranker.device import add_device_argument
 
 TIMEOUT_KEEP_ALIVE_S = 5  # idle connections, and request heads that take longer, are closed after this
@@ -32,16 +34,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "local `ray start` cluster, else a new local one); adds and removes answer 501")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--model", help="backbone of the demo index (default vit_small_patch16_224.dino)")
+    serve.add_argument("--model", help=f"backbone of the demo index (default {DEFAULT_MODEL})")
     serve.add_argument("--model-kwargs", default=None, help="JSON of extra model arguments (demo index only)")
     serve.add_argument("--weights", help="pretrained | random | PATH (default: the index's own)")
     add_device_argument(serve, default=None, help="where the model and the OT run (default: auto)")
     serve.add_argument("--api-key", help="require this key in X-API-Key for index changes (VIT_RERANK_API_KEY)")
-    serve.add_argument("--top-k", type=int)
-    serve.add_argument("--rerank-k", type=int)
-    serve.add_argument("--s", type=float, help="fraction of patch mass matched, in (0, 1]")
-    serve.add_argument("--lambda", dest="lam", type=float, help="weight of the structural score")
-    serve.add_argument("--marginals", choices=["auto", "rollout", "crosscorr", "uniform"])
+    add_search_arguments(serve)  # --top-k, --rerank-k, --scorer, --threshold, --s, --lambda, --marginals, --eps
     serve.add_argument("--max-upload-bytes", type=int)
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--max-batch", type=int)
@@ -59,8 +57,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=run_serve)
 
 
-_FLAGS = ("index", "host", "port", "model", "weights", "device", "api_key", "top_k", "rerank_k", "s", "lam",
-          "marginals", "max_upload_bytes", "queue_size", "max_batch", "batch_wait_ms", "torch_threads")
+_FLAGS = ("index", "host", "port", "model", "weights", "device", "api_key", *SEARCH_PARAMS,
+          "max_upload_bytes", "queue_size", "max_batch", "batch_wait_ms", "torch_threads")
 
 
 def _fail(message: str) -> int:

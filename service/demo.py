@@ -28,9 +28,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80]
 
 
-def demo_index_dir(model: str, weights_id: str, model_kwargs: dict[str, Any] | None = None) -> Path:
-    """One folder per model, weights identity and model arguments."""
+def demo_index_dir(model: str, weights_id: str, model_kwargs: dict[str, Any] | None = None,
+                   patches: tuple[int, int | None] = (7, None)) -> Path:
+    """One folder per model, weights identity, model arguments and patch grid ``(grid, patch_layer)``."""
     name = f"demo-{_slug(model)}-{_slug(weights_id)}"
+    if patches != (7, None):  # the folders of earlier releases kept their names
+        name += f"-g{patches[0]}-l{patches[1]}"
     if model_kwargs:
         name += "-" + hashlib.sha256(json.dumps(model_kwargs, sort_keys=True).encode()).hexdigest()[:8]
     return cache_home() / name
@@ -47,10 +50,10 @@ def ensure_demo_index(
     ``WeightsUnavailableError`` when the weights cannot be had; nothing is written then.
     """
     from indexer import add_records, open_index
-    from reranker.backbones import create_backbone
+    from reranker.backbones import create_index_backbone
 
-    backbone = create_backbone(model, weights, model_kwargs=model_kwargs)  # may raise: nothing written yet
-    folder = demo_index_dir(model, backbone.weights_id, model_kwargs)
+    backbone = create_index_backbone(model, weights, model_kwargs=model_kwargs)  # may raise: nothing written yet
+    folder = demo_index_dir(model, backbone.weights_id, model_kwargs, (backbone.grid, backbone.patch_layer))
     if not (folder / "manifest.json").exists():
         return build_demo_index(folder, backbone, device, model_kwargs, progress=progress)
     records = demo_records()

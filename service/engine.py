@@ -15,7 +15,7 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from PIL import Image
@@ -153,9 +153,10 @@ class Engine:
     def resolve_marginals(self, marginals: str) -> str:
         return self.searcher.resolve_marginals(marginals)
 
-    def effective(self, settings: SearchSettings) -> SearchSettings:
-        """``settings`` completed from the index's calibration, else the defaults (ValueError if bad)."""
-        return self.searcher.effective(settings)
+    def effective(self, settings: SearchSettings, service: Mapping[str, Any] | None = None) -> SearchSettings:
+        """``settings`` completed from the index's calibration, else the ``service``'s configured
+        defaults, else the shipped ones (:meth:`indexer.search.Searcher.effective`; ValueError if bad)."""
+        return self.searcher.effective(settings, service)
 
     @property
     def calibration(self):
@@ -240,8 +241,7 @@ class Engine:
             start = time.perf_counter()
             try:
                 with self._lock:
-                    results = [self._returned_plans_only(r) for r in
-                               self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True)]
+                    results = self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True)
             except BaseException as err:  # noqa: BLE001 - the worker must survive any query
                 log.exception("search failed")
                 for j in jobs:
@@ -262,14 +262,6 @@ class Engine:
                 if self.metrics:
                     self.metrics.observe_stages(timings)
                 job.future.set_result(SearchOutcome(result, timings, len(jobs)))
-
-    @staticmethod
-    def _returned_plans_only(result: QueryResult) -> QueryResult:
-        """The result with the plans and candidate features of its returned hits only (the reranked
-        candidates below ``top_k`` are not explained, so theirs are not kept), copied out of the batch."""
-        kept = [h.id for h in result.hits if h.id in result.plans]
-        return dataclasses.replace(result, plans={i: result.plans[i] for i in kept}, candidate_ids=kept,
-                                   candidates=result.candidates_of(kept) if kept else None)  # a gather: a copy
 
     # --- changing the index ----------------------------------------------------------
     def add_image(

@@ -19,9 +19,6 @@ from PIL import Image
 from torchvision import transforms as T
 
 from indexer.loading import load_image
-from reranker.features import Features
-from reranker.marginals import cross_correlation_weights
-from reranker.rollout import normalise_weights
 from reranker.views import model_view
 from reranker.visualize import DEFAULT_PANEL, render_match, strongest_links
 
@@ -41,7 +38,7 @@ class PictureOptions:
     links: int = 6  # numbered links
     faded: int = 0  # further links drawn faded
     heatmap: bool = False
-    unmatched: bool = True
+    unmatched: bool = False
 
 
 @dataclass
@@ -58,13 +55,14 @@ class Match:
     final_score: float = 0.0
     rank_before: int = 0
     rank_after: int = 0
-    similarity: np.ndarray | None = None  # (n, m) patch cosines
+    candidate_patches: np.ndarray | None = None  # (m, d) float16: what the query was compared with
     query_marginal: np.ndarray | None = None  # (n,) the OT marginals actually used (unit mass)
     candidate_marginal: np.ndarray | None = None  # (m,)
     near_duplicate: bool | None = None
 
     def nbytes(self) -> int:
-        arrays = (self.plan, self.candidate_weights, self.similarity, self.query_marginal, self.candidate_marginal)
+        arrays = (self.plan, self.candidate_weights, self.candidate_patches, self.query_marginal,
+                  self.candidate_marginal)
         return sum(a.nbytes for a in arrays if a is not None) + 512
 
 
@@ -81,6 +79,9 @@ class QueryExplanations:
     marginals: str = ""
     s: float = 1.0
     lam: float = 1.0
+    scorer: str = "ot"
+    threshold: float = 0.5
+    query_patches: np.ndarray | None = None  # (n, d) float16
     views: dict[int | None, Image.Image] = field(default_factory=dict)  # query crops made so far, by side
 
     def view(self, transform: Callable, side: int | None = None) -> Image.Image:
@@ -95,7 +96,7 @@ class QueryExplanations:
         images = [self.query_image, *self.views.values()]
         pixels = sum(v.width * v.height * 4 for v in images)  # Pillow keeps RGB in 4 bytes a pixel
         arrays = sum(m.nbytes() for m in self.matches.values())
-        weights = 0 if self.query_weights is None else self.query_weights.nbytes
+        weights = sum(a.nbytes for a in (self.query_weights, self.query_patches) if a is not None)
         return pixels + arrays + weights + sum(len(p) for p in self.pictures.values()) + 1024
 
 
@@ -144,25 +145,31 @@ def numbers(entry: QueryExplanations, match: Match, top: int) -> dict[str, Any]:
     """The explanation's figures (see ``service.schemas.Explanation``); pair 1 is link 1 of the picture."""
     g = entry.grid
     pairs = []
-    for rank, link in enumerate(strongest_links(match.plan, top), start=1):
-        sim = None if match.similarity is None else float(match.similarity[link.i, link.j])
+    links = strongest_links(match.plan, top)
+    for rank, link in enumerate(links, start=1):
+        sim = None
+        if entry.query_patches is not None and match.candidate_patches is not None:
+            sim = float(entry.query_patches[link.i].astype(np.float32) @ match.candidate_patches[link.j].astype(np.float32))
         pairs.append({
             "rank": rank, "mass": link.mass, "similarity": sim,
             "query": {"index": link.i, "row": link.i // g, "col": link.i % g},
             "candidate": {"index": link.j, "row": link.j // g, "col": link.j % g},
         })
-    q_un = unmatched_mass(match.plan, match.query_marginal, axis=1)
-    c_un = unmatched_mass(match.plan, match.candidate_marginal, axis=0)
+    q_un = unmatched_mass(match.plan, match.query_marginal, axis=1) if entry.scorer == "ot" else None
+    c_un = unmatched_mass(match.plan, match.candidate_marginal, axis=0) if entry.scorer == "ot" else None
+    # ot: the mass the plan moved; mnn: the share of query patches with a match
+    matched = float(match.plan.sum()) if entry.scorer == "ot" else float((match.plan > 0).any(axis=1).mean())
 
     def as_list(a: np.ndarray | None) -> list[float] | None:
         return None if a is None else [float(x) for x in a]
 
     return {
-        "label": match.label, "model": entry.model, "marginals": entry.marginals, "s": entry.s, "lam": entry.lam,
+        "label": match.label, "model": entry.model, "scorer": entry.scorer, "threshold": entry.threshold,
+        "marginals": entry.marginals, "s": entry.s, "lam": entry.lam,
         "grid": g, "global_score": match.global_score, "structural_score": match.structural_score,
         "structural_contribution": entry.lam * match.structural_score, "final_score": match.final_score,
         "rank_before": match.rank_before, "rank_after": match.rank_after,
-        "matched_mass": float(match.plan.sum()), "near_duplicate": match.near_duplicate, "pairs": pairs,
+        "matched_mass": matched, "near_duplicate": match.near_duplicate, "pairs": pairs,
         "query_unmatched": as_list(q_un), "candidate_unmatched": as_list(c_un),
         "query_weights": as_list(match.query_marginal), "candidate_weights": as_list(match.candidate_marginal),
     }
@@ -209,6 +216,7 @@ class ExplanationCache:
         key = (gallery_id, options)
         if key in entry.pictures:
             return entry.pictures[key]
+        unmatched = options.unmatched and entry.scorer == "ot"  # the dummy's share exists for partial OT only
         try:
             candidate = sharp_view(load_image(match.path), self.transform, options.size)
         except (OSError, ValueError) as err:
@@ -220,8 +228,8 @@ class ExplanationCache:
             candidate_weights=match.candidate_weights if match.candidate_marginal is None else match.candidate_marginal,
             heatmap=options.heatmap,
             top_matches=options.links, faded_matches=options.faded, panel_size=options.size, title=match.title,
-            query_unmatched=unmatched_share(match.plan, match.query_marginal, 1) if options.unmatched else None,
-            candidate_unmatched=unmatched_share(match.plan, match.candidate_marginal, 0) if options.unmatched else None,
+            query_unmatched=unmatched_share(match.plan, match.query_marginal, 1) if unmatched else None,
+            candidate_unmatched=unmatched_share(match.plan, match.candidate_marginal, 0) if unmatched else None,
         )
         with self._lock:
             entry.pictures[key] = png
@@ -237,23 +245,6 @@ class ExplanationCache:
             return len(self._cache)
 
 
-def ot_marginals(kind: str, query: Features, candidates: Features) -> tuple[np.ndarray, np.ndarray]:
-    """The unit-mass marginals the reranker used between one query ``(D), (n, D), (n)`` and ``h``
-    candidates ``(h, D), (h, m, D), (h, m)``, as ``reranker.rerank`` computes them: ``(h, n)``, ``(h, m)``."""
-    f_q, f_x = query.patch_features.float(), candidates.patch_features.float()
-    h, n, m = f_x.shape[0], f_q.shape[0], f_x.shape[1]
-    if kind == "uniform":
-        return np.full((h, n), 1.0 / n), np.full((h, m), 1.0 / m)
-    if kind == "crosscorr":
-        mu_q, mu_x = cross_correlation_weights(query.global_features.float()[None], f_q[None],
-                                               candidates.global_features.float()[None], f_x[None])
-        mu_q, mu_x = mu_q[0], mu_x[0]
-    else:
-        mu_q = query.patch_weights.float().expand(h, n)
-        mu_x = candidates.patch_weights.float()
-    return normalise_weights(mu_q).numpy().astype(np.float64), normalise_weights(mu_x).numpy().astype(np.float64)
-
-
 def build_entry(query: Image.Image, outcome: Any, engine: Any,
                 near_threshold: float | None) -> QueryExplanations | None:
     """What the cache keeps of one search (``service.engine.SearchOutcome``); None without reranked hits."""
@@ -262,27 +253,24 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
     if not hits:
         return None
     settings = result.settings
-    lam = float(settings.lam) if settings is not None and settings.lam is not None else 1.0
-    s = float(settings.s) if settings is not None and settings.s is not None else 1.0
-    w_q = None if result.query_weights is None else np.asarray(result.query_weights, dtype=np.float32)
-    query_features = Features(torch.as_tensor(np.asarray(result.query_global, dtype=np.float32)),
-                              torch.as_tensor(np.asarray(result.query_patches, dtype=np.float32)),
-                              None if w_q is None else torch.as_tensor(w_q))
-    # what the reranker compared the query with (the searcher keeps it with the plans), all hits at once
+    # what the reranker computed and compared (the searcher keeps it for the returned hits): nothing is recomputed
     cands = result.candidates_of([h.id for h in hits])
-    similarities = torch.matmul(query_features.patch_features, cands.patch_features.float().transpose(1, 2)).numpy()
-    mu_q, mu_x = ot_marginals(result.marginals, query_features, cands)
+    query_patches = np.asarray(result.query_patches, dtype=np.float16)
+    w_q = None if result.query_weights is None else np.asarray(result.query_weights, dtype=np.float32)
     weights = cands.patch_weights.float().numpy()
     matches = {}
     for i, h in enumerate(hits):
+        pair = result.pairs[h.id]
         matches[h.id] = Match(
-            path=h.path, plan=np.asarray(result.plans[h.id], dtype=np.float32), candidate_weights=weights[i],
+            path=h.path, plan=pair.plan.float().numpy(), candidate_weights=weights[i],
             # ranks shown 1-based, as on the page
             title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}",
             label=h.label, global_score=h.global_score, structural_score=float(h.structural_score),
             final_score=h.final_score, rank_before=h.rank_before, rank_after=h.rank_after,
-            similarity=similarities[i], query_marginal=mu_q[i], candidate_marginal=mu_x[i],
+            candidate_patches=cands.patch_features[i].to(torch.float16).numpy(),
+            query_marginal=pair.query_mass.double().numpy(), candidate_marginal=pair.candidate_mass.double().numpy(),
             near_duplicate=None if near_threshold is None else bool(h.global_score >= near_threshold),
         )
-    return QueryExplanations(query, w_q, engine.grid, matches, model=engine.model,
-                             marginals=result.marginals, s=s, lam=lam)
+    return QueryExplanations(query, w_q, engine.grid, matches, model=engine.model, marginals=result.marginals,
+                             s=settings.s, lam=settings.lam, scorer=settings.scorer, threshold=settings.threshold,
+                             query_patches=query_patches)

@@ -22,7 +22,7 @@ from .engine import Engine, SearchOutcome
 from .errors import Forbidden, NotFound, Unauthorized, Unprocessable
 from .explanations import PictureOptions, build_entry
 from .gallery_images import gallery_image, thumbnail
-from .settings import Marginals
+from .settings import Marginals, Scorer
 from .schemas import ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status
 from .state import ServiceState
 from .decoding import decode_bounded  # 503 + Retry-After when too many images are being decoded
@@ -126,22 +126,20 @@ async def search(
     image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
     top_k: Annotated[int | None, Form(**_param("top_k"))] = None,
     rerank_k: Annotated[int | None, Form(**_param("rerank_k"))] = None,
+    scorer: Annotated[Scorer | None, Form(description=SEARCH_PARAMS["scorer"].help)] = None,
+    threshold: Annotated[float | None, Form(**_param("threshold"), allow_inf_nan=False)] = None,
     s: Annotated[float | None, Form(**_param("s"), allow_inf_nan=False)] = None,
     marginals: Annotated[Marginals | None, Form(description=SEARCH_PARAMS["marginals"].help)] = None,
-    lam: Annotated[float | None, Form(alias="lambda", **_param("lam"), allow_inf_nan=False)] = None,
+    lam: Annotated[float | None, Form(alias=SEARCH_PARAMS["lam"].public_name, **_param("lam"),
+                                      allow_inf_nan=False)] = None,
     explain: Annotated[bool, Form(description="render every explanation picture now")] = False,
 ) -> Any:
-    """Search the index with one image: top K by global cosine, reranked by partial OT."""
+    """Search the index with one image: top K by global cosine, reranked by their patch structure."""
     cfg = state.settings
-    asked = SearchSettings(
-        top_k=cfg.top_k if top_k is None else top_k,
-        rerank_k=cfg.rerank_k if rerank_k is None else rerank_k,
-        s=cfg.s if s is None else s,
-        lam=cfg.lam if lam is None else lam,
-        marginals=cfg.marginals if marginals is None else marginals,
-    )
+    asked = SearchSettings(top_k=top_k, rerank_k=rerank_k, scorer=scorer, threshold=threshold, s=s, lam=lam,
+                           marginals=marginals or "auto")
     try:
-        settings = engine.effective(asked)
+        settings = engine.effective(asked, cfg.search_layer())
     except ValueError as err:
         raise Unprocessable(str(err)) from None
     resolved = settings.marginals
@@ -191,9 +189,7 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
         ))
     return SearchResponse(
         query_id=query_id, model=state.engine.model, random_weights=result.random_weights, marginals=marginals,
-        settings=AppliedSettings(top_k=settings.top_k, rerank_k=settings.rerank_k, s=settings.s,
-                                 lam=settings.lam, marginals=settings.marginals,
-                                 calibrated=state.engine.calibration is not None),
+        settings=AppliedSettings(**settings.values(), calibrated=state.engine.calibration is not None),
         timings_ms=outcome.timings_ms, results=results,
     )
 
@@ -221,7 +217,7 @@ async def explanation(
     links: Annotated[int, Query(ge=1, le=12, description="strongest matches drawn as numbered links")] = 6,
     faded: Annotated[int, Query(ge=0, le=100, description="further matches drawn thin and faded")] = 0,
     heatmap: Annotated[bool, Query(description="tint the photos with the patch weights (with a legend)")] = False,
-    unmatched: Annotated[bool, Query(description="per patch, the mass sent to the dummy (red bars)")] = True,
+    unmatched: Annotated[bool, Query(description="ot: per patch, the mass sent to the dummy (red bars)")] = False,
 ) -> Response:
     """The patch-matching picture of one reranked result (rendered on demand, cached a while)."""
     if not picture.endswith(".png"):

@@ -16,9 +16,12 @@ class AppliedSettings(BaseModel):
 
     top_k: int
     rerank_k: int
+    scorer: str = Field(description="ot (partial optimal transport) or mnn (mutual nearest neighbours)")
+    threshold: float = Field(description="mnn: the cosine a match exceeds")
     s: float
     lam: float = Field(serialization_alias="lambda", validation_alias="lambda")
     marginals: str
+    eps: float
     calibrated: bool = Field(False, description="True when unset parameters came from the index's calibration")
 
 
@@ -71,7 +74,8 @@ class MatchedPair(BaseModel):
     query: PatchCell
     candidate: PatchCell
     similarity: float | None = Field(description="cosine of the two patch vectors (null if no longer stored)")
-    mass: float = Field(description="mass the plan moved from the query patch to the candidate patch")
+    mass: float = Field(description="ot: mass the plan moved from the query patch to the candidate patch; mnn: "
+                                    "the match's cosine / number of query patches")
 
 
 class Explanation(BaseModel):
@@ -81,17 +85,22 @@ class Explanation(BaseModel):
     id: str
     label: str | None
     model: str
+    scorer: str = Field(description="ot (partial optimal transport) or mnn (mutual nearest neighbours)")
+    threshold: float = Field(description="mnn: the cosine a match exceeds")
     marginals: str
-    s: float = Field(description="fraction of the mass partial OT matches")
+    s: float = Field(description="ot: fraction of the mass partial OT matches")
     lam: float = Field(serialization_alias="lambda", validation_alias="lambda")
     grid: int
     global_score: float = Field(description="global cosine of the query and this image")
-    structural_score: float = Field(description="sigma: the plan's mass-weighted patch similarity")
+    structural_score: float = Field(description="sigma: ot, the plan's mass-weighted patch similarity; mnn, the "
+                                                "share of query patches with a mutual nearest neighbour above "
+                                                "the threshold")
     structural_contribution: float = Field(description="lambda * sigma")
     final_score: float = Field(description="global_score + lambda * sigma")
     rank_before: int = Field(description="0-based rank by global cosine")
     rank_after: int = Field(description="0-based rank after reranking")
-    matched_mass: float = Field(description="fraction of the mass the plan matched (the rest went to the dummy)")
+    matched_mass: float = Field(description="ot: fraction of the mass the plan matched (the rest went to the "
+                                            "dummy); mnn: share of the query patches with a match")
     near_duplicate: bool | None
     pairs: list[MatchedPair]
     query_unmatched: list[float] | None = Field(description="per query patch (row-major), mass sent to the dummy")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from indexer.search_params import MARGINALS_CHOICES, SEARCH_PARAMS
+from indexer.search_params import MARGINALS_CHOICES, SCORER_CHOICES, SEARCH_PARAMS
 from reranker.defaults import DEFAULT_MODEL
 
 Marginals = Literal[MARGINALS_CHOICES]  # type: ignore[valid-type]
+Scorer = Literal[SCORER_CHOICES]  # type: ignore[valid-type]
 
 
 def _bounds(name: str) -> dict:
@@ -38,12 +39,15 @@ class ServiceSettings(BaseSettings):
     # Search defaults: unset means the index's calibration, else the project's defaults (indexer.search_params).
     top_k: int | None = Field(None, **_bounds("top_k"), description=_help("top_k"))
     rerank_k: int | None = Field(None, **_bounds("rerank_k"), description=_help("rerank_k"))
+    scorer: Scorer | None = Field(None, description=_help("scorer"))
+    threshold: float | None = Field(None, **_bounds("threshold"), description=_help("threshold"))
     s: float | None = Field(None, **_bounds("s"), description=_help("s"))
     lam: float | None = Field(
         None, **_bounds("lam"), validation_alias=AliasChoices("lam", "VIT_RERANK_LAMBDA"),
         description=_help("lam") + " (env VIT_RERANK_LAMBDA)",
     )
     marginals: Marginals = "auto"
+    eps: float | None = Field(None, **_bounds("eps"), description=_help("eps"))
 
     max_upload_bytes: int = Field(16 * 2**20, ge=1024, description="largest accepted upload")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
@@ -65,6 +69,11 @@ class ServiceSettings(BaseSettings):
     load_in_background: bool = Field(
         True, description="load the model after the server starts (readyz answers 503 until then)"
     )
+
+    def search_layer(self) -> dict[str, Any]:
+        """The configured search defaults, as the layer after a request and the index's calibration
+        (:func:`indexer.search_params.resolve`)."""
+        return {name: getattr(self, name, None) for name in SEARCH_PARAMS}
 
     def wait_ms(self, device_type: str) -> float:
         if self.batch_wait_ms is not None:

@@ -8,7 +8,7 @@ import pytest
 
 from evaluation.calibrate import calibrate, per_query_metric, split_queries
 from evaluation.metrics import class_metrics, recall_at
-from evaluation.protocol import Ranking
+from evaluation.protocol import Ranking, Structural
 
 
 def _ranking(rng: np.random.Generator, queries: int = 400, length: int = 20) -> Ranking:
@@ -47,7 +47,8 @@ def _planted_sigma(ranking: Ranking, strength: float) -> np.ndarray:
 
 def test_a_real_signal_is_chosen_and_gains_on_the_held_out_half():
     ranking = _ranking(np.random.default_rng(1))
-    sigma = {("crosscorr", 0.5): _planted_sigma(ranking, 2.0), ("uniform", 1.0): _planted_sigma(ranking, 0.0)}
+    sigma = {Structural("ot", "crosscorr", 0.5): _planted_sigma(ranking, 2.0),
+             Structural("ot", "uniform", 1.0): _planted_sigma(ranking, 0.0)}
     cal = calibrate(ranking, sigma, "class", lambdas=(0.1, 1.0), ks=(10, 20), seed=0)
     assert cal.rerank and (cal.marginals, cal.s) == ("crosscorr", 0.5)
     assert cal.metric == "precision_at_1"
@@ -59,7 +60,8 @@ def test_a_real_signal_is_chosen_and_gains_on_the_held_out_half():
 def test_noise_and_harm_give_no_rerank():
     ranking = _ranking(np.random.default_rng(2))
     harmful = (-2.0 * ranking.relevant).astype(np.float32)
-    sigma = {("crosscorr", 1.0): _planted_sigma(ranking, 0.0), ("rollout", 1.0): harmful}
+    sigma = {Structural("ot", "crosscorr", 1.0): _planted_sigma(ranking, 0.0),
+             Structural("ot", "rollout", 1.0): harmful}
     cal = calibrate(ranking, sigma, "class", lambdas=(0.05, 0.5), ks=(10, 20), seed=0)
     assert not cal.rerank
     assert cal.setting()["rerank_k"] == 0
@@ -69,5 +71,15 @@ def test_noise_and_harm_give_no_rerank():
 def test_place_protocol_uses_recall_at_1():
     ranking = _ranking(np.random.default_rng(3))
     ranking.r = None
-    cal = calibrate(ranking, {("uniform", 1.0): _planted_sigma(ranking, 2.0)}, "place", lambdas=(1.0,), ks=(20,))
+    cal = calibrate(ranking, {Structural("ot", "uniform", 1.0): _planted_sigma(ranking, 2.0)}, "place",
+                    lambdas=(1.0,), ks=(20,))
     assert cal.metric == "recall_at_1" and cal.rerank
+
+
+def test_an_mnn_setting_is_chosen_with_its_threshold():
+    ranking = _ranking(np.random.default_rng(4))
+    sigma = {Structural("ot", "uniform", 1.0): _planted_sigma(ranking, 0.0),
+             Structural("mnn", threshold=0.4): _planted_sigma(ranking, 2.0)}
+    cal = calibrate(ranking, sigma, "class", lambdas=(0.1, 1.0), ks=(10, 20), seed=0)
+    assert cal.rerank and (cal.scorer, cal.threshold) == ("mnn", 0.4)
+    assert cal.setting()["scorer"] == "mnn" and cal.setting()["threshold"] == 0.4

@@ -81,7 +81,7 @@ def test_folder_protocol_end_to_end(clothing_folder, tmp_path):
 
 def test_pairs_protocol_end_to_end(shared_data, tmp_path):
     run_eval("--dataset", "pairs", "--root", str(shared_data / "corridor"), *TINY, "--limit", "20",
-             "--rerank-k", "10", "--marginals", "rollout,crosscorr", "--cache", str(tmp_path / "cache"),
+             "--rerank-k", "10", "--preset", "paper", "--marginals", "rollout,crosscorr", "--cache", str(tmp_path / "cache"),
              "--json-out", str(tmp_path / "p.json"))
     doc = json.loads((tmp_path / "p.json").read_text())
     recalls = [f"recall_at_{n}" for n in (1, 5, 10, 20, 50, 100)]
@@ -114,7 +114,10 @@ def test_clear_errors(tmp_path, capsys):
             json.dumps(dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]))]
     err = fails("--dataset", "folder", "--root", str(tmp_path), *swin, "--marginals", "rollout")
     assert "rollout marginals need global self-attention" in err
-    assert "s must be in (0, 1]" in fails("--dataset", "folder", "--root", str(tmp_path), *TINY, "--s", "1.5")
+    assert "s must be at most 1, got 1.5" in fails("--dataset", "folder", "--root", str(tmp_path), *TINY, "--s", "1.5")
+    assert "scorer must be one of ot, mnn" in fails("--dataset", "folder", "--root", str(tmp_path), *TINY,
+                                                    "--scorer", "ransac")
+    assert "does not exist" in fails("--dataset", "folder", "--root", str(tmp_path), *TINY, "--patch-layer", "7")
     assert "weights file not found" in fails("--dataset", "folder", "--root", str(tmp_path), "--model", "test_vit",
                                              "--weights", str(tmp_path / "none.safetensors"))
     with pytest.raises(SystemExit):
@@ -126,19 +129,37 @@ def test_grid_lambda_and_weight_kinds_sweep_with_calibration(clothing_folder, tm
     """Several G (0: the native grid, 14 for the tiny 112/8 ViT), several lambdas, every per-image kind."""
     kinds = "rollout,rollout_mean,rollout_max,cls_rollout,last_cls,crosscorr,uniform"
     run_eval("--dataset", "folder", "--root", str(clothing_folder), *TINY, "--rerank-k", "10", "--s", "1,0.5",
-             "--grid", "7,0", "--lambda", "0,0.5", "--marginals", kinds, "--calibrate", "--cache",
+             "--grid", "7,0", "--patch-layer", "final", "--lambda", "0,0.5", "--marginals", kinds, "--calibrate", "--cache",
              str(tmp_path / "cache"), "--json-out", str(tmp_path / "a.json"))
     doc = json.loads((tmp_path / "a.json").read_text())
     assert doc["settings"]["grid"] == [7, 14] and doc["settings"]["lambda"] == [0.0, 0.5]
     assert len(doc["variants"]) == 2 * 7 * 2 * 2
     for grid in (7, 14):
         for kind in kinds.split(","):
-            name = f"G={grid},s=0.5,marginals={kind},k=10,lambda=0"
+            name = f"G={grid},L=final,s=0.5,marginals={kind},k=10,lambda=0"
             assert doc["variants"][name] == doc["baseline"]  # lambda = 0 changes nothing
-        entropy = doc["patch_weight_entropy"][f"G={grid}"]
+        entropy = doc["patch_weight_entropy"][f"G={grid},L=final"]
         assert set(entropy) == set(kinds.split(",")) - {"crosscorr", "uniform"}
         assert all(0.0 < e <= 1.0 for e in entropy.values())
     assert len(list((tmp_path / "cache").iterdir())) == 2  # features cached once per grid
     cal = doc["calibration"]
     assert cal["metric"] == "precision_at_1" and cal["calibrated_heldout"] >= cal["baseline_heldout"]
     assert doc["settings"]["preprocessing"]["crop"] == [112, 112]
+
+
+def test_layers_and_scorers_sweep_and_calibrate_across_them(clothing_folder, tmp_path):
+    """Two patch layers x (ot, mnn over thresholds): variants named by layer, calibration over both scorers."""
+    run_eval("--dataset", "folder", "--root", str(clothing_folder), *TINY, "--rerank-k", "10", "--grid", "0",
+             "--patch-layer", "final,-2", "--scorer", "ot,mnn", "--threshold", "0.2,0.6", "--marginals", "uniform",
+             "--s", "0.5", "--lambda", "0,1", "--calibrate", "--cache", str(tmp_path / "cache"),
+             "--json-out", str(tmp_path / "a.json"))
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["settings"]["patch_layer"] == [None, 1] and doc["settings"]["scorers"] == ["ot", "mnn"]
+    structurals = ["s=0.5,marginals=uniform", "scorer=mnn,threshold=0.2", "scorer=mnn,threshold=0.6"]
+    expected = [f"G=14,L={layer},{st},k=10,lambda={lam}" for layer in ("final", "1") for st in structurals
+                for lam in ("0", "1")]
+    assert sorted(doc["variants"]) == sorted(expected)
+    for name in expected:
+        if name.endswith("lambda=0"):
+            assert doc["variants"][name] == doc["baseline"]
+    assert doc["calibration"] is not None and "scorer" in doc["calibration"]

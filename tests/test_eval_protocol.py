@@ -16,7 +16,7 @@ from evaluation.datasets import ClassSet, PlaceSet
 from evaluation.features import FeatureStore, cache_key, compute_features, entry_folder, load_entry
 from evaluation.metrics import class_metrics, class_r
 from evaluation.protocol import (
-    PAD, DeviceFeatures, Ranking, Sweep, evaluate, reranked_relevance, structural_scores, top_candidates,
+    PAD, DeviceFeatures, Ranking, Structural, Sweep, evaluate, reranked_relevance, structural_scores, top_candidates,
 )
 from evaluation.runner import EvaluationError, resolve_marginals
 from indexer.sources import ImageRecord
@@ -72,7 +72,7 @@ def test_reranking_for_a_smaller_k_reuses_the_largest_solve():
     g = torch.from_numpy(store.global_features)
     scores, rows = top_candidates(g, g, 30, exclude=torch.arange(120))
     ranking = Ranking(np.arange(120), rows, scores, labels[rows] == labels[:, None])
-    sigma = structural_scores(ranking, feats, 30, "rollout", 0.9, lam=1.0, eps=0.05, batch=17, progress=False)
+    sigma = structural_scores(ranking, feats, 30, Structural("ot", "rollout", 0.9), eps=0.05, batch=17, progress=False)
     k = 12
     direct = rerank_batch(
         Features(g, torch.from_numpy(store.patch_features.astype(np.float32)), torch.from_numpy(store.patch_weights["rollout"])),

@@ -53,7 +53,8 @@ def test_numbers_agree_with_the_search_answer(client, photos, marginals):
             assert np.allclose(e["query_weights"], 1 / 49)
         # sigma is the plan's mass-weighted similarity: the kept similarities are the right ones
         match = entry.matches[hit["id"]]
-        assert float((match.plan * match.similarity).sum()) == pytest.approx(hit["structural_score"], abs=1e-4)
+        similarity = entry.query_patches.astype(np.float32) @ match.candidate_patches.astype(np.float32).T
+        assert float((match.plan * similarity).sum()) == pytest.approx(hit["structural_score"], abs=1e-3)
         pairs = e["pairs"]
         assert [p["rank"] for p in pairs] == list(range(1, 11))
         masses = [p["mass"] for p in pairs]
@@ -64,8 +65,30 @@ def test_numbers_agree_with_the_search_answer(client, photos, marginals):
                 assert cell["index"] == 7 * cell["row"] + cell["col"] and 0 <= cell["col"] < 7
             i, j = p["query"]["index"], p["candidate"]["index"]
             assert p["mass"] == pytest.approx(float(match.plan[i, j]), rel=1e-5)
-            assert p["similarity"] == pytest.approx(float(match.similarity[i, j]), abs=1e-5)
+            assert p["similarity"] == pytest.approx(float(similarity[i, j]), abs=1e-5)
             assert -1.001 <= p["similarity"] <= 1.001
+
+
+def test_mnn_numbers_are_the_matches(client, photos):
+    body = search(client, photos[4], top_k=4, rerank_k=10, scorer="mnn", threshold=0.2, **{"lambda": 2.0})
+    assert body["settings"]["scorer"] == "mnn" and body["settings"]["threshold"] == 0.2
+    entry = client.app.state.service.explanations._cache[body["query_id"]]
+    for hit in body["results"]:
+        e = client.get(hit["explanation_json_url"], params={"top": 100}).json()
+        assert e["scorer"] == "mnn" and e["threshold"] == 0.2
+        assert e["query_unmatched"] is None  # no dummy: a patch has a match or has none
+        match = entry.matches[hit["id"]]
+        count = int((match.plan > 0).sum())
+        assert hit["structural_score"] == pytest.approx(count / 49, abs=1e-6)
+        assert e["matched_mass"] == pytest.approx(count / 49, abs=1e-6)
+        assert len(e["pairs"]) == min(100, count)
+        sims = [p["similarity"] for p in e["pairs"][:count]]
+        # best matches first (the listed cosines are recomputed from float16 patches: equal to 1e-3)
+        assert all(a >= b - 1e-3 for a, b in zip(sims, sims[1:])) and all(v > 0.2 - 1e-3 for v in sims)
+        # one-to-one: no patch is matched twice
+        pairs = [(p["query"]["index"], p["candidate"]["index"]) for p in e["pairs"][:count]]
+        assert len({i for i, _ in pairs}) == len({j for _, j in pairs}) == count
+        assert _png(client.get(hit["explanation_url"])).width == 2 * 448 + 16
 
 
 def test_top_and_errors(client, photos):
@@ -90,12 +113,15 @@ def test_picture_options(client, photos):
     url = search(client, photos[9], top_k=1)["results"][0]["explanation_url"]
     default = _png(client.get(url))
     assert default.width == 2 * 448 + 16 and default.width >= 896
-    small = _png(client.get(url, params={"size": 224, "unmatched": "false"}))
+    small = _png(client.get(url, params={"size": 224}))
     assert small.size == (2 * 224 + 16, 224 + 20)
+    bars = _png(client.get(url, params={"unmatched": "true"}))  # partial OT's dummy share, on request
+    assert bars.width == default.width and bars.height > default.height
     big = _png(client.get(url, params={"size": 600}))
     assert big.width == 2 * 600 + 16
     heat = _png(client.get(url, params={"heatmap": "true"}))
-    assert heat.size == default.size and np.asarray(heat).astype(int).sum() != np.asarray(default).astype(int).sum()
+    assert heat.size == bars.size  # the heat map's legend strip, as the bars' legend strip
+    assert np.asarray(heat.crop((0, 0) + default.size)).astype(int).sum() != np.asarray(default).astype(int).sum()
     more = _png(client.get(url, params={"links": 12, "faded": 20}))
     assert not np.array_equal(np.asarray(more), np.asarray(default))
     for bad in ({"size": 100}, {"size": 5000}, {"size": "big"}, {"links": 0}, {"links": 13}, {"faded": -1}):

@@ -43,7 +43,7 @@ def test_build_search_remove_add_verify(small_gallery, tmp_path):
     assert first_global and first_global[0]["id"] == str(photos[0])
     assert abs(first_global[0]["global_score"] - 1.0) < 1e-4
     assert [h["rank_after"] for h in hits] == list(range(5))
-    lam = res["settings"]["lam"]
+    lam = res["settings"]["lambda"]
     for h in hits:
         assert abs(h["final_score"] - (h["global_score"] + lam * h["structural_score"])) < 1e-5
     assert len(list((tmp_path / "explain").glob("*.png"))) == 5
@@ -119,11 +119,11 @@ def test_calibrate_stores_a_choice_that_search_info_and_overrides_respect(small_
     assert info["preprocessing"]["crop"] == [160, 160]  # test_vit is built at 160 px
 
     res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "3", "--json").stdout)
-    for key in ("rerank_k", "s", "lam"):
-        assert res["settings"][key] == cal[key]
+    for key, public in (("rerank_k", "rerank_k"), ("s", "s"), ("lam", "lambda"), ("scorer", "scorer")):
+        assert res["settings"][public] == cal[key]
     res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "3", "--json",
                              "--lambda", "0.7", "--rerank-k", "12", "--s", "0.9").stdout)
-    assert (res["settings"]["lam"], res["settings"]["rerank_k"], res["settings"]["s"]) == (0.7, 12, 0.9)
+    assert (res["settings"]["lambda"], res["settings"]["rerank_k"], res["settings"]["s"]) == (0.7, 12, 0.9)
     assert sum(h["structural_score"] is not None for h in res["results"]) == 3
 
 

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service_support import assert_error, copy_index, index_dir, make_client, photos, png_bytes  # noqa: F401 (fixtures)
+from indexer.search_params import default
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,9 @@ def test_search_matches_the_library(client, index_dir, photos):
     assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results"}
     # an uncalibrated index: unset marginals take the measured default (cross-correlation)
     assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "crosscorr"
-    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "s": 0.9, "lambda": 0.5, "marginals": "crosscorr",
-                                "calibrated": False}
+    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "scorer": default("scorer"),
+                                "threshold": default("threshold"), "s": 0.9, "lambda": 0.5, "marginals": "crosscorr",
+                                "eps": 0.05, "calibrated": False}
     assert set(body["timings_ms"]) == {"queue", "embed", "search", "rerank", "total"}
     t = body["timings_ms"]
     assert all(v >= 0 for v in t.values()) and t["total"] >= t["embed"] + t["search"]
@@ -118,8 +120,8 @@ def test_explanation_pictures(client, photos):
         r = client.get(h["explanation_url"])
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         picture = Image.open(io.BytesIO(r.content))
-        # two 448 px panels (224 before issue 14), a title strip and the unmatched-mass legend strip
-        assert picture.size == (2 * 448 + 16, 448 + 20 + 22)
+        # two 448 px panels (224 before issue 14) and a title strip (the unmatched-mass bars are on request)
+        assert picture.size == (2 * 448 + 16, 448 + 20)
     hit = body["results"][0]["id"].replace("/", "%2F")
     assert_error(client.get(f"/explanations/0123456789abcdef/{hit}.png"), 404, "search again")
     assert_error(client.get(f"/explanations/{body['query_id']}/not-a-result.png"), 404, "not among")
@@ -358,11 +360,20 @@ def test_a_stored_calibration_sets_the_defaults_and_requests_override_it(index_d
         info = c.get("/index").json()
         assert info["calibration"]["rerank"] is True and info["calibration"]["rerank_k"] == 15
         body = search(c, photos[3].read_bytes(), top_k=4).json()
-        assert body["settings"] == {"top_k": 4, "rerank_k": 15, "s": 0.7, "lambda": 0.05, "marginals": "uniform",
-                                    "calibrated": True}
+        assert body["settings"] == {"top_k": 4, "rerank_k": 15, "scorer": "ot", "threshold": default("threshold"),
+                                    "s": 0.7, "lambda": 0.05, "marginals": "uniform", "eps": 0.05, "calibrated": True}
         assert body["marginals"] == "uniform"
         body = search(c, photos[3].read_bytes(), top_k=4, s=1.0, marginals="rollout").json()
         assert (body["settings"]["s"], body["settings"]["marginals"], body["settings"]["lambda"]) == (1.0, "rollout", 0.05)
+    # the layers, once: the request, then the index's calibration, then the service's configured defaults
+    with TestClient(create_app(ServiceSettings(index=folder, device="cpu", load_in_background=False, top_k=3,
+                                               rerank_k=9, lam=0.9, scorer="mnn"))) as c:
+        body = search(c, photos[3].read_bytes()).json()
+        settings = body["settings"]
+        assert (settings["top_k"], settings["rerank_k"], settings["lambda"]) == (3, 15, 0.05)  # calibration wins
+        assert settings["scorer"] == "ot"  # the calibration (a file of earlier releases) chose among OT settings
+        body = search(c, photos[3].read_bytes(), rerank_k=5, scorer="mnn").json()
+        assert (body["settings"]["rerank_k"], body["settings"]["scorer"]) == (5, "mnn")
 
 
 def test_kept_plans_own_their_memory(index_dir, photos):

