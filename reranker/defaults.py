@@ -28,7 +28,7 @@ def default_model_kwargs(name: str) -> dict[str, Any]:
 #: Where the patch grid of a new index is read on a plain ViT: the output of this block (counted like
 #: Python indices), at the native token grid (16 x 16 for ViT-S/14 at 224 px). An intermediate block's
 #: tokens match across images far better than the final, normed ones (measured in docs/quality.md).
-DEFAULT_PATCH_LAYER = -2
+DEFAULT_PATCH_LAYER = -3
 #: ``grid`` value meaning the backbone's own token grid (no pooling).
 NATIVE_GRID = 0
 #: The grid of backbones whose patch layer cannot be chosen (Swin, CvT): the method's 7 x 7.

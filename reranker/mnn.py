@@ -95,25 +95,3 @@ def scores_at_thresholds(result: MnnResult, thresholds: "list[float] | tuple[flo
         out.append((keep.sum(-1).float() if score == "count" else (result.similarity * keep).sum(-1)) / n)
     return torch.stack(out)
 
-
-def match_patches(fq: torch.Tensor, fx: torch.Tensor, threshold: float = 0.5, score: str = "count",
-                  chunk_bytes: int = 1 << 20) -> MnnResult:
-    """:func:`mutual_nearest_neighbours` of query grids ``fq (Q, n, D)`` against candidate grids
-    ``fx (Q, K, m, D)`` (any float dtype), without ever holding all ``(Q, K, n, m)`` cosines: candidates
-    are taken a few at a time so that each block of cosines (about ``chunk_bytes``) stays in the CPU's
-    cache while it is reduced (the whole would be 26 MB for K = 100 on a 16 x 16 grid, and reading it three
-    times cost more than computing it). Non-finite features raise ValueError."""
-    Q, K, m, D = fx.shape
-    n = fq.shape[1]
-    fq = fq.float()
-    step = max(1, chunk_bytes // (n * m * 4))
-    parts = []
-    for start in range(0, K, step):
-        block = fx[:, start:start + step].float()  # (Q, k, m, D)
-        k = block.shape[1]
-        st = torch.bmm(block.reshape(Q, k * m, D), fq.transpose(1, 2)).view(Q, k, m, n)
-        parts.append(mutual_nearest_neighbours(st.transpose(-1, -2), threshold, score))
-    result = MnnResult(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("match", "similarity", "score")))
-    if not torch.isfinite(result.score).all() or not torch.isfinite(result.similarity).all():
-        raise ValueError("patch features give non-finite cosines (do they contain NaN or inf?)")
-    return result

@@ -130,6 +130,7 @@ async def search(
     threshold: Annotated[float | None, Form(**_param("threshold"), allow_inf_nan=False)] = None,
     s: Annotated[float | None, Form(**_param("s"), allow_inf_nan=False)] = None,
     marginals: Annotated[Marginals | None, Form(description=SEARCH_PARAMS["marginals"].help)] = None,
+    eps: Annotated[float | None, Form(**_param("eps"), allow_inf_nan=False)] = None,
     lam: Annotated[float | None, Form(alias=SEARCH_PARAMS["lam"].public_name, **_param("lam"),
                                       allow_inf_nan=False)] = None,
     explain: Annotated[bool, Form(description="render every explanation picture now")] = False,
@@ -137,7 +138,7 @@ async def search(
     """Search the index with one image: top K by global cosine, reranked by their patch structure."""
     cfg = state.settings
     asked = SearchSettings(top_k=top_k, rerank_k=rerank_k, scorer=scorer, threshold=threshold, s=s, lam=lam,
-                           marginals=marginals or "auto")
+                           marginals=marginals or "auto", eps=eps)
     try:
         settings = engine.effective(asked, cfg.search_layer())
     except ValueError as err:

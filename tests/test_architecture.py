@@ -21,7 +21,7 @@ ALLOWED = {
 }
 
 #: The pure maths: importable with torch alone.
-PURE_MATHS = ("reranker.ot", "reranker.sinkhorn_plain", "reranker.rollout", "reranker.marginals", "reranker.rerank", "reranker.grids",
+PURE_MATHS = ("reranker.ot", "reranker.sinkhorn_plain", "reranker.mnn", "reranker.rollout", "reranker.marginals", "reranker.rerank", "reranker.grids",
               "reranker.features")
 
 

@@ -247,7 +247,7 @@ def test_page_shows_the_reranked_results_and_their_explanations(page, server, ph
     assert image.evaluate("img => img.naturalWidth") >= 896
     assert image.bounding_box()["width"] >= 0.6 * 1280
     # The numbers beside the picture are the JSON explanation's.
-    numbers = httpx.get(f"{server}{hit['explanation_json_url']}", params={"top": 8}).json()
+    numbers = httpx.get(f"{server}{hit['explanation_json_url']}", params={"top": 6}).json()
     panel = page.get_by_test_id("explanation-numbers")
     panel.wait_for(state="visible")
     assert panel.get_by_test_id("num-global").inner_text() == score_text(hit["global_score"])
@@ -256,7 +256,7 @@ def test_page_shows_the_reranked_results_and_their_explanations(page, server, ph
     assert panel.get_by_test_id("num-ranks").inner_text() == f"#{hit['rank_before'] + 1} → #{hit['rank_after'] + 1}"
     assert panel.get_by_test_id("num-matched").inner_text().startswith(f"{100 * numbers['matched_mass']:.1f} %")
     rows = page.get_by_test_id("explanation-pairs").locator("tbody tr")
-    assert rows.count() == 8
+    assert rows.count() == min(6, len(numbers["pairs"]))  # as many as the picture draws
     first = numbers["pairs"][0]
     assert rows.nth(0).inner_text().split() == [
         "1", f"({first['query']['row']},", f"{first['query']['col']})", f"({first['candidate']['row']},",

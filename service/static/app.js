@@ -35,6 +35,8 @@
     pairsBody: document.querySelector("#explanation-numbers tbody"),
     orderToggle: $("order-toggle"),
   };
+  // Numbered links the picture draws (the service's default), and so the pairs listed beside it.
+  const PICTURE_LINKS = 6;
   // The picture's link colours, in order (reranker.visualize.LINK_COLOURS).
   const LINK_COLOURS = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00",
     "#cc79a7", "#ffffff", "#9467bd", "#8c564b", "#bcbd22", "#17becf"];
@@ -396,10 +398,11 @@
     setNumber("num-contribution", `${formatScore(e.structural_contribution)} (λ = ${e.lambda})`);
     setNumber("num-final", formatScore(e.final_score));
     setNumber("num-ranks", `#${e.rank_before + 1} → #${e.rank_after + 1}`);
-    setNumber("num-matched", `${percent(e.matched_mass)} (s = ${e.s})`);
+    setNumber("num-matched", e.scorer === "mnn" ? `${percent(e.matched_mass)} of the query's patches (cosine > ${e.threshold})`
+      : `${percent(e.matched_mass)} (s = ${e.s})`);
     setNumber("num-near-duplicate", e.near_duplicate === null ? "not measured for this model"
       : e.near_duplicate ? "yes" : "no");
-    const rows = e.pairs.slice(0, 8).map((pair) => {
+    const rows = e.pairs.slice(0, PICTURE_LINKS).map((pair) => {
       const tr = document.createElement("tr");
       const cells = [String(pair.rank), `(${pair.query.row}, ${pair.query.col})`,
         `(${pair.candidate.row}, ${pair.candidate.col})`,
@@ -423,7 +426,7 @@
     els.numbers.hidden = true;
     if (!hit.explanation_json_url) return;
     try {
-      const response = await fetch(`${hit.explanation_json_url}?top=8`);
+      const response = await fetch(`${hit.explanation_json_url}?top=${PICTURE_LINKS}`);
       if (serial !== explanationSerial) return;
       if (!response.ok) {
         const message = await readError(response);
