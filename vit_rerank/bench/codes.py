@@ -1,18 +1,19 @@
 """``vit-rerank bench codes``: bytes per image against reranking quality, with the real backbone.
 
-On each shared set (clothing-small validation and test, corridor) the real DINOv2 ViT-S/14 features
-(the evaluation's cache) are reranked with the gallery's patches stored as: float16 (today's index), a
-PCA to 128 dimensions (float16), and product-quantizer codes of several sizes, each fitted on that set's
-own patches as an index fits them on its gallery. Queries keep float patches (as a real query does);
-only the candidates' patches are compressed. The global ranking is the same for every row, so the
-differences are the compression's alone. Two settings: the shipped default (cross-correlation, s=0.5,
-lambda=0.5, K=100; the PCA row uses rollout, as a PCA index must) and the method's (rollout, s=1,
-lambda=1, K=100), which leans harder on the patches.
+On each shared set (clothing-small validation and test, corridor) the real DINOv2 ViT-S/14 features of a
+preset's patch configuration (the evaluation's cache; default: the ``shipped`` preset's native 16 x 16
+grid of block -3) are reranked with the gallery's patches stored as: float16 (what an index stores by
+default), PCAs (float16), and product-quantizer codes of several sizes, each fitted on that set's own
+patches as an index fits them on its gallery. Queries keep float patches (as a real query does; a PCA
+index reduces the query's too); only the candidates' patches are compressed. The global ranking is the
+same for every row, so the differences are the compression's alone. Each preset named with
+``--presets`` is one column per set (presets must share their patch configuration).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,13 +22,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .quality import DEFAULT_DATA, SETS
+from indexer.search_params import SHIPPED, preset, preset_patches
+
+from .quality import DEFAULT_DATA, SETS, preset_structural, preset_variant
 from .report import report_handler
 
-SPECS = ("pq16", "pq24", "pq32", "pq48")
-PCA_DIM = 128
-SETTINGS = {"default": ("crosscorr", 0.5, 0.5), "method": ("rollout", 1.0, 1.0)}
-K = 100
+SPECS = ("pq8", "pq16", "pq32")
+PCA_DIMS = (32, 64)
 
 
 def add_parser(which: argparse._SubParsersAction) -> None:
@@ -36,22 +37,26 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--specs", default=",".join(SPECS), help=f"patch codes to measure (default {','.join(SPECS)})")
     p.add_argument("--weights", default=str(DEFAULT_DATA.parent / "weights" / "dinov2_vits14.safetensors"))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--settings", default="default,method", help="default, method or both")
+    p.add_argument("--presets", default=SHIPPED, help=f"comma list of presets sharing one patch configuration "
+                   f"(default {SHIPPED}; e.g. ot-tuned,paper for the 7 x 7 final grid)")
+    p.add_argument("--pca", default=",".join(map(str, PCA_DIMS)), help="PCA dimensions to measure, comma list")
     p.set_defaults(handler=report_handler(measure, table))
 
 
-def _variants(patches: np.ndarray, specs: list[str]) -> dict[str, tuple[int, Callable[[np.ndarray], np.ndarray]]]:
-    """name -> (patch bytes per image incl. float32 weights, compress(patches) -> float patches)."""
+def _variants(patches: np.ndarray, specs: list[str],
+              pca_dims: list[int]) -> dict[str, tuple[int, Callable[[np.ndarray], np.ndarray]]]:
+    """name -> (patch vector bytes per image, compress(patches) -> float patches)."""
     from indexer.patch_codes import PatchCodec
     from indexer.pca import PatchPCA
 
     n, dim = patches.shape[1], patches.shape[2]
-    out: dict[str, tuple[int, Callable]] = {"float16": (n * (2 * dim + 4), lambda p: p)}
-    pca = PatchPCA.fit(patches, PCA_DIM)
-    out[f"pca{PCA_DIM}"] = (n * (2 * PCA_DIM + 4), lambda p: pca.transform(p).astype(np.float16))
+    out: dict[str, tuple[int, Callable]] = {"float16": (n * 2 * dim, lambda p: p)}
+    for d in pca_dims:
+        pca = PatchPCA.fit(patches, d)
+        out[f"pca{d}"] = (n * 2 * d, lambda p, pca=pca: pca.transform(p).astype(np.float16))
     for spec in specs:
         codec = PatchCodec.fit(patches, spec)
-        out[spec] = (n * (codec.bytes_per_patch + 4), lambda p, c=codec: c.decode(c.encode(p)).astype(np.float16))
+        out[spec] = (n * codec.bytes_per_patch, lambda p, c=codec: c.decode(c.encode(p)).astype(np.float16))
     return out
 
 
@@ -80,19 +85,29 @@ def measure(args) -> dict[str, Any]:
     from reranker.backbones import create_backbone
     from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
 
+    presets = [p for p in args.presets.split(",") if p]
+    patches_of = {str(preset_patches(p)) for p in presets}
+    if len(patches_of) != 1:
+        raise ValueError(f"presets {', '.join(presets)} read different patch features: measure them in separate runs")
+    patch_config = preset_patches(presets[0])
     kwargs = default_model_kwargs(DEFAULT_MODEL)
-    backbone = create_backbone(DEFAULT_MODEL, args.weights, grid=7, model_kwargs=kwargs).eval()
+    backbone = create_backbone(DEFAULT_MODEL, args.weights, grid=patch_config["grid"], model_kwargs=kwargs,
+                               patch_layer=patch_config["patch_layer"]).eval()
     specs = [s for s in args.specs.split(",") if s]
-    settings = [s for s in args.settings.split(",") if s]
+    pca_dims = [int(d) for d in args.pca.split(",") if d]
+    settings = {p: (preset_structural(p), preset(p)["lam"], preset(p)["rerank_k"]) for p in presets}
+    kinds = sorted({st.weight_kind for st, _, _ in settings.values() if st.weight_kind} or {"uniform"})
+    K = max(k for _, _, k in settings.values())
     device = torch.device("cpu")
     out: dict[str, Any] = {"model": DEFAULT_MODEL, "weights_id": backbone.weights_id, "k": K, "sets": {},
-                           "settings": {s: SETTINGS[s] for s in settings}}
+                           "patches": patch_config, "grid": backbone.grid,
+                           "settings": {p: preset_variant(p) for p in presets}}
     start = time.perf_counter()
     for name, loader, folder in SETS:
         print(f"[bench codes] {name}...", file=sys.stderr)
         data = load_dataset(loader, str(args.data / folder))
         records = data.records if isinstance(data, ClassSet) else data.queries + data.database
-        key = cache_key(data.name, data.root, records, backbone, kwargs, ["rollout"])
+        key = cache_key(data.name, data.root, records, backbone, kwargs, kinds)
         store = compute_features(backbone, records, key, default_cache_dir(), progress=False)
         feats = DeviceFeatures(store, device)
         if isinstance(data, ClassSet):
@@ -104,21 +119,20 @@ def measure(args) -> dict[str, Any]:
         metric = PRIMARY_METRIC[data.protocol]
         patches = np.asarray(store.patch_features, np.float32)
         rows: dict[str, Any] = {"baseline": {"bytes": 0, **{s: metrics(ranking.relevant)[metric] for s in settings}}}
-        for variant, (nbytes, compress) in _variants(patches[store.ok], specs).items():
+        print(f"[bench codes] {name}: {len(ranking.query_rows)} queries", file=sys.stderr)
+        for variant, (nbytes, compress) in _variants(patches[store.ok], specs, pca_dims).items():
             cand = torch.from_numpy(compress(patches).astype(np.float16))
             query = torch.from_numpy(patches.astype(np.float16))
             if variant.startswith("pca"):
                 query = cand  # a PCA index reduces the query's patches too
             mixed = _MixedFeatures(feats, query, cand)
             row: dict[str, Any] = {"bytes": nbytes}
-            for setting in settings:
-                marginals, s, lam = SETTINGS[setting]
-                if variant.startswith("pca") and marginals == "crosscorr":
-                    marginals = "rollout"
-                batch = auto_rerank_batch(K, patches.shape[1], cand.shape[-1], device)
-                sigma = structural_scores(ranking, mixed, K, Structural("ot", marginals, s), eps=0.05, batch=batch,
-                                          progress=False)
-                row[setting] = metrics(reranked_relevance(ranking, sigma, K, lam))[metric]
+            for setting, (structural, lam, k) in settings.items():
+                if variant.startswith("pca") and structural.marginals == "crosscorr" and structural.scorer == "ot":
+                    structural = dataclasses.replace(structural, marginals="rollout")  # as a PCA index must
+                batch = auto_rerank_batch(k, patches.shape[1], cand.shape[-1], device)
+                sigma = structural_scores(ranking, mixed, k, structural, eps=0.05, batch=batch, progress=False)
+                row[setting] = metrics(reranked_relevance(ranking, sigma, k, lam))[metric]
             rows[variant] = row
         out["sets"][name] = {"metric": metric, "queries": len(ranking.query_rows), "rows": rows}
     out["seconds"] = time.perf_counter() - start
@@ -127,10 +141,12 @@ def measure(args) -> dict[str, Any]:
 
 def table(doc: dict[str, Any]) -> str:
     settings = list(doc["settings"])
-    lines = [f"{doc['model']} {doc['weights_id']}, K={doc['k']}; settings: "
-             + "; ".join(f"{k} = {v[0]}, s={v[1]}, lambda={v[2]}" for k, v in doc["settings"].items()),
-             "patch B/img: stored patch data per image (49 patches + float32 weights); metric x100; "
-             "(delta vs float16)"]
+    grid = doc["grid"]
+    lines = [f"{doc['model']} {doc['weights_id']}, {grid} x {grid} patches of layer "
+             f"{doc['patches']['patch_layer'] if doc['patches']['patch_layer'] is not None else 'final'}; "
+             + "; ".join(f"{k} = {v}" for k, v in doc["settings"].items()),
+             f"patch B/img: stored patch vectors per image ({grid * grid} patches; the index also keeps "
+             f"{4 * grid * grid} B of float32 patch weights); metric x100; (delta vs float16)"]
     header = f"{'variant':<10} {'patch B/img':>11}"
     for name, st in doc["sets"].items():
         for setting in settings:
