@@ -87,7 +87,7 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
          f"embedding: {emb['images_embedded']} images in {emb['seconds']:.2f} s "
          f"({emb['images_per_second']:.1f} img/s)"),
         f"search: {t['search_s']:.3f} s; reranking: {t['rerank_s']:.3f} s in all "
-        f"({t['rerank_queries_per_s']:.1f} queries/s per variant)",
+        f"({t['rerank_queries_per_s']:.1f} queries/s per scoring pass; one pass serves every mnn threshold)",
     ]
     lines += [f"  rerank {name}: {sec:.3f} s" for name, sec in doc["rerank_timings_s"].items()]
     for grid, kinds in doc.get("patch_weight_entropy", {}).items():

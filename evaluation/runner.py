@@ -172,8 +172,8 @@ def _merge(runs: list) -> tuple[Any, dict[str, Any]]:
         "rerank_batch": first.timings["rerank_batch"],
     }
     total = merged.timings["rerank_s"]
-    queries = len(first.ranking.query_rows) if first.ranking is not None else 0
-    merged.timings["rerank_queries_per_s"] = queries * len(merged.rerank_timings) / total if total > 0 else 0.0
+    passes = sum(o.timings["rerank_queries_per_s"] * o.timings["rerank_s"] for *_, o in runs)  # queries scored
+    merged.timings["rerank_queries_per_s"] = passes / total if total > 0 else 0.0
     return merged, {"embedding_s": sum(st.seconds for _, _, st, _ in runs)}
 
 

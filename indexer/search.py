@@ -18,7 +18,7 @@ from .embedding import embed_pil_images
 from .calibration import Calibration
 from .index_dir import IndexDir
 from .patch_store import StoredFeatures
-from .search_params import DEFAULT_MARGINALS, SEARCH_PARAMS, rerank_options, resolve
+from .search_params import DEFAULT_MARGINALS, PRESETS, SEARCH_PARAMS, features_preset, rerank_options, resolve
 from .vector_index import VectorSearcher
 
 
@@ -148,16 +148,24 @@ class Searcher:
             return "crosscorr"
         return "rollout" if manifest.patch_weights != "uniform" else "uniform"
 
+    def index_defaults(self) -> dict[str, Any]:
+        """The last layer of a search's settings: the preset measured on this index's patch features
+        (:func:`indexer.search_params.features_preset`), with the marginals the index allows."""
+        m = self.index_dir.manifest
+        name = features_preset(m.grid, m.patch_layer, self.backbone.native_grid, self.backbone.depth)
+        return {**PRESETS[name], "marginals": self.default_marginals()}
+
     def effective(self, settings: SearchSettings, service: Mapping[str, Any] | None = None) -> SearchSettings:
         """The one resolution of a search's settings: each parameter from the request (``settings``), else
-        the index's calibration, else the ``service``'s configured defaults, else what the index allows of
-        the shipped defaults; ``auto`` marginals resolved; validated (ValueError names the bad parameter)."""
+        the index's calibration, else the ``service``'s configured defaults, else the preset measured on the
+        index's patch features (:meth:`index_defaults`); ``auto`` marginals resolved; validated (ValueError
+        names the bad parameter)."""
         settings.validate()
         calibrated = self.calibration.setting() if self.calibration is not None else None
         if calibrated is not None and calibrated.get("marginals") == "rollout" \
                 and self.index_dir.manifest.patch_weights == "uniform":
             calibrated["marginals"] = "uniform"
-        filled = settings.filled(calibrated, service, {"marginals": self.default_marginals()})
+        filled = settings.filled(calibrated, service, self.index_defaults())
         filled = dataclasses.replace(filled, marginals=self.resolve_marginals(filled.marginals))
         filled.validate()
         return filled

@@ -137,6 +137,22 @@ def preset_patches(name: str) -> dict[str, Any]:
     return dict(PRESET_PATCHES[name])
 
 
+def features_preset(grid: int, patch_layer: int | None, native_grid: int, depth: int) -> str:
+    """The preset measured on an index's patch features (``grid`` and ``patch_layer`` as its manifest
+    stores them; ``native_grid`` and ``depth`` of its backbone): ``shipped`` for the default features,
+    ``ot-tuned`` for the 7 x 7 final grid of earlier indexes and of backbones without a patch layer,
+    ``shipped`` where none was measured."""
+    for name in (SHIPPED, "ot-tuned"):
+        p = PRESET_PATCHES[name]
+        if p["patch_layer"] is not None and depth == 0:
+            continue  # measured on a block this backbone cannot name
+        want_grid = native_grid if p["grid"] == 0 else p["grid"]
+        want_layer = None if p["patch_layer"] is None else p["patch_layer"] % depth
+        if (grid, patch_layer) == (want_grid, want_layer):
+            return name
+    return SHIPPED
+
+
 def is_unset(name: str, value: Any) -> bool:
     """None, and ``auto`` for the marginals, leave a parameter to the next layer."""
     return value is None or (name == "marginals" and value == "auto")

@@ -46,7 +46,8 @@ def clothing_folder(shared_data, tmp_path_factory) -> Path:
 
 def test_folder_protocol_end_to_end(clothing_folder, tmp_path):
     cache = tmp_path / "cache"
-    args = ["--dataset", "folder", "--root", str(clothing_folder), *TINY, "--rerank-k", "5,10", "--s", "1.0,0.9",
+    args = ["--dataset", "folder", "--root", str(clothing_folder), *TINY, "--preset", "paper", "--rerank-k", "5,10",
+            "--s", "1.0,0.9",
             "--marginals", "rollout,uniform", "--cache", str(cache)]
     first = run_eval(*args, "--json-out", str(tmp_path / "a.json"), "--markdown-out", str(tmp_path / "a.md"),
                      "--plots", str(tmp_path / "plots"))
@@ -129,7 +130,8 @@ def test_grid_lambda_and_weight_kinds_sweep_with_calibration(clothing_folder, tm
     """Several G (0: the native grid, 14 for the tiny 112/8 ViT), several lambdas, every per-image kind."""
     kinds = "rollout,rollout_mean,rollout_max,cls_rollout,last_cls,crosscorr,uniform"
     run_eval("--dataset", "folder", "--root", str(clothing_folder), *TINY, "--rerank-k", "10", "--s", "1,0.5",
-             "--grid", "7,0", "--patch-layer", "final", "--lambda", "0,0.5", "--marginals", kinds, "--calibrate", "--cache",
+             "--grid", "7,0", "--patch-layer", "final", "--scorer", "ot", "--lambda", "0,0.5", "--marginals", kinds,
+             "--calibrate", "--cache",
              str(tmp_path / "cache"), "--json-out", str(tmp_path / "a.json"))
     doc = json.loads((tmp_path / "a.json").read_text())
     assert doc["settings"]["grid"] == [7, 14] and doc["settings"]["lambda"] == [0.0, 0.5]

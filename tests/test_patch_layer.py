@@ -119,3 +119,21 @@ def test_resuming_a_build_with_another_patch_layer_or_grid_is_refused(tmp_path, 
     assert main(common + ["--grid", "7"]) == 1
     assert "grid" in capsys.readouterr().err
     assert main(common + ["--patch-layer", "-2"]) == 0  # the same block, counted from the end
+
+
+def test_an_index_searches_with_the_preset_measured_on_its_patch_features(tmp_path, photos, capsys):
+    """Unset parameters come last from the preset measured on the index's features: shipped (mnn) on the
+    default features, ot-tuned on the 7 x 7 final grid of earlier indexes."""
+    from indexer.search_params import PRESETS, features_preset
+    from vit_rerank.cli import main
+
+    assert features_preset(16, 9, 16, 12) == "shipped"
+    assert features_preset(7, None, 16, 12) == "ot-tuned"
+    assert features_preset(7, None, 7, 0) == "ot-tuned"  # Swin, CvT: no patch layer
+    assert features_preset(16, 5, 16, 12) == "shipped"  # nothing measured: the shipped setting
+    for extra, preset in (([], "shipped"), (["--grid", "7", "--patch-layer", "final"], "ot-tuned")):
+        index = _build(tmp_path / preset, photos, *extra)
+        capsys.readouterr()
+        assert main(["search", "--index", str(index), str(next(photos.rglob("*.png"))), "--json"]) == 0
+        settings = json.loads(capsys.readouterr().out)["settings"]
+        assert {k: settings["lambda" if k == "lam" else k] for k in PRESETS[preset]} == PRESETS[preset]

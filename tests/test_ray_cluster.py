@@ -94,7 +94,7 @@ def built(cluster, shared_data, tmp_path_factory):
     from indexer.build import add_records, new_manifest
     from indexer.index_dir import IndexDir
     from indexer.sources import from_manifest
-    from reranker.backbones import create_backbone
+    from reranker.backbones import create_index_backbone
     from vit_rerank.cli import main
 
     tmp = tmp_path_factory.mktemp("ray-built")
@@ -105,7 +105,7 @@ def built(cluster, shared_data, tmp_path_factory):
             "--batch-size", "4", "--commit-every", "4", "--no-progress"]
     assert main(argv) == 0
     local = tmp / "local"
-    backbone = create_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())
+    backbone = create_index_backbone("test_vit", "random", model_kwargs=tiny_vit_kwargs())  # as the CLI makes it
     with IndexDir.create(local, new_manifest(backbone, patch_weights="rollout", model_kwargs=tiny_vit_kwargs())) as g:
         report = add_records(g, backbone, from_manifest(source), workers=0, progress=False)
     return root, local, photos, report

@@ -74,9 +74,9 @@ def test_search_matches_the_library(client, index_dir, photos):
     assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results"}
     # an uncalibrated index: unset marginals take the measured default (cross-correlation)
     assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "crosscorr"
-    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "scorer": default("scorer"),
-                                "threshold": default("threshold"), "s": 0.9, "lambda": 0.5, "marginals": "crosscorr",
-                                "eps": 0.05, "calibrated": False}
+    # a 7 x 7 final-grid index: unset parameters take the preset measured on those features (ot-tuned)
+    assert body["settings"] == {"top_k": 8, "rerank_k": 12, "scorer": "ot", "threshold": default("threshold"),
+                                "s": 0.9, "lambda": 0.5, "marginals": "crosscorr", "eps": 0.05, "calibrated": False}
     assert set(body["timings_ms"]) == {"queue", "embed", "search", "rerank", "total"}
     t = body["timings_ms"]
     assert all(v >= 0 for v in t.values()) and t["total"] >= t["embed"] + t["search"]

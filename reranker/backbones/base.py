@@ -134,11 +134,14 @@ class Backbone(nn.Module):
 
     @property
     def native_grid(self) -> int:
-        """Side of the backbone's own final token grid at its input size (16 for a 224-px patch-14 ViT)."""
-        size = self.input_size[-1]
-        with torch.no_grad():
-            out = self(torch.zeros(1, 3, size, size, device=self.device))
-        return int(out.token_grid[0])
+        """Side of the backbone's own final token grid at its input size (16 for a 224-px patch-14 ViT);
+        found by one forward of a blank image, once."""
+        if getattr(self, "_native_grid", None) is None:
+            size = self.input_size[-1]
+            with torch.no_grad():
+                out = self(torch.zeros(1, 3, size, size, device=self.device))
+            self._native_grid = int(out.token_grid[0])
+        return self._native_grid
 
     def set_patch_layer(self, layer: int | None) -> None:
         """Read the patch grid from block ``layer`` (None: the final output); ValueError when this

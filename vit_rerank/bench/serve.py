@@ -202,7 +202,7 @@ def run(
     """Measure both sides at each concurrency and print a table (or JSON)."""
     from indexer.search import SearchSettings
     from reranker.device import resolve_device
-    from reranker.backbones import create_backbone
+    from reranker.backbones import create_index_backbone
     from reranker.defaults import default_model_kwargs
     from reranker.threads import run_on_own_thread
     from service.demo import build_demo_index
