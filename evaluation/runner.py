@@ -120,7 +120,7 @@ def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, An
     if "ot" not in sweep.scorers:
         kinds = ["uniform"]  # mnn weighs every patch alike: no attention to capture
     backbone = backbone.to(device).eval()
-    grids = list(dict.fromkeys(g or backbone.native_grid for g in settings.grids))
+    grids = list(dict.fromkeys(backbone.grid_side(g) for g in settings.grids))
     configs = [(g, layer) for g in grids for layer in dict.fromkeys(settings.patch_layers)]
     records = _records(data)
     runs = []

@@ -58,7 +58,7 @@ def _check_patches(args: argparse.Namespace, backbone: "Backbone") -> None:
             raise IndexMismatchError(f"the index reads its patches from layer {name(backbone.patch_layer)}, not "
                                      f"{name(args.patch_layer)}: leave --patch-layer out, or build a new index "
                                      "(patch layer is fixed when an index is made)")
-    if args.grid is not None and (backbone.native_grid if args.grid == 0 else args.grid) != backbone.grid:
+    if args.grid is not None and backbone.grid_side(args.grid) != backbone.grid:
         raise IndexMismatchError(f"the index's patch grid is {backbone.grid} x {backbone.grid}, not {args.grid}: "
                                  "leave --grid out, or build a new index")
 

@@ -119,11 +119,6 @@ def default(name: str) -> Any:
     return PRESETS[SHIPPED].get(name, SEARCH_PARAMS[name].default)
 
 
-def defaults() -> dict[str, Any]:
-    """Every parameter's shipped default."""
-    return {name: default(name) for name in SEARCH_PARAMS}
-
-
 def preset(name: str) -> dict[str, Any]:
     """Every parameter under preset ``name`` (ValueError naming the presets for an unknown one)."""
     if name not in PRESETS:

@@ -143,6 +143,10 @@ class Backbone(nn.Module):
             self._native_grid = int(out.token_grid[0])
         return self._native_grid
 
+    def grid_side(self, grid: int) -> int:
+        """The side a ``grid`` argument means: itself, or (0) the :attr:`native_grid`."""
+        return self.native_grid if grid == 0 else grid
+
     def set_patch_layer(self, layer: int | None) -> None:
         """Read the patch grid from block ``layer`` (None: the final output); ValueError when this
         backbone cannot, or the block does not exist. The stored form is non-negative."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..defaults import AUTO, METHOD_GRID, NATIVE_GRID, patch_defaults
+from ..defaults import AUTO, METHOD_GRID, patch_defaults
 from .base import DEFAULT_GRID, Backbone
 from .weights import check_weights_arg
 
@@ -105,8 +105,7 @@ def create_backbone(
         raise ValueError(f"grid must be at least 1, or 0 for the native token grid, got {grid}")
     backbone = kind.create(name, weights, grid or DEFAULT_GRID, dict(model_kwargs or {}))
     backbone.set_patch_layer(patch_layer)
-    if grid == 0:
-        backbone.grid = backbone.native_grid
+    backbone.grid = backbone.grid_side(grid)
     return backbone
 
 
@@ -124,6 +123,5 @@ def create_index_backbone(
     backbone = create_backbone(name, weights, grid=grid or METHOD_GRID, model_kwargs=model_kwargs)
     default_grid, default_layer = patch_defaults(backbone.supports_patch_layer)
     backbone.set_patch_layer(default_layer if patch_layer == AUTO else patch_layer)
-    grid = default_grid if grid is None else grid
-    backbone.grid = backbone.native_grid if grid == NATIVE_GRID else grid
+    backbone.grid = backbone.grid_side(default_grid if grid is None else grid)
     return backbone
