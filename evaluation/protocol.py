@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from indexer.search_params import rerank_options
+from indexer.search_params import rerank_options, sweep_values
 from reranker.mnn import scores_at_thresholds
 from reranker.rerank import Features, final_scores, ranked, rerank_batch
 
@@ -96,10 +96,8 @@ class Sweep:
         return out
 
     def __post_init__(self) -> None:
-        if bad := [s for s in self.scorers if s not in ("ot", "mnn")]:
-            raise ValueError(f"unknown scorer {bad[0]!r}: use ot or mnn")
-        if bad := [t for t in self.thresholds if not -1.0 <= t <= 1.0]:
-            raise ValueError(f"threshold must be in [-1, 1], got {bad[0]}")
+        sweep_values("scorer", self.scorers)  # the search parameters' own choices and bounds
+        sweep_values("threshold", self.thresholds)
         if not self.marginals or not self.s_values or not self.k_values:
             raise ValueError("the sweep needs at least one marginals kind, one s and one K")
         if bad := [s for s in self.s_values if not (0.0 < s <= 1.0)]:
