@@ -28,6 +28,7 @@ from indexer.atomic import fsync_path, write_json, write_npy
 from indexer.embedding import embed_records
 from indexer.sources import ImageRecord
 from reranker.backbones import Backbone
+from reranker.features import StoredFeatures
 
 FORMAT_VERSION = 2  # 2: a weights file per kind
 META = "meta.json"
@@ -38,19 +39,16 @@ def default_cache_dir() -> Path:
     return Path(base) / "vit-rerank" / "eval"
 
 
-@dataclass
-class FeatureStore:
-    """Features of ``ids`` in order: global ``(N, D)`` float32, patches ``(N, G*G, D)`` float16
-    (memory-mapped), patch weights per kind ``(N, G*G)`` float32 (all kinds from one forward);
-    ``ok[i]`` is False for a failed image."""
+@dataclass(kw_only=True)
+class FeatureStore(StoredFeatures):
+    """A cache entry: the stored features of ``ids`` in order (global ``(N, D)`` float32, patches
+    ``(N, G*G, D)`` float16, memory-mapped, patch weights of every kind asked for, from one forward)
+    and where they came from; ``ok[i]`` is False for a failed image."""
 
     folder: Path
     key: dict[str, Any]
     ids: list[str]
     ok: np.ndarray
-    global_features: np.ndarray
-    patch_features: np.ndarray
-    patch_weights: dict[str, np.ndarray]
     failures: list[dict[str, str]] = field(default_factory=list)
     cached: bool = False
     images_embedded: int = 0
@@ -157,9 +155,9 @@ def _embed_into(
                                progress=progress, description="embedding"):
         if batch.positions:
             rows = np.asarray(batch.positions)
-            global_features[rows] = batch.global_features
-            patches[rows] = batch.patch_features.astype(np.float16)
-            for kind, values in batch.patch_weights.items():
+            global_features[rows] = batch.features.global_features
+            patches[rows] = batch.features.patch_features.astype(np.float16)
+            for kind, values in batch.features.patch_weights.items():
                 weights[kind][rows] = values
             ok[rows] = True
         failures += [{"id": f.id, "path": f.path, "reason": f.reason, "message": f.message} for f in batch.failures]

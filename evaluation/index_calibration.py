@@ -53,7 +53,7 @@ def own_labels(index_dir: IndexDir) -> tuple[ClassSet, FeatureStore]:
     store = FeatureStore(
         folder=index_dir.folder, key={}, ids=[r.id for r in rows], ok=np.ones(len(rows), bool),
         global_features=gathered.global_features, patch_features=gathered.patch_features,
-        patch_weights={index_dir.manifest.patch_weights: gathered.patch_weights}, cached=True,
+        patch_weights=gathered.patch_weights, cached=True,
     )
     return data, store
 

@@ -29,10 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from indexer.search_params import rerank_options, sweep_values
+from reranker.features import Features, StoredFeatures
 from reranker.mnn import scores_at_thresholds
-from reranker.rerank import Features, final_scores, ranked, rerank_batch
+from reranker.rerank import final_scores, ranked, rerank_batch
 
 from .datasets import ClassSet, EvalSet, PlaceSet
+
 from .features import FeatureStore
 from .metrics import CLASS_METRICS, RECALL_AT, class_metrics, class_r, recall_at
 
@@ -157,10 +159,12 @@ class Outcome:
 
 
 class DeviceFeatures:
-    """The store's arrays as tensors: global vectors and weights on ``device``; patches there too
-    when they fit comfortably, else gathered from the memory-mapped file per batch."""
+    """Where an evaluation reads its rows from (not a third carrier): a :class:`StoredFeatures`' arrays
+    as tensors, global vectors and weights on ``device``, patches there too when they fit
+    comfortably, else gathered from the memory-mapped file per batch; :meth:`features` gathers rows
+    into the torch carrier."""
 
-    def __init__(self, store: FeatureStore, device: torch.device) -> None:
+    def __init__(self, store: StoredFeatures, device: torch.device) -> None:
         self.device = device
         self.global_features = torch.from_numpy(store.global_features).to(device)
         self.patch_weights = {k: torch.from_numpy(w).to(device) for k, w in store.patch_weights.items()}

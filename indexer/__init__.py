@@ -19,7 +19,7 @@ from typing import Any
 _EXPORTS = {
     "IndexSpec": "build", "plan_index": "build", "create_index": "build", "build_index": "build",
     "add_records": "build", "backbone_for": "build", "BuildReport": "build",
-    "IndexDir": "index_dir", "open_index": "index_dir",
+    "IndexDir": "index_dir", "open_index": "index_dir", "Gallery": "gallery",
     "Catalog": "catalog",
     "Searcher": "search", "SearchSettings": "search", "QueryResult": "search", "Hit": "search",
     "ImageRecord": "sources", "from_source": "sources",

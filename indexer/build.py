@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, weights_identity
+from reranker.features import StoredFeatures
 
 from .atomic import write_json
 from .embedding import Failure, embed_records
@@ -24,7 +25,6 @@ from .loading import LoadLimits
 from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow, now_iso
 from .near_duplicates import finder_for
-from .patch_store import StoredFeatures
 from .sources import ImageRecord
 
 
@@ -218,7 +218,7 @@ def add_records(
             ))
             keep.append(k)
         if keep:
-            pending.append(batch.stored(kind).take(keep))
+            pending.append(batch.features.select(kind).take(keep))
         if len(pending_rows) >= commit_every:
             flush()
     flush()

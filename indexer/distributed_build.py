@@ -26,6 +26,7 @@ import ray
 from tqdm.auto import tqdm
 
 from reranker.device import resolve_device
+from reranker.features import StoredFeatures
 
 from .atomic import write_json
 from .build import BuildReport, backbone_for
@@ -34,7 +35,6 @@ from .index_dir import IndexDir, NewImages
 from .loading import LoadLimits
 from .manifest import Manifest
 from .metadata import ImageRow, now_iso
-from .patch_store import StoredFeatures
 from .shards import ShardLayout, shard_of
 from .sources import ImageRecord, from_source
 
@@ -105,9 +105,9 @@ class _Embedder:
                 out["ok"][pos] = True
                 out["hash"][pos], out["nbytes"][pos] = eb.hashes[k], eb.nbytes[k]
                 out["width"][pos], out["height"][pos] = eb.sizes[k]
-                out["global"][pos] = eb.global_features[k]
-                out["patches"][pos] = eb.patch_features[k]
-                out["weights"][pos] = eb.patch_weights[kind][k]
+                out["global"][pos] = eb.features.global_features[k]
+                out["patches"][pos] = eb.features.patch_features[k]
+                out["weights"][pos] = eb.features.weights(kind)[k]
         for name in ("hash", "reason", "message"):
             out[name] = np.array(out[name], dtype=object)
         return {**batch, **out}
@@ -331,6 +331,7 @@ def _take(batch: dict[str, np.ndarray], i: int, writers: list[_ShardWriter], see
     row = ImageRow(id=image_id, path=rec["path"], label=rec["label"], content_hash=digest,
                    width=int(batch["width"][i]), height=int(batch["height"][i]), bytes=int(batch["nbytes"][i]),
                    metadata=rec["metadata"], added_at=now_iso())
-    features = StoredFeatures(batch["global"], batch["patches"], batch["weights"]).take([i])
-    writers[int(batch["shard"][i])].add(row, features)
+    writer = writers[int(batch["shard"][i])]
+    kind = writer.index_dir.manifest.patch_weights
+    writer.add(row, StoredFeatures(batch["global"], batch["patches"], {kind: batch["weights"]}).take([i]))
 

@@ -10,18 +10,16 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from reranker.backbones import Backbone
-from reranker.features import Features
+from reranker.backbones import Backbone, BackboneOutput
+from reranker.features import Features, StoredFeatures
 from reranker.marginals import PerImageWeights
 
 from .loading import ImageLoadError, LoadLimits, content_hash, load_image, read_bytes
-from .patch_store import StoredFeatures
 from .sources import ImageRecord
 
 
@@ -38,20 +36,15 @@ class Failure:
 
 @dataclass
 class EmbeddedBatch:
-    """Features of the images of one batch that loaded, and the ones that did not."""
+    """One batch of records: the rows that loaded with their features, row for row, and the ones
+    that did not."""
 
     positions: list[int]  # indices into the records given
     hashes: list[str]
     sizes: list[tuple[int, int]]
     nbytes: list[int]
-    global_features: np.ndarray  # (b, D) float32
-    patch_features: np.ndarray  # (b, G*G, D) float32
-    patch_weights: dict[str, np.ndarray]  # kind -> (b, G*G) float32
+    features: StoredFeatures | None  # float32, every kind asked for; None when no image loaded
     failures: list[Failure] = field(default_factory=list)
-
-    def stored(self, kind: str) -> StoredFeatures:
-        """The batch's features with the ``kind`` patch weights, as the index stores them."""
-        return StoredFeatures(self.global_features, self.patch_features, self.patch_weights[kind])
 
 
 class _GalleryDataset(Dataset):
@@ -88,16 +81,12 @@ def autocast_for(device: torch.device):
 
 
 @torch.inference_mode()
-def forward_features(
-    backbone: Backbone, images: torch.Tensor, kinds: Sequence[str]
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Global vectors, patch grids and each kind of patch weights of a preprocessed batch (on its
-    device), all from one forward; rollout is folded block by block as the forward runs."""
+def forward_features(backbone: Backbone, images: torch.Tensor, kinds: Sequence[str]) -> BackboneOutput:
+    """The backbone's output for a preprocessed batch (on its device, float32), with each kind of
+    patch weights, all from one forward; rollout is folded block by block as the forward runs."""
     device = backbone.device
     with autocast_for(device):
-        out = backbone(images.to(device, non_blocking=True), patch_weights=tuple(kinds))
-    weights = {k: w.float() for k, w in out.patch_weights.items()}
-    return out.global_features.float(), out.patch_features.float(), weights
+        return backbone(images.to(device, non_blocking=True), patch_weights=tuple(kinds)).float()
 
 
 def embed_pil_images(
@@ -108,8 +97,7 @@ def embed_pil_images(
     Attention is captured only for kinds read from it (not for uniform or None): the forward
     otherwise keeps its fused attention."""
     batch = torch.stack([backbone.transform(im.convert("RGB")) for im in images])
-    g, p, w = forward_features(backbone, batch, () if kind is None else (kind,))
-    return Features(g, p, None if kind is None else w[kind])
+    return forward_features(backbone, batch, () if kind is None else (kind,)).features(kind)
 
 
 def embed_records(
@@ -145,20 +133,13 @@ def embed_records(
                 Failure(i, records[i].id, records[i].path, err[0], err[1]) for i, *_, err in items if err is not None
             ]
             skipped += len(failures)
-            if good:
-                g, p, w = forward_features(backbone, torch.stack([it[1] for it in good]), kinds)
-                g, p, w = g.cpu().numpy(), p.cpu().numpy(), {k: v.cpu().numpy() for k, v in w.items()}
-            else:
-                g = p = None
-                w = {}
+            features = forward_features(backbone, torch.stack([it[1] for it in good]), kinds).stored() if good else None
             yield EmbeddedBatch(
                 positions=[it[0] for it in good],
                 hashes=[it[2] for it in good],
                 sizes=[it[3] for it in good],
                 nbytes=[it[4] for it in good],
-                global_features=g,
-                patch_features=p,
-                patch_weights=w,
+                features=features,
                 failures=failures,
             )
             bar.update(len(items))

@@ -23,6 +23,7 @@ before a change).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -32,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from reranker.features import StoredFeatures
+
 from .atomic import remove_temporaries
 from .calibration import Calibration
 from .catalog import DB_NAME
@@ -39,13 +42,12 @@ from .compaction import SegmentCompaction
 from .global_index import GlobalIndexUpkeep
 from .manifest import Manifest
 from .metadata import ImageRow, MetadataDB, now_iso
-from .patch_store import StoredFeatures, PatchStore
+from .patch_store import PatchStore
 from .index_plan import IndexPlan
 from .patch_codes import PatchCodec
 from .pca import PatchPCA
 from .verify import VerifyReport, verify_index
-from .vector_index import (add_vectors, build_index, load_index, remove_ids,
-                           save_index)
+from .vector_index import VectorSearcher, add_vectors, build_index, load_index, remove_ids, save_index
 
 STREAM_CHUNK = 65_536  # global vectors read at a time when training, filling or checking FAISS
 
@@ -61,14 +63,21 @@ class NewImages:
     features: StoredFeatures
 
 
-class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
-    """Read and change an index directory (one writer at a time)."""
+class IndexDir:
+    """Read and change an index directory (one writer at a time); a :class:`indexer.gallery.Gallery`.
+
+    Two components work on it: ``compaction`` (:mod:`indexer.compaction`) keeps the segments few and
+    ``upkeep`` (:mod:`indexer.global_index`) trains, tunes and retrains the FAISS index.
+    """
+
+    read_only: str | None = None  # a local index takes changes
 
     def __init__(self, folder: Path, manifest: Manifest) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self.db = MetadataDB(self.folder / DB_NAME)
-        self.store = PatchStore(self.folder, patch_part="codes" if manifest.patch_codes else "patches")
+        self.store = PatchStore(self.folder, patch_part="codes" if manifest.patch_codes else "patches",
+                                weights_kind=manifest.patch_weights)
         # The PCA and the patch codes are fitted on the first images a build commits; until then there are none.
         self.pca = PatchPCA.load(self.folder) if manifest.pca_dim and PatchPCA.exists(self.folder) else None
         self.codec = PatchCodec.load(self.folder) if manifest.patch_codes and PatchCodec.exists(self.folder) else None
@@ -84,13 +93,14 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
         plan = state.get("index_plan")
         self.plan: IndexPlan | None = IndexPlan.from_dict(plan) if plan else None
         self.notices: list[str] = []  # what changes did beyond what was asked (retraining), for reports
-        self._counts: dict[int, int] | None = None  # images per live segment, read when first needed
-        self._mapped = False
+        self.faiss_mapped = False  # the FAISS file is memory-mapped (reloaded into memory before a change)
         faiss_file = state.get("faiss_file")
         if faiss_file:
-            self.faiss, self._mapped = load_index(self.folder / faiss_file, mmap=True)
+            self.faiss, self.faiss_mapped = load_index(self.folder / faiss_file, mmap=True)
         else:
             self.faiss = build_index(np.zeros((0, manifest.global_dim), np.float32), np.zeros(0, np.int64))
+        self.compaction = SegmentCompaction(self)
+        self.upkeep = GlobalIndexUpkeep(self)
         self._collect_garbage()
 
     # --- opening -------------------------------------------------------------
@@ -171,6 +181,10 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
             gathered.patch_features = self.codec.decode(gathered.patch_features).astype(np.float16)
         return ordered, gathered
 
+    def vector_search(self, device: Any = "cpu", backend: str = "auto") -> VectorSearcher:
+        """The global search over the FAISS index as it is now (a new one after each add or remove)."""
+        return VectorSearcher(self.faiss, device, backend)
+
     def decode_patches(self, codes: np.ndarray, device: Any = "cpu"):
         """Patch vectors (a float32 tensor on ``device``) of stored codes (an index with patch codes)."""
         if self.codec is None:
@@ -238,27 +252,25 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
         ids = np.arange(first, first + len(new.rows), dtype=np.int64)
         for k, row in enumerate(new.rows):
             row.row, row.segment, row.offset = int(ids[k]), segment, k
-        patches = new.features.patch_features
-        if self.manifest.patch_codes and np.asarray(patches).dtype != np.uint8:
+        features = new.features
+        if self.manifest.patch_codes and np.asarray(features.patch_features).dtype != np.uint8:
             if self.codec is None:
-                self.fit_codes(patches)
-            patches = self.codec.encode(patches)
-        digests = self.store.write_segment(segment, new.features.global_features, patches,
-                                           new.features.patch_weights)
+                self.fit_codes(features.patch_features)
+            features = dataclasses.replace(features, patch_features=self.codec.encode(features.patch_features))
+        digests = self.store.write_segment(segment, features)
         self._make_writable()
         if self.holds_faiss():
             add_vectors(self.faiss, new.features.global_features, ids)
         checksums = {**self.checksums, str(segment): digests}
         try:
-            self._commit_faiss(insert=new.rows, segments=[*self.segments, segment], next_segment=segment + 1,
+            self.commit_faiss(insert=new.rows, segments=[*self.segments, segment], next_segment=segment + 1,
                                checksums=checksums)
         except BaseException:
             self._reload_faiss()
-            self._counts = None
+            self.compaction.forget_counts()
             raise
-        if self._counts is not None:
-            self._counts[segment] = len(new.rows)
-        self._compact_after_commit()
+        self.compaction.record_added(segment, len(new.rows))
+        self.compaction.after_commit()
 
     def remove(self, ids: Sequence[str]) -> list[str]:
         """Remove images by id; returns the ids that were not in the index (nothing else changes)."""
@@ -268,7 +280,7 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
             return unknown
         # Segments left without images leave the live list in the same transaction; their
         # files are deleted after it (or, after a crash, by the next open).
-        counts = self._segment_counts()
+        counts = self.compaction.segment_counts()
         taken = Counter(r.segment for r in rows.values())
         emptied = {seg for seg, k in taken.items() if seg in counts and counts[seg] <= k}
         faiss_ids = np.array([r.row for r in rows.values()], np.int64)
@@ -279,16 +291,16 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
             try:
                 removed = remove_ids(self.faiss, faiss_ids)
             except RuntimeError:  # e.g. HNSW: rebuild from the stored vectors instead
-                removed = self._rebuild_without(faiss_ids)
+                removed = self.upkeep.rebuild_without(faiss_ids)
         if removed != len(faiss_ids):
             self._reload_faiss()
             raise RuntimeError(f"FAISS removed {removed} of {len(faiss_ids)} vectors; nothing was changed")
         try:
-            self._commit_faiss(delete_ids=list(rows), segments=[s for s in self.segments if s not in emptied],
+            self.commit_faiss(delete_ids=list(rows), segments=[s for s in self.segments if s not in emptied],
                                checksums={k: v for k, v in self.checksums.items() if int(k) not in emptied})
         except BaseException:
             self._reload_faiss()
-            self._counts = None
+            self.compaction.forget_counts()
             raise
         for seg, k in taken.items():
             if seg in counts:
@@ -296,22 +308,22 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
         for seg in emptied:
             counts.pop(seg, None)
         self.store.remove_segments(emptied)
-        self._compact_after_commit()
+        self.compaction.after_commit()
         return unknown
 
     def _make_writable(self) -> None:
         """Reload a memory-mapped FAISS index into memory before changing it."""
-        if self._mapped:
+        if self.faiss_mapped:
             self.faiss = load_index(self.folder / self._faiss_file(self.generation))[0]
-            self._mapped = False
+            self.faiss_mapped = False
 
     def _reload_faiss(self) -> None:
         if self.generation:
-            self.faiss, self._mapped = load_index(self.folder / self._faiss_file(self.generation), mmap=True)
+            self.faiss, self.faiss_mapped = load_index(self.folder / self._faiss_file(self.generation), mmap=True)
         else:
             self.faiss = build_index(np.zeros((0, self.manifest.global_dim), np.float32), np.zeros(0, np.int64))
 
-    def _commit_faiss(self, *, insert=(), delete_ids=(), segments=None, next_segment=None, checksums=None) -> None:
+    def commit_faiss(self, *, insert=(), delete_ids=(), segments=None, next_segment=None, checksums=None) -> None:
         generation = self.generation + 1
         name = self._faiss_file(generation) if self.holds_faiss() else None
         if name is not None:
@@ -342,6 +354,31 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.folder / old)
 
+    # --- the components' operations ------------------------------------------
+    def compact(self, *, force: bool = False) -> int:
+        """:meth:`indexer.compaction.SegmentCompaction.compact`."""
+        return self.compaction.compact(force=force)
+
+    def train(self) -> None:
+        """:meth:`indexer.global_index.GlobalIndexUpkeep.train`."""
+        self.upkeep.train()
+
+    def retrain_if_outgrown(self) -> str | None:
+        """:meth:`indexer.global_index.GlobalIndexUpkeep.retrain_if_outgrown`."""
+        return self.upkeep.retrain_if_outgrown()
+
+    def needs_retraining(self) -> str | None:
+        return self.upkeep.needs_retraining()
+
+    def codes_notice(self) -> str | None:
+        return self.upkeep.codes_notice()
+
+    def recall(self, queries: int = 100, k: int = 100, seed: int = 2) -> dict[str, Any]:
+        return self.upkeep.recall(queries, k, seed)
+
+    def holds_faiss(self) -> bool:
+        return self.upkeep.holds_faiss()
+
     # --- checks --------------------------------------------------------------
     def patch_bytes_per_image(self) -> int:
         """Bytes per image of the stored patch data (vectors or codes, and weights)."""
@@ -362,7 +399,7 @@ class IndexDir(SegmentCompaction, GlobalIndexUpkeep):
             "patch_dim": self.manifest.patch_dim,
             "patch_weights": self.manifest.patch_weights,
             "factory": self.manifest.factory,
-            "faiss_index": self.faiss_description(),
+            "faiss_index": self.upkeep.faiss_description(),
             "index_plan": self.plan.to_dict() if self.plan is not None else None,
             "patch_codes": self.manifest.patch_codes,
             "patch_bytes_per_image": self.patch_bytes_per_image(),

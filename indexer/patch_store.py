@@ -26,17 +26,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from reranker.features import StoredFeatures
+
 from .atomic import atomic_open
 from .checksum import file_digest, HashingWriter
-
-if TYPE_CHECKING:
-    from reranker.features import Features
 
 PARTS = ("global", "patches", "weights")
 DTYPES = {"global": np.float32, "patches": np.float16, "codes": np.uint8, "weights": np.float32}
@@ -45,44 +43,11 @@ MAX_OPEN_SEGMENTS = 32  # segments held open at once: at most 3 * 32 file descri
 IN_MEMORY_BYTES = 1 << 20  # a segment up to this size (all parts) is read, not memory-mapped
 
 
-@dataclass
-class StoredFeatures:
-    """The one storage type: features of ``k`` images as the index stores them, row by row.
-
-    The numpy counterpart of :class:`reranker.features.Features` (same names, same shapes, one
-    leading axis of images).
-    """
-
-    global_features: np.ndarray  # (k, D) float32
-    patch_features: np.ndarray  # (k, G*G, d) float16 (float32 before storing), or (k, G*G, M) uint8 codes
-    patch_weights: np.ndarray  # (k, G*G) float32
-
-    def __len__(self) -> int:
-        return len(self.global_features)
-
-    def take(self, rows: slice | Sequence[int] | np.ndarray) -> "StoredFeatures":
-        """The images at ``rows``."""
-        return StoredFeatures(self.global_features[rows], self.patch_features[rows], self.patch_weights[rows])
-
-    @staticmethod
-    def concat(parts: Sequence["StoredFeatures"]) -> "StoredFeatures":
-        """The images of ``parts``, one after the other."""
-        return StoredFeatures(np.concatenate([p.global_features for p in parts]),
-                              np.concatenate([p.patch_features for p in parts]),
-                              np.concatenate([p.patch_weights for p in parts]))
-
-    def to_device(self, device: Any = "cpu") -> "Features":
-        """The same features as tensors on ``device`` (dtypes kept: codes stay codes)."""
-        from reranker.features import Features  # torch: only when tensors are asked for
-
-        return Features.from_numpy(self.global_features, self.patch_features, self.patch_weights, device)
-
-
 class PatchStore:
     """Reads and writes the segments of one index directory."""
 
     def __init__(self, folder: Path, *, max_open: int | None = None, in_memory_bytes: int | None = None,
-                 patch_part: str = "patches") -> None:
+                 patch_part: str = "patches", weights_kind: str = "rollout") -> None:
         max_open = MAX_OPEN_SEGMENTS if max_open is None else max_open
         in_memory_bytes = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
         if max_open < 1:
@@ -94,6 +59,8 @@ class PatchStore:
             raise ValueError(f"patch_part must be patches or codes, not {patch_part!r}")
         self.parts = ("global", patch_part, "weights")
         self.patch_part = patch_part
+        #: the kind of patch weights the ``weights`` part holds (the manifest's)
+        self.weights_kind = weights_kind
         self.in_memory_bytes = in_memory_bytes
         self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
@@ -101,11 +68,11 @@ class PatchStore:
     def _path(self, segment: int, part: str) -> Path:
         return self.folder / f"{segment:08d}.{part}.npy"
 
-    def write_segment(
-        self, segment: int, global_features: np.ndarray, patches: np.ndarray, weights: np.ndarray
-    ) -> dict[str, str]:
-        """Write one segment (float32 global, float16 patches or uint8 codes, float32 weights);
-        returns each part's digest."""
+    def write_segment(self, segment: int, features: StoredFeatures) -> dict[str, str]:
+        """Write one segment of ``features`` (float32 global, float16 patches or uint8 codes, float32
+        weights of the store's kind); returns each part's digest."""
+        global_features, patches = features.global_features, features.patch_features
+        weights = features.weights(self.weights_kind)
         n = len(global_features)
         if len(patches) != n or len(weights) != n:
             raise ValueError("a segment's global vectors, patches and weights must have the same length")
@@ -139,7 +106,8 @@ class PatchStore:
             del first
             for start in range(0, n, chunk):
                 got = self.gather(locations[start:start + chunk])
-                for part, array in zip(self.parts, (got.global_features, got.patch_features, got.patch_weights)):
+                for part, array in zip(self.parts, (got.global_features, got.patch_features,
+                                                    got.weights(self.weights_kind))):
                     files[part].write(np.ascontiguousarray(array, dtype=DTYPES[part]).tobytes())
         return {part: fh.hexdigest() for part, fh in files.items()}
 
@@ -173,10 +141,11 @@ class PatchStore:
         first = self.segment(locations[0][0])
         k = len(locations)
         patch = self.patch_part
+        weights = np.empty((k, *first["weights"].shape[1:]), np.float32)
         out = StoredFeatures(
             np.empty((k, *first["global"].shape[1:]), np.float32),
             np.empty((k, *first[patch].shape[1:]), DTYPES[patch]),
-            np.empty((k, *first["weights"].shape[1:]), np.float32),
+            {self.weights_kind: weights},
         )
         del first
         by_segment: dict[int, list[tuple[int, int]]] = {}
@@ -188,7 +157,7 @@ class PatchStore:
             rows = np.fromiter((o for _, o in items), np.int64)
             out.global_features[where] = arrays["global"][rows]
             out.patch_features[where] = arrays[patch][rows]
-            out.patch_weights[where] = arrays["weights"][rows]
+            weights[where] = arrays["weights"][rows]
             del arrays  # an evicted segment's mapping is released here, not after the loop
         return out
 

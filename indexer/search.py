@@ -12,14 +12,13 @@ import torch
 from PIL import Image
 
 from reranker.backbones import Backbone
-from reranker.rerank import Features, rerank_batch
+from reranker.features import Features, StoredFeatures
+from reranker.rerank import rerank_batch
 
 from .embedding import embed_pil_images
 from .calibration import Calibration
-from .index_dir import IndexDir
-from .patch_store import StoredFeatures
+from .gallery import Gallery
 from .search_params import DEFAULT_MARGINALS, PRESETS, SEARCH_PARAMS, features_preset, rerank_options, resolve
-from .vector_index import VectorSearcher
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,9 @@ class QueryResult:
     random_weights: bool
     marginals: str
     settings: SearchSettings | None = None  # the effective settings (calibration and defaults filled in)
-    query_global: torch.Tensor | None = None
-    query_patches: torch.Tensor | None = None
-    query_weights: torch.Tensor | None = None
+    #: the query's features as searched (patches reduced by the index's PCA when it has one; patch
+    #: weights: its per-image weights for rollout, uniform ones for uniform, None for crosscorr)
+    query: Features | None = None
     #: with plans kept, per returned reranked hit: its correspondences with the query (the OT plan or
     #: the MNN matches, ``(n, m)``) and the patch masses the scorer weighed it with
     pairs: dict[str, "PairMatch"] = field(default_factory=dict)
@@ -124,17 +123,17 @@ class Searcher:
     """Searches one index with the backbone that built it, on one device."""
 
     def __init__(
-        self, index_dir: IndexDir, backbone: Backbone, device: torch.device | str = "cpu", vector_backend: str = "auto"
+        self, index_dir: Gallery, backbone: Backbone, device: torch.device | str = "cpu", vector_backend: str = "auto"
     ) -> None:
-        self.index_dir = index_dir
+        self.index_dir = index_dir  # a local index directory or shards: any Gallery
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.vector_backend = vector_backend
-        self.vectors = VectorSearcher(index_dir.faiss, self.device, vector_backend)
+        self.vectors = index_dir.vector_search(self.device, vector_backend)
 
     def refresh(self) -> None:
         """Pick up a FAISS index the gallery replaced (after an add or a remove)."""
-        self.vectors = VectorSearcher(self.index_dir.faiss, self.device, self.vector_backend)
+        self.vectors = self.index_dir.vector_search(self.device, self.vector_backend)
 
     @property
     def calibration(self) -> Calibration | None:
@@ -199,13 +198,13 @@ class Searcher:
         batched OT solve (the candidates' stored features go to the device together). Each
         query's ``timings_ms`` are the batch's stage times: what every query of it waited.
         The query is embedded with attention capture only when its own weights are the OT
-        marginal (``rollout``); ``query_weights`` are then those weights, uniform ones for
-        ``uniform`` and None for ``crosscorr`` (whose weights are per pair).
+        marginal (``rollout``); ``query.patch_weights`` are then those weights, uniform ones
+        for ``uniform`` and None for ``crosscorr`` (whose weights are per pair).
         Everything stays on the searcher's device except what the caller reads: the top
         hits' scores; with ``keep_plans`` also, per returned reranked hit, its correspondences (the
         transport plan or the MNN matches), the patch masses the scorer used and its features, and
         the query's features (what an explanation picture needs).
-        Without it ``query_global``/``query_patches``/``query_weights`` stay on the device.
+        Without it ``query`` stays on the device.
         """
         settings = self.effective(settings)
         marginals = settings.marginals
@@ -243,9 +242,7 @@ class Searcher:
         centroids (rounded to float16, as stored patch vectors are)."""
         dev = self.device
         parts = [candidates[q].feats.take(slice(K)) for q in qs]
-        stacked = StoredFeatures(*(np.stack([getattr(f, name) for f in parts])
-                                   for name in ("global_features", "patch_features", "patch_weights")))
-        feats = stacked.to_device(dev)  # (Q, K, ...)
+        feats = StoredFeatures.stack(parts).to_device(dev)  # (Q, K, ...)
         if self.index_dir.codec is not None:
             feats.patch_features = self.index_dir.decode_patches(feats.patch_features, dev).to(torch.float16)
         scores = torch.from_numpy(np.stack([candidates[q].scores[:K] for q in qs])).to(dev)
@@ -305,7 +302,7 @@ class Searcher:
                             int(c.ids[i])))
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
-            query_global=query.global_features, query_patches=query.patch_features, query_weights=query.patch_weights,
+            query=query,
             pairs=pairs, candidates=candidates, candidate_ids=candidate_ids,
         )
 

@@ -1,8 +1,8 @@
 """Search shard index directories held by Ray actors, with the single-index search code.
 
 One :class:`ShardServer` actor per shard holds its :class:`~indexer.index_dir.IndexDir` (FAISS
-index and patch store). The front (:class:`ShardedSearcher`, a :class:`~indexer.search.Searcher`)
-embeds the query batch once, fans the global search out to every shard, merges by score, gathers
+index and patch store). The front is a plain :class:`~indexer.search.Searcher` over a
+:class:`ShardedIndex` (a :class:`~indexer.gallery.Gallery`): it embeds the query batch once, fans the global search out to every shard, merges by score, gathers
 the candidates' stored features from their shards in one call per shard, and reranks them in
 one batch: the very code path of a local search, so over the same images the ranking is the
 same as one local index's (exact, ``Flat`` factory).
@@ -15,7 +15,6 @@ the shards that did answer.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,27 +26,20 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from reranker.backbones import Backbone
+from reranker.features import StoredFeatures
 
 from .build import backbone_for
 from .calibration import Calibration
 from .index_dir import IndexDir
 from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow
-from .patch_store import StoredFeatures
 from .search import Searcher
-from .vector_index import VectorSearcher, build_index
+from .shards import ShardUnavailableError
+from .vector_index import VectorSearcher
 
 #: Manifest fields every shard must share (queries are embedded once for all of them).
 SAME_FIELDS = ("model", "weights", "grid", "global_dim", "patch_dim", "patch_weights", "model_kwargs",
                "preprocessing", "pca_dim")
-
-
-class ShardUnavailableError(RuntimeError):
-    """A shard failed or timed out; ``shard`` is its index and ``folder`` its directory."""
-
-    def __init__(self, shard: int, folder: str, reason: str) -> None:
-        super().__init__(f"shard {shard} ({folder}) is unavailable: {reason}; no partial result is returned")
-        self.shard, self.folder, self.reason = shard, folder, reason
 
 
 class ShardServer:
@@ -84,11 +76,13 @@ class _Shard:
 
 
 class ShardedIndex:
-    """The gallery side of a sharded search: what :class:`Searcher` reads from a gallery
-    (``manifest``, ``calibration``, ``pca``, ``codec``, ``features``), served by the shard actors."""
+    """A :class:`indexer.gallery.Gallery` served by one actor per shard: the global search fans out to
+    them, features and rows come from the shards that hold them. Read-only here."""
 
     pca = None  # features come back decoded by their own shard
     codec = None
+    read_only = ("adding or removing images is not supported by a sharded (Ray) index: "
+                 "rebuild the shards with `vit-rerank index build DIR --from SOURCE --ray`")
 
     def __init__(self, folders: Sequence[Path], *, timeout_s: float = 30.0, cpus_per_shard: float = 0.0,
                  start_timeout_s: float = 120.0) -> None:
@@ -113,7 +107,13 @@ class ShardedIndex:
         except BaseException:
             self.close()
             raise
-        self.faiss = build_index(np.zeros((0, self.manifest.global_dim), np.float32), np.zeros(0, np.int64))
+
+    def vector_search(self, device: Any = "cpu", backend: str = "auto") -> "ShardedIndex":
+        """The global search: this index itself (:meth:`search` fans out to the shards)."""
+        return self
+
+    def decode_patches(self, codes: np.ndarray, device: Any = "cpu") -> torch.Tensor:
+        raise ValueError("a sharded index returns decoded patches")
 
     # --- fan-out ---------------------------------------------------------------------
     def _get(self, refs: dict[int, Any], timeout: float | None = None) -> dict[int, Any]:
@@ -159,7 +159,8 @@ class ShardedIndex:
         for shard, pos in wanted.items():
             for p, row in zip(pos, answers[shard][0]):
                 rows[p] = row
-        return rows, _merge([(wanted[s], answers[s][1]) for s in wanted], len(faiss_ids))  # type: ignore[return-value]
+        assert all(r is not None for r in rows)  # every id went to the shard that holds it
+        return rows, _merge([(wanted[s], answers[s][1]) for s in wanted], len(faiss_ids))
 
     # --- the rest of a gallery's reads -------------------------------------------------
     def row(self, image_id: str) -> ImageRow | None:
@@ -189,17 +190,16 @@ class ShardedIndex:
 
 def _merge(parts: list[tuple[list[int], StoredFeatures]], n: int) -> StoredFeatures:
     """One :class:`StoredFeatures` from each shard's, each part's rows going to its positions."""
-    values = {}
-    for f in dataclasses.fields(StoredFeatures):
-        first = getattr(parts[0][1], f.name)
-        if first is None:
-            values[f.name] = None
-            continue
-        out = np.empty((n, *np.shape(first)[1:]), np.asarray(first).dtype)
+    def merged(pick) -> np.ndarray:
+        first = np.asarray(pick(parts[0][1]))
+        out = np.empty((n, *first.shape[1:]), first.dtype)
         for positions, gathered in parts:
-            out[positions] = getattr(gathered, f.name)
-        values[f.name] = out
-    return StoredFeatures(**values)
+            out[positions] = pick(gathered)
+        return out
+
+    kinds = list(parts[0][1].patch_weights)
+    return StoredFeatures(merged(lambda f: f.global_features), merged(lambda f: f.patch_features),
+                          {kind: merged(lambda f, kind=kind: f.weights(kind)) for kind in kinds})
 
 
 def _common_calibration(calibrations: list[Calibration | None]) -> Calibration | None:
@@ -210,25 +210,13 @@ def _common_calibration(calibrations: list[Calibration | None]) -> Calibration |
     return first
 
 
-class ShardedSearcher(Searcher):
-    """A :class:`Searcher` whose gallery is a :class:`ShardedIndex`: the same search, settings and
-    results; the global search fans out to the shards."""
-
-    def __init__(self, index: ShardedIndex, backbone: Backbone, device: torch.device | str = "cpu") -> None:
-        super().__init__(index, backbone, device)  # type: ignore[arg-type]
-        self.vectors = index
-
-    def refresh(self) -> None:
-        """Nothing to pick up: the shards are read-only here."""
-
-
 def open_sharded(folders: Sequence[Path], device: torch.device, weights: str | None = None, **options: Any
-                 ) -> ShardedSearcher:
+                 ) -> Searcher:
     """Start one actor per shard on the connected cluster and a searcher over them (the query is
     embedded here, with the backbone that built the shards)."""
     index = ShardedIndex(folders, **options)
     try:
-        return ShardedSearcher(index, backbone_for(index.manifest, device, weights), device)
+        return Searcher(index, backbone_for(index.manifest, device, weights), device)
     except BaseException:
         index.close()
         raise

@@ -18,6 +18,14 @@ LAYOUT_NAME = "shards.json"
 ASSIGNMENT = "sha256(id) mod shards"
 
 
+class ShardUnavailableError(RuntimeError):
+    """A shard failed or timed out; ``shard`` is its index and ``folder`` its directory."""
+
+    def __init__(self, shard: int, folder: str, reason: str) -> None:
+        super().__init__(f"shard {shard} ({folder}) is unavailable: {reason}; no partial result is returned")
+        self.shard, self.folder, self.reason = shard, folder, reason
+
+
 def shard_of(image_id: str, shards: int) -> int:
     """The shard of ``image_id`` among ``shards`` (stable across runs, machines and Python versions)."""
     return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") % shards

@@ -1,21 +1,29 @@
-"""The one feature type: what reranking needs of an image, as tensors on one device.
+"""The two feature carriers: what retrieval and reranking know of an image.
 
-An image is described by three tensors with the same leading axes (none for one image, ``(B,)``
+:class:`Features` is the torch form, on one device, that the reranker computes with;
+:class:`StoredFeatures` is the numpy form the index and the evaluation cache store, row by row.
+Both describe images by the same parts, with the same leading axes (none for one image, ``(B,)``
 for a batch, ``(Q, K)`` for each query's candidates):
 
 * ``global_features``  ``(..., D)``       the global (CLS) vector, L2-normalised;
 * ``patch_features``   ``(..., G*G, d)``  the patch vectors of a ``G x G`` grid, row-major,
-  L2-normalised, any float dtype (stored patches are float16);
-* ``patch_weights``    ``(..., G*G)``     per-patch weights (rollout and friends), or None.
+  L2-normalised, any float dtype (stored patches are float16, or uint8 codes in an index of
+  patch codes);
+* patch weights        ``(..., G*G)``     per-patch weights (rollout and friends).
 
-The index stores the same triple as numpy arrays (:class:`indexer.patch_store.StoredFeatures`);
-this module needs torch only.
+A stored carrier keeps patch weights **by kind** (``{"rollout": ..., "last_cls": ...}``: one
+forward computes several, an evaluation sweeps them, an index stores one); a torch carrier holds
+the one kind a rerank reads, selected by :meth:`StoredFeatures.to_device` (or None: uniform).
+Everything else that carries an image's features is a batch of rows around one of these (an
+embedded batch, the images an index commits, an evaluation cache).
+
+This module needs numpy and torch only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +31,8 @@ import torch
 
 @dataclass
 class Features:
-    """Global vectors, patch vectors and patch weights of one or more images (see the module)."""
+    """Global vectors, patch vectors and one kind of patch weights of one or more images, as tensors
+    (see the module)."""
 
     global_features: torch.Tensor
     patch_features: torch.Tensor
@@ -61,3 +70,65 @@ class Features:
     def unsqueeze(self, dim: int = 0) -> "Features":
         """A new leading axis of length 1 (``dim`` counts among the leading axes)."""
         return self._apply(lambda t: t.unsqueeze(dim))
+
+
+@dataclass
+class StoredFeatures:
+    """Features of ``k`` images as numpy arrays, one leading axis of images, patch weights by kind
+    (see the module)."""
+
+    global_features: np.ndarray  # (k, D) float32
+    patch_features: np.ndarray  # (k, G*G, d) float16 (float32 before storing), or (k, G*G, M) uint8 codes
+    patch_weights: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (k, G*G) float32
+
+    def __len__(self) -> int:
+        return len(self.global_features)
+
+    def weights(self, kind: str | None = None) -> np.ndarray | None:
+        """The ``kind`` patch weights; ``kind=None``: the one kind carried (None when there is none).
+        KeyError names the kinds carried when ``kind`` is not one of them."""
+        if kind is None:
+            if len(self.patch_weights) > 1:
+                raise ValueError(f"these features carry several kinds of patch weights ({', '.join(self.patch_weights)}): name one")
+            return next(iter(self.patch_weights.values()), None)
+        if kind not in self.patch_weights:
+            raise KeyError(f"no {kind!r} patch weights here (carried: {', '.join(self.patch_weights) or 'none'})")
+        return self.patch_weights[kind]
+
+    def select(self, kind: str) -> "StoredFeatures":
+        """The same images with the ``kind`` patch weights only."""
+        return StoredFeatures(self.global_features, self.patch_features, {kind: self.weights(kind)})
+
+    def take(self, rows: slice | Sequence[int] | np.ndarray) -> "StoredFeatures":
+        """The images at ``rows``."""
+        return StoredFeatures(self.global_features[rows], self.patch_features[rows],
+                              {kind: w[rows] for kind, w in self.patch_weights.items()})
+
+    @staticmethod
+    def concat(parts: Sequence["StoredFeatures"]) -> "StoredFeatures":
+        """The images of ``parts``, one after the other (every part carrying the same kinds)."""
+        return StoredFeatures._join(parts, np.concatenate)
+
+    @staticmethod
+    def stack(parts: Sequence["StoredFeatures"]) -> "StoredFeatures":
+        """``parts`` along a new leading axis (e.g. ``(Q, K, ...)`` from each query's ``K`` candidates)."""
+        return StoredFeatures._join(parts, np.stack)
+
+    @staticmethod
+    def _join(parts: Sequence["StoredFeatures"], join: Callable[[list[np.ndarray]], np.ndarray]) -> "StoredFeatures":
+        kinds = list(parts[0].patch_weights)
+        if any(list(p.patch_weights) != kinds for p in parts):
+            raise ValueError("the parts carry different kinds of patch weights")
+        return StoredFeatures(join([p.global_features for p in parts]), join([p.patch_features for p in parts]),
+                              {kind: join([p.patch_weights[kind] for p in parts]) for kind in kinds})
+
+    def to_device(self, device: Any = "cpu", kind: str | None = None) -> Features:
+        """The same images as a :class:`Features` on ``device`` with the ``kind`` patch weights
+        (``kind=None``: the one kind carried, if any); dtypes kept, so codes stay codes."""
+        return Features.from_numpy(self.global_features, self.patch_features, self.weights(kind), device)
+
+
+def weights_by_kind(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Patch weights by kind as float32 numpy arrays (from tensors on any device, or arrays)."""
+    return {kind: (w.detach().float().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32))
+            for kind, w in weights.items()}

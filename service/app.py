@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import SecretStr
@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .engine import Engine
-from .errors import NotFound, ServiceError, install_error_handlers
+from .errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, error_response, install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .routes import check_api_key, require_api_key, router
 from .settings import ServiceSettings
@@ -48,10 +48,9 @@ class BodyLimitMiddleware:
             return
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            too_big = length.isdigit()
-            status, detail = (413, f"the request body is over the limit of {self.limit} bytes") if too_big else \
-                (400, "invalid Content-Length")
-            await JSONResponse({"detail": detail}, status)(scope, receive, send)
+            refusal = PayloadTooLarge(f"the request body is over the limit of {self.limit} bytes") \
+                if length.isdigit() else BadRequest("invalid Content-Length")
+            await error_response(refusal)(scope, receive, send)
             return
         seen, complete = 0, False
 
@@ -126,9 +125,7 @@ class ApiKeyMiddleware:
                 check_api_key(self.expected, Headers(scope=scope).get("x-api-key"))
             except (ServiceError, StarletteHTTPException) as err:
                 scope["route"] = route  # counted under its route in the metrics
-                headers = {**(err.headers or {}), "Connection": "close"}
-                status = err.status if isinstance(err, ServiceError) else err.status_code
-                await JSONResponse({"detail": str(err.detail)}, status, headers=headers)(scope, receive, send)
+                await error_response(err, headers={"Connection": "close"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

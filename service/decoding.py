@@ -26,7 +26,8 @@ from PIL import Image, ImageOps
 
 from indexer import loading
 
-from .errors import Unavailable
+from .errors import DecodeBusyError
+
 from .uploads import decode_upload
 
 DEFAULT_MAX_DECODES = 2
@@ -39,14 +40,6 @@ KEEP_FACTOR = 4
 DEFAULT_MODEL_SIDE = 256
 #: After decoding an image of at least this many pixels, freed heap memory is returned to the OS.
 TRIM_AFTER_PIXELS = 4_000_000
-
-
-class DecodeBusyError(RuntimeError):
-    """The decode gate stayed full for the whole wait; ``retry_after`` is a hint in seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many images are being decoded; retry in {retry_after} s")
-        self.retry_after = retry_after
 
 
 class DecodeGate:
@@ -173,13 +166,10 @@ def _decode_drafted(img: Image.Image) -> Image.Image:
 def decode_bounded(data: bytes, declared_type: str | None, engine: Any) -> Image.Image:
     """Decode a query through ``engine.decode_gate`` and reduce it to what ``engine``'s model needs.
 
-    Errors are those of :func:`service.uploads.decode_upload` (413, 415, 400), plus 503 with Retry-After
-    when the gate stays full.
+    Errors are those of :func:`service.uploads.decode_upload` (413, 415, 400), and
+    :class:`DecodeBusyError` when the gate stays full (503 with Retry-After: :mod:`service.errors`).
     """
-    try:
-        return _decode(data, declared_type, engine.limits, engine.decode_gate, engine.query_side)
-    except DecodeBusyError as err:
-        raise Unavailable(str(err), retry_after=err.retry_after) from None
+    return _decode(data, declared_type, engine.limits, engine.decode_gate, engine.query_side)
 
 
 def _refused_from_header(width: int, height: int, limits: Any) -> bool:

@@ -20,7 +20,8 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
-from indexer import Catalog, IndexDir, ImageRecord, QueryResult, Searcher, SearchSettings, add_records, backbone_for
+from indexer import (Catalog, Gallery, IndexDir, ImageRecord, QueryResult, Searcher, SearchSettings, add_records,
+                     backbone_for)
 from indexer.atomic import write_bytes
 from indexer.loading import LoadLimits, content_hash
 from reranker.device import resolve_device
@@ -58,7 +59,7 @@ class Engine:
 
     def __init__(
         self,
-        index_dir: IndexDir,
+        index_dir: Gallery,
         searcher: Searcher,
         *,
         queue_size: int = 64,
@@ -277,16 +278,16 @@ class Engine:
         image_id = image_id or f"upload-{digest[:16]}"
         name = f"{hashlib.sha256(image_id.encode()).hexdigest()[:16]}-{digest[:16]}{suffix}"
         path = self.uploads / name  # never a name from the client
-        self._check_writable()
+        index_dir = self._writable()
         with self._lock:
-            if self.index_dir.row(image_id) is not None:
+            if index_dir.row(image_id) is not None:
                 raise DuplicateIdError(f"an image with id {image_id!r} is already indexed")
             self.uploads.mkdir(exist_ok=True)
             created = not path.exists()  # else an orphan of a crash, with these very bytes: left as it is
             write_bytes(path, data)
             try:
                 report = add_records(
-                    self.index_dir, self.searcher.backbone,
+                    index_dir, self.searcher.backbone,
                     [ImageRecord(str(path), image_id, label, dict(metadata or {}))],
                     workers=0, limits=self.limits, progress=False, save_report=False,
                 )
@@ -296,7 +297,7 @@ class Engine:
                 if report.added != 1:
                     raise RuntimeError(f"the indexer added {report.added} images instead of 1")
             except BaseException:
-                if created and image_id not in self.index_dir.ids():
+                if created and image_id not in index_dir.ids():
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
@@ -313,13 +314,13 @@ class Engine:
         id and bytes (same file name) waits for both, and a crash in between leaves only an orphan file,
         removed at the next start.
         """
-        self._check_writable()
+        index_dir = self._writable()
         with self._lock:
-            row = self.index_dir.row(image_id)
+            row = index_dir.row(image_id)
             if row is None:
                 return False
             try:
-                self.index_dir.remove([image_id])
+                index_dir.remove([image_id])
             finally:
                 self.searcher.refresh()
                 self._info = self.index_dir.info()
@@ -329,11 +330,11 @@ class Engine:
                     path.unlink()
         return True
 
-    def _check_writable(self) -> None:
-        """501 where the gallery takes no changes (its ``read_only`` says why)."""
-        why = getattr(self.index_dir, "read_only", None)
-        if why:
-            raise NotImplementedHere(why)
+    def _writable(self) -> IndexDir:
+        """The gallery, to change; 501 where it takes no changes (its ``read_only`` says why)."""
+        if self.index_dir.read_only or not isinstance(self.index_dir, IndexDir):
+            raise NotImplementedHere(self.index_dir.read_only or "this gallery takes no changes")
+        return self.index_dir
 
     def _remove_orphan_uploads(self) -> None:
         """Uploads that no committed image refers to (left by a crash between write and commit)."""

@@ -1,18 +1,25 @@
 """Every way a request can fail, and the one place that turns each into an HTTP answer.
 
-Modules raise :class:`ServiceError` subclasses (named by what went wrong, carrying their status)
-or the engine's and the indexer's own exceptions; :func:`install_error_handlers` maps all of them to
-``{"detail": ...}`` JSON with the status and headers below. ``HTTPException`` is raised only where
-FastAPI's body parser demands it (``service.uploads.BodyTooLarge`` / ``BodyStalled``).
+Routes, the engine, the decoder and the explanations raise :class:`ServiceError` subclasses (named by
+what went wrong, carrying their status); the lower layers raise their own exceptions, which the table
+:data:`DOMAIN_ERRORS` maps to service errors (and :data:`IMAGE_REFUSALS` maps an image's refusal
+reason to a status). :func:`error_response` turns any of them into the ``{"detail": ...}`` JSON
+answer: the exception handlers, the middlewares and ``/readyz`` all answer through it.
+``HTTPException`` is raised only where FastAPI's body parser demands it
+(``service.uploads.BodyTooLarge`` / ``BodyStalled``).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from indexer.shards import ShardUnavailableError
 
 log = logging.getLogger("vit_rerank.service")
 
@@ -94,6 +101,19 @@ class DuplicateIdError(Conflict):
     """An image with this id is already indexed."""
 
 
+class DecodeBusyError(Unavailable):
+    """The decode gate (:mod:`service.decoding`) stayed full for the whole wait; ``retry_after`` is a
+    hint in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many images are being decoded; retry in {retry_after} s", retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class ExplanationNotFound(NotFound):
+    """No explanation for this query / gallery id (:mod:`service.explanations`); the message says why."""
+
+
 class ImageRejectedError(BadRequest):
     """The indexer refused the image (``reason`` as in ``indexer.loading``)."""
 
@@ -103,20 +123,48 @@ class ImageRejectedError(BadRequest):
         self.message = message
 
 
-def as_service_error(err: BaseException) -> ServiceError | None:
-    """The HTTP meaning of an exception, or None when it has none (a bug: answered 500). The one table
-    of mappings for exceptions that are not :class:`ServiceError` themselves."""
-    from .explanations import ExplanationNotFound
+# --- the one table -------------------------------------------------------------------------------
+SHARD_RETRY_AFTER_S = 5  # a failed shard: Retry-After of the 503
 
+#: the lower layers' exceptions -> the service error each means
+DOMAIN_ERRORS: dict[type[BaseException], Callable[[Any], ServiceError]] = {
+    ShardUnavailableError: lambda err: Unavailable(str(err), retry_after=SHARD_RETRY_AFTER_S),
+}
+
+#: ``indexer.loading.ImageLoadError.reason`` -> the status of an upload refused for it (others: 400)
+IMAGE_REFUSALS: dict[str, type[ServiceError]] = {
+    "too_large_file": PayloadTooLarge,
+    "decompression_bomb": PayloadTooLarge,
+    "bad_aspect_ratio": Unprocessable,  # small and well-formed, but a shape the service refuses
+    "unsupported": UnsupportedMediaType,
+}
+
+
+def as_service_error(err: BaseException) -> ServiceError | None:
+    """The HTTP meaning of an exception, or None when it has none (a bug: answered 500)."""
     if isinstance(err, ServiceError):
         return err
-    if isinstance(err, ExplanationNotFound):
-        return NotFound(str(err))
+    for kind, mapped in DOMAIN_ERRORS.items():
+        if isinstance(err, kind):
+            return mapped(err)
+    if isinstance(err, StarletteHTTPException):  # routing's 404 / 405, and the body parser's 413 / 408
+        mapped_err = ServiceError(str(err.detail), headers=getattr(err, "headers", None))
+        mapped_err.status = err.status_code
+        return mapped_err
     return None
 
 
-def _json(err: ServiceError) -> JSONResponse:
-    return JSONResponse({"detail": err.detail}, err.status, headers=err.headers)
+def error_response(err: BaseException, *, headers: dict[str, str] | None = None,
+                   body: dict[str, Any] | None = None) -> JSONResponse:
+    """The one JSON answer of a failure: ``{"detail": ...}`` (plus ``body``) with the error's status and
+    headers (plus ``headers``); an exception with no HTTP meaning is logged and answered 500. Used by the
+    exception handlers, the middlewares and ``/readyz`` alike."""
+    known = as_service_error(err)
+    if known is None:
+        log.exception("unhandled error", exc_info=err)
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server log"}, 500)
+    return JSONResponse({**(body or {}), "detail": known.detail}, known.status,
+                        headers={**(known.headers or {}), **(headers or {})} or None)
 
 
 def _validation_detail(err: RequestValidationError) -> str:
@@ -127,31 +175,16 @@ def _validation_detail(err: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI, extra: tuple[type[BaseException], ...] = ()) -> None:
-    """Answer every failure as ``{"detail": ...}`` JSON: service errors and the mapped lower-layer
-    exceptions (:func:`as_service_error`) with their status, Starlette's own 404/405, request
-    validation as 422, and anything else as a logged 500."""
-    from .explanations import ExplanationNotFound
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure with :func:`error_response`: service errors, the lower-layer exceptions of the
+    table, Starlette's own 404/405, request validation as 422, and anything else as a logged 500."""
 
-    async def mapped(_: Request, err: Exception) -> JSONResponse:
-        known = as_service_error(err)
-        if known is None:
-            return await internal(_, err)
-        return _json(known)
+    async def handle(_: Request, err: Exception) -> JSONResponse:
+        return error_response(err)
 
-    for kind in (ServiceError, ExplanationNotFound, *extra):
-        app.add_exception_handler(kind, mapped)
-
-    @app.exception_handler(StarletteHTTPException)  # routing's 404 / 405
-    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(err.detail)}, err.status_code, headers=getattr(err, "headers", None))
+    for kind in (ServiceError, StarletteHTTPException, *DOMAIN_ERRORS, Exception):
+        app.add_exception_handler(kind, handle)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(err)}, 422)
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=err)
-        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server log"}, 500)
-
+        return error_response(Unprocessable(_validation_detail(err)))

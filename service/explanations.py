@@ -22,12 +22,7 @@ from indexer.loading import load_image
 from reranker.views import model_view
 from reranker.visualize import DEFAULT_PANEL, render_match, strongest_links
 
-
-class ExplanationNotFound(KeyError):
-    """No explanation for this query / gallery id; ``str()`` says why."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+from .errors import ExplanationNotFound
 
 
 @dataclass(frozen=True)
@@ -255,8 +250,8 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
     settings = result.settings
     # what the reranker computed and compared (the searcher keeps it for the returned hits): nothing is recomputed
     cands = result.candidates_of([h.id for h in hits])
-    query_patches = np.asarray(result.query_patches, dtype=np.float16)
-    w_q = None if result.query_weights is None else np.asarray(result.query_weights, dtype=np.float32)
+    query_patches = np.asarray(result.query.patch_features, dtype=np.float16)
+    w_q = None if result.query.patch_weights is None else np.asarray(result.query.patch_weights, dtype=np.float32)
     weights = cands.patch_weights.float().numpy()
     matches = {}
     for i, h in enumerate(hits):

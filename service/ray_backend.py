@@ -2,7 +2,8 @@
 
 The engine gets a searcher with the interface of :class:`indexer.search.Searcher` whose global
 search fans out to one actor per shard (:mod:`indexer.sharded_search`); the HTTP API is the same.
-A shard that fails makes its query answer 503 (never a result from the other shards alone).
+A shard that fails makes its query answer 503 (:mod:`service.errors`; never a result from the other
+shards alone).
 Adding or removing images is not supported on a sharded service: 501 (rebuild with
 ``vit-rerank index build DIR --from SOURCE --ray``).
 """
@@ -11,39 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from indexer.build import backbone_for
 from indexer.metadata import ImageRow
-from indexer.sharded_search import ShardedIndex, ShardedSearcher, ShardUnavailableError
+from indexer.search import Searcher
+from indexer.sharded_search import ShardedIndex
 from indexer.shards import shard_folders
-
-from .errors import Unavailable
-
-SHARD_RETRY_AFTER_S = 5
-
-
-class _ServiceSearcher(ShardedSearcher):
-    """Shard failures as the HTTP 503 they mean."""
-
-    def search(self, *args: Any, **kwargs: Any):
-        try:
-            return super().search(*args, **kwargs)
-        except ShardUnavailableError as err:
-            raise Unavailable(str(err), retry_after=SHARD_RETRY_AFTER_S) from err
-
-
-class ReadOnlyShards:
-    """The engine's gallery: the sharded index, read-only (the engine answers index changes 501)."""
-
-    read_only = ("adding or removing images is not supported by a sharded (Ray) service: "
-                 "rebuild the shards with `vit-rerank index build DIR --from SOURCE --ray`")
-
-    def __init__(self, index: ShardedIndex) -> None:
-        self._index = index
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._index, name)
 
 
 class ShardCatalog:
@@ -71,14 +45,14 @@ def connect(address: str) -> None:
 
 
 def open_shards(folders: Sequence[Path], address: str, device, weights: str | None
-                ) -> tuple[ReadOnlyShards, ShardedSearcher, ShardCatalog]:
+                ) -> tuple[ShardedIndex, Searcher, ShardCatalog]:
     """The gallery, searcher and catalog of an engine over ``folders`` (a sharded index's directory
     stands for its shards)."""
     connect(address)
     index = ShardedIndex(shard_folders([Path(f).resolve() for f in folders]))
     try:
-        searcher = _ServiceSearcher(index, backbone_for(index.manifest, device, weights), device)
+        searcher = Searcher(index, backbone_for(index.manifest, device, weights), device)
     except BaseException:
         index.close()
         raise
-    return ReadOnlyShards(index), searcher, ShardCatalog(index)
+    return index, searcher, ShardCatalog(index)

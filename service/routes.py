@@ -19,7 +19,7 @@ from indexer.search_params import SEARCH_PARAMS
 from reranker.threads import single_threaded
 
 from .engine import Engine, SearchOutcome
-from .errors import Forbidden, NotFound, Unauthorized, Unprocessable
+from .errors import Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable, error_response
 from .explanations import PictureOptions, build_entry
 from .gallery_images import gallery_image, thumbnail
 from .settings import Marginals, Scorer
@@ -93,10 +93,8 @@ async def readyz(request: Request) -> Any:
     """200 once the index and the model are loaded, else 503 (with the reason)."""
     state = service(request)
     if state.engine is None:
-        from fastapi.responses import JSONResponse
-
         detail = state.load_error or "loading the index and the model"
-        return JSONResponse({"status": "unavailable", "detail": detail}, 503, headers={"Retry-After": "5"})
+        return error_response(Unavailable(detail, retry_after=5), body={"status": "unavailable"})
     return Status(status="ready")
 
 

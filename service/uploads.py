@@ -13,7 +13,7 @@ from PIL import Image
 
 from indexer.loading import ImageLoadError, LoadLimits, load_image
 
-from .errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from .errors import IMAGE_REFUSALS, BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 _CHUNK = 1 << 16
 
@@ -77,11 +77,12 @@ def decode_upload(data: bytes, declared_type: str | None, limits: LoadLimits) ->
     try:
         return load_image(data, limits)
     except ImageLoadError as err:
-        if err.reason in ("too_large_file", "decompression_bomb"):
+        refusal = IMAGE_REFUSALS.get(err.reason, BadRequest)
+        if refusal is PayloadTooLarge:
             raise PayloadTooLarge(f"image too large: {err.message}") from None
-        if err.reason == "bad_aspect_ratio":  # small and well-formed, but a shape the service refuses
+        if refusal is Unprocessable:
             raise Unprocessable(f"image aspect ratio too extreme: {err.message}") from None
-        if err.reason == "unsupported":
+        if refusal is UnsupportedMediaType:
             kind = _unsupported_kind(data, declared_type)
             if err.message.startswith("cannot convert mode"):
                 raise UnsupportedMediaType(f"unsupported image: {err.message}") from None

@@ -9,7 +9,7 @@ import numpy as np
 from indexer.index_dir import IndexDir, NewImages
 from indexer.manifest import Manifest
 from indexer.metadata import ImageRow
-from indexer.patch_store import StoredFeatures
+from reranker.features import StoredFeatures
 
 DIM, GRID = 32, 7
 
@@ -37,7 +37,7 @@ def new_images(start: int, n: int, seed: int = 0) -> NewImages:
     rows = [ImageRow(id=f"img{start + i}", path=f"/nowhere/{start + i}.jpg", label=str(i % 5),
                      content_hash=f"h{start + i}", width=8, height=8, bytes=1) for i in range(n)]
     weights = np.full((n, GRID * GRID), 1.0 / (GRID * GRID), np.float32)
-    return NewImages(rows, StoredFeatures(g, patches, weights))
+    return NewImages(rows, StoredFeatures(g, patches, {"uniform": weights}))
 
 
 def make_gallery(folder: Path, n: int, chunk: int = 200, train: bool = True, **manifest_kwargs) -> IndexDir:

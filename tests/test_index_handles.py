@@ -25,7 +25,7 @@ import indexer.patch_store as patch_store
 from indexer.index_dir import IndexDir, NewImages
 from indexer.manifest import Manifest
 from indexer.metadata import ImageRow
-from indexer.patch_store import StoredFeatures
+from reranker.features import StoredFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -50,7 +50,7 @@ def new_images(indices, grid: int = G, dim: int = D) -> NewImages:
     rows = [ImageRow(id=f"img{i}", path=f"/nowhere/{i}.jpg", label=None, content_hash=f"hash{i}",
                      width=1, height=1, bytes=1) for i in indices]
     return NewImages(rows, StoredFeatures(np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats]),
-                                          np.stack([f[2] for f in feats])))
+                                          {"uniform": np.stack([f[2] for f in feats])}))
 
 
 def new_gallery(folder, grid: int = G, dim: int = D) -> IndexDir:
@@ -77,13 +77,13 @@ def check_features(gallery: IndexDir, grid: int = G, dim: int = D) -> int:
     expected = [features_of(int(r.id[3:]), grid, dim) for r in got_rows]
     np.testing.assert_array_equal(got.global_features, np.stack([e[0] for e in expected]))
     np.testing.assert_array_equal(got.patch_features, np.stack([e[1] for e in expected]))
-    np.testing.assert_array_equal(got.patch_weights, np.stack([e[2] for e in expected]))
+    np.testing.assert_array_equal(got.weights(), np.stack([e[2] for e in expected]))
     return len(rows)
 
 
 def gathered(gallery: IndexDir, faiss_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     _, got = gallery.features(list(faiss_ids))
-    return got.global_features.copy(), got.patch_features.copy(), got.patch_weights.copy()
+    return got.global_features.copy(), got.patch_features.copy(), got.weights().copy()
 
 
 def references_to(folder: Path) -> list[str]:
@@ -258,16 +258,16 @@ def test_compaction_with_removals_small_thresholds_and_force(tmp_path, monkeypat
             if step % 4 == 3:  # remove a few images, which can make a large segment small or empty
                 live = sorted(gallery.ids())
                 gallery.remove(rng.sample(live, min(3, len(live))))
-            small = [s for s, c in gallery._segment_counts().items() if c < 8]
-            assert len(small) <= 3 and all(c > 0 for c in gallery._segment_counts().values())
-            assert sorted(gallery._segment_counts()) == sorted(gallery.segments)
-            assert gallery._segment_counts() == {s: c for s, c in gallery.db.segment_counts().items()}
+            small = [s for s, c in gallery.compaction.segment_counts().items() if c < 8]
+            assert len(small) <= 3 and all(c > 0 for c in gallery.compaction.segment_counts().values())
+            assert sorted(gallery.compaction.segment_counts()) == sorted(gallery.segments)
+            assert gallery.compaction.segment_counts() == {s: c for s, c in gallery.db.segment_counts().items()}
         live = check_features(gallery)
         assert gallery.verify().ok
         ids = sorted(r.row for r in gallery.db.all_rows())
         before = gathered(gallery, ids)
         merged = gallery.compact(force=True)
-        small = [s for s, c in gallery._segment_counts().items() if c < 8]
+        small = [s for s, c in gallery.compaction.segment_counts().items() if c < 8]
         assert len(small) <= 1 and (merged > 0 or len(small) <= 1)
         for a, b in zip(before, gathered(gallery, ids)):
             np.testing.assert_array_equal(a, b)
@@ -284,7 +284,7 @@ def test_a_failed_compaction_keeps_the_add_and_the_old_layout(tmp_path, monkeypa
             gallery.commit_new(new_images([i]))
 
         def disk_full(segment, locations, chunk=256):  # writes part of the new segment, then fails
-            gallery.store.write_segment(segment, *[np.zeros(1)] * 3)
+            gallery.store.write_segment(segment, StoredFeatures(np.zeros(1), np.zeros(1), {"uniform": np.zeros(1)}))
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(gallery.store, "write_merged", disk_full)

@@ -221,7 +221,7 @@ def test_python_search_scores_orders_and_determinism(flat_gallery, backbone, pho
         (itself,) = [h for h in hits if h.id == photos[[2, 20][q]].name]  # the query is in the gallery
         assert itself.rank_before == 0 and abs(itself.global_score - 1) < 1e-4
         # Global scores are the cosines with the stored vectors (numpy oracle), best first before reranking.
-        cos = stored @ res.query_global.numpy()
+        cos = stored @ res.query.global_features.numpy()
         by_global = np.argsort(-cos, kind="stable")
         for h in hits:
             assert abs(h.global_score - cos[list(ids).index(h.faiss_id)]) < 1e-4
@@ -258,7 +258,7 @@ def test_a_batch_of_queries_gives_what_each_query_gives_alone(flat_gallery, back
         for key, weights in alone.candidate_weights.items():
             if key in hits:
                 _, stored = flat_gallery.features([hits[key].faiss_id])
-                np.testing.assert_array_equal(weights, stored.patch_weights[0])
+                np.testing.assert_array_equal(weights, stored.weights()[0])
         # Kept features come back in the order asked for; an id without any is refused by name.
         picked = alone.candidates_of(alone.candidate_ids[::-1][:3])
         torch.testing.assert_close(picked.patch_features, alone.candidates.patch_features.flip(0)[:3])
@@ -383,7 +383,7 @@ def test_query_is_embedded_without_attention_unless_rollout_needs_it(flat_galler
         for h in hooks:
             h.remove()
     assert calls[0] == 0 and seen == fused  # no capture: every block ran with its own (fused) setting
-    w = fast.query_weights
+    w = fast.query.patch_weights
     assert w is None if marginals == "crosscorr" else torch.allclose(w, torch.full((49,), 1 / 49))
     # The same ranking and scores as a search that captures attention (the old query path).
     monkeypatch.setattr(Searcher, "query_weight_kind", lambda self, m: "rollout")
@@ -399,7 +399,7 @@ def test_rollout_search_captures_attention_and_returns_the_weights_used(flat_gal
     res = Searcher(flat_gallery, backbone).search([load_image(photos[4])], SearchSettings(marginals="rollout"))[0]
     assert calls[0] == len(backbone.model.blocks)
     _, stored = flat_gallery.features([[h for h in res.hits if h.id == photos[4].name][0].faiss_id])
-    np.testing.assert_allclose(res.query_weights.numpy(), stored.patch_weights[0], atol=1e-5)
+    np.testing.assert_allclose(res.query.patch_weights.numpy(), stored.weights("rollout")[0], atol=1e-5)
 
 
 def test_last_cls_captures_the_last_block_only(backbone, photos, monkeypatch):

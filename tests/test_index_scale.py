@@ -71,7 +71,7 @@ def test_auto_ivf_is_trained_on_a_sample_tuned_recorded_and_verified(tmp_path, s
     assert manifest["factory"] == "auto" and manifest["index_plan"]["factory"] == plan.factory
     with IndexDir.open(tmp_path / "index") as reopened:
         assert reopened.plan.factory == plan.factory and reopened.plan.search_value == plan.search_value
-        assert "memory-mapped" in reopened.faiss_description()
+        assert "memory-mapped" in reopened.upkeep.faiss_description()
 
 
 def test_a_non_flat_index_has_no_faiss_file_until_trained(tmp_path):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features import Features, StoredFeatures, weights_by_kind
 from ..grids import AttentionGrid, pool_tokens  # noqa: F401 (re-exported)
 
 DEFAULT_GRID = 7
@@ -38,18 +40,21 @@ class _Observers:
 
 @dataclass
 class BackboneOutput:
-    """Features of a batch of images.
+    """What one forward of a batch of images gives: the features, and how the model laid them out.
+
+    A subclass's :meth:`Backbone._features` fills in the first four (vectors not yet projected or
+    normalised); :meth:`Backbone.forward` the rest.
 
     Attributes:
         global_features: ``(B, D)`` global vectors, L2-normalised.
         patch_features: ``(B, G*G, D)`` patch vectors on a ``G x G`` grid, row-major, L2-normalised.
+        token_grid: the backbone's own (final) patch grid ``(h, w)``.
+        num_prefix_tokens: CLS / distillation / register tokens before the final patch tokens.
         patch_weights: per kind asked for (:data:`reranker.rollout.PER_IMAGE_KINDS`), ``(B, G*G)``
             weights computed block by block during the forward.
         attentions: per block, post-softmax attention ``(B, heads, N_q, N_k)`` over all tokens
             (prefix tokens first), only when asked for with ``with_attention`` (tests, analysis:
             it keeps every block's maps, which the streaming ``patch_weights`` never do).
-        token_grid: the backbone's own (final) patch grid ``(h, w)``.
-        num_prefix_tokens: CLS / distillation / register tokens before the final patch tokens.
         random_weights: True when the backbone was randomly initialised (not pretrained).
         attention_grids: per block, the layout of ``attentions`` when the blocks differ from
             square attention over ``token_grid`` (CvT: a grid per stage, strided keys, a CLS
@@ -59,26 +64,32 @@ class BackboneOutput:
 
     global_features: torch.Tensor
     patch_features: torch.Tensor
-    attentions: tuple[torch.Tensor, ...] | None
     token_grid: tuple[int, int]
     num_prefix_tokens: int
-    random_weights: bool
-    attention_grids: tuple[AttentionGrid, ...] | None = None
     patch_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    attentions: tuple[torch.Tensor, ...] | None = None
+    random_weights: bool = False
+    attention_grids: tuple[AttentionGrid, ...] | None = None
 
     @property
     def grid(self) -> int:
         """Side ``G`` of the pooled patch grid."""
         return int(round(self.patch_features.shape[1] ** 0.5))
 
+    def float(self) -> "BackboneOutput":
+        """The same output with float32 features and weights (after a reduced-precision forward)."""
+        return dataclasses.replace(self, global_features=self.global_features.float(),
+                                   patch_features=self.patch_features.float(),
+                                   patch_weights={k: w.float() for k, w in self.patch_weights.items()})
 
-class RawFeatures(NamedTuple):
-    """What :meth:`Backbone._features` returns."""
+    def features(self, kind: str | None) -> Features:
+        """The images' features with the ``kind`` patch weights (None: none), on the forward's device."""
+        return Features(self.global_features, self.patch_features, None if kind is None else self.patch_weights[kind])
 
-    global_vec: torch.Tensor
-    patches: torch.Tensor
-    token_grid: tuple[int, int]
-    num_prefix_tokens: int
+    def stored(self) -> StoredFeatures:
+        """The images' features as float32 numpy arrays, every kind of patch weights computed."""
+        return StoredFeatures(self.global_features.float().cpu().numpy(), self.patch_features.float().cpu().numpy(),
+                              weights_by_kind(self.patch_weights))
 
 
 class _Collector:
@@ -230,7 +241,9 @@ class Backbone(nn.Module):
         """Apply ``head`` (e.g. a fine-tuned 384->128 linear layer) to global and patch vectors alike."""
         self.projection = head
 
-    def _features(self, images: torch.Tensor, observe: AttentionObserver | None) -> RawFeatures:
+    def _features(self, images: torch.Tensor, observe: AttentionObserver | None) -> BackboneOutput:
+        """The un-normalised global vectors, the pooled patch grid, the token grid and the number of
+        prefix tokens of a batch (the rest of :class:`BackboneOutput` is filled in by :meth:`forward`)."""
         raise NotImplementedError
 
     def forward(
@@ -254,17 +267,16 @@ class Backbone(nn.Module):
         observers = [o for o in (collector, accumulator if accumulator.needs_attention else None) if o is not None]
         observe = _Observers(observers, last_block_only=collector is None and accumulator.last_block_only)
         raw = self._features(images, observe if observers else None)
-        global_vec, patches = raw.global_vec, raw.patches
+        global_vec, patches = raw.global_features, raw.patch_features
         if self.projection is not None:
             global_vec = self.projection(global_vec)
             patches = self.projection(patches)
         weights = accumulator.result(batch=images.shape[0], device=images.device) if patch_weights else {}
-        return BackboneOutput(
+        return dataclasses.replace(
+            raw,
             global_features=F.normalize(global_vec.float(), dim=-1),
             patch_features=F.normalize(patches.float(), dim=-1),
             attentions=tuple(collector.attentions) if collector else None,
-            token_grid=raw.token_grid,
-            num_prefix_tokens=raw.num_prefix_tokens,
             random_weights=self.random_weights,
             attention_grids=collector.grids(raw.token_grid, raw.num_prefix_tokens) if collector else None,
             patch_weights=weights,

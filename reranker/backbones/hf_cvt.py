@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
+from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, BackboneOutput, pool_tokens
 from .registry import register_backbone
 from .weights import check_weights_arg, read_state_dict, seeded_if_random, weights_identity, weights_unavailable
 
@@ -155,7 +155,7 @@ class HfCvt(Backbone):
         else:  # no stage-3 CLS token: mean of the normed tokens, as HF's classifier does
             global_vec, num_prefix = tokens.mean(dim=1), 0
         patches = pool_tokens(tokens, (h, w), self.grid)
-        return RawFeatures(global_vec, patches, (h, w), num_prefix)
+        return BackboneOutput(global_vec, patches, (h, w), num_prefix)
 
 
 def _check_keys(missing: Any, unexpected: Any, source: str) -> None:

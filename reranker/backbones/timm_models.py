@@ -10,7 +10,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, RawFeatures, pool_tokens
+from .base import DEFAULT_GRID, AttentionGrid, AttentionObserver, Backbone, BackboneOutput, pool_tokens
 
 
 def model_data_config(model: nn.Module) -> dict:
@@ -111,7 +111,7 @@ class TimmViT(TimmBackbone):
         global_vec = model.forward_head(tokens, pre_logits=True)
         grid_tokens = tokens if caught is None else caught[0]
         patches = pool_tokens(grid_tokens[:, num_prefix:], token_grid, self.grid)
-        return RawFeatures(global_vec, patches, token_grid, num_prefix)
+        return BackboneOutput(global_vec, patches, token_grid, num_prefix)
 
 
 class TimmSwin(TimmBackbone):
@@ -124,7 +124,7 @@ class TimmSwin(TimmBackbone):
         B, h, w, C = tokens.shape
         global_vec = self.model.forward_head(tokens, pre_logits=True)
         patches = pool_tokens(tokens.reshape(B, h * w, C), (h, w), self.grid)
-        return RawFeatures(global_vec, patches, (h, w), 0)
+        return BackboneOutput(global_vec, patches, (h, w), 0)
 
 
 def is_plain_vit(model: nn.Module) -> bool:

@@ -110,7 +110,7 @@ def synthetic_chunk(pool: dict[str, Any], codes: np.ndarray, start: int, n: int,
     """Images ``start .. start+n``: noisy copies of base images (see the module's docstring)."""
     from indexer.index_dir import NewImages
     from indexer.metadata import ImageRow
-    from indexer.patch_store import StoredFeatures
+    from reranker.features import StoredFeatures
 
     rng = np.random.default_rng(seed)
     base = len(pool["global"])
@@ -124,7 +124,7 @@ def synthetic_chunk(pool: dict[str, Any], codes: np.ndarray, start: int, n: int,
     c[swap] = codes[donors[swap], which[swap]]
     rows = [ImageRow(id=f"s{start + i}", path="", label=str(pool["labels"][s]), content_hash=f"s{start + i}",
                      width=224, height=224, bytes=0) for i, s in enumerate(src)]
-    return NewImages(rows, StoredFeatures(g, c, pool["weights"][src])), src
+    return NewImages(rows, StoredFeatures(g, c, {"rollout": pool["weights"][src]})), src
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -183,7 +183,7 @@ def measure_size(n: int, pool: dict[str, Any], codec, folder: Path, args) -> dic
         res = rerank_batch(
             Features(torch.from_numpy(qg[q:q + 1]), torch.from_numpy(qp[q:q + 1]), torch.from_numpy(qw[q:q + 1])),
             Features(torch.from_numpy(feats.global_features)[None], cand_p[None],
-                     torch.from_numpy(feats.patch_weights)[None]),
+                     torch.from_numpy(feats.weights())[None]),
             torch.from_numpy(scores[:, valid]), marginals="crosscorr", s=default("s"), lam=default("lam"),
         )
         t3 = time.perf_counter()
