@@ -56,6 +56,36 @@ _SIGNATURES = (
 )
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
+#: The formats read, and the only Pillow plugins ever asked to open a file (JPEG's opens camera MPOs). Any
+#: other (ICO, PPM, TGA, JPEG 2000, AVIF, EPS, whose plugin runs Ghostscript...) is refused from its
+#: header, never parsed.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``Image.open`` of ``data`` restricted to :data:`FORMATS` (lazy: only the header is read).
+    UnidentifiedImageError for anything else."""
+    Image.init()  # every plugin registered (WebP and TIFF are not among the preloaded ones)
+    return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
+def other_format(data: bytes) -> str | None:
+    """The format a Pillow plugin outside :data:`FORMATS` would claim ``data`` is, from its first bytes
+    alone (the plugins' header checks; nothing is parsed), or None."""
+    Image.init()
+    prefix = data[:64]
+    for name in Image.ID:
+        if name in FORMATS:
+            continue
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's header check that cannot read this prefix
+            continue
+    return None
+
 
 class ImageLoadError(ValueError):
     """An image that could not be loaded: ``path``, a ``reason`` code and a message."""
@@ -172,14 +202,25 @@ def check_dimensions(name: str, width: int, height: int, limits: LoadLimits) -> 
         raise ImageLoadError(
             name,
             "bad_aspect_ratio",
-            f"{width}x{height} has an aspect ratio of {long_side / short_side:.1f}:1, over the limit "
-            f"of {limits.max_aspect_ratio:g}:1 (long side / short side)",
+            f"{width}x{height} has an aspect ratio of {_ratio_text(long_side, short_side, limits.max_aspect_ratio)}:1, "
+            f"over the limit of {limits.max_aspect_ratio:g}:1 (long side / short side)",
         )
+
+
+def _ratio_text(long_side: int, short_side: int, limit: float) -> str:
+    """``long_side / short_side`` with as many decimals as it takes to read as over ``limit``
+    (2001 x 100 is 20.01:1, not 20.0:1)."""
+    ratio = long_side / short_side
+    for decimals in range(1, 7):
+        text = f"{ratio:.{decimals}f}"
+        if float(text) > limit:
+            return text
+    return f"{ratio:.7g}"
 
 
 def _decode(data: bytes, name: str, limits: LoadLimits) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             check_dimensions(name, *img.size, limits)  # before load(): only the header is read
             img.seek(0)  # first frame of an animation
             img.load()
@@ -197,6 +238,9 @@ def _decode(data: bytes, name: str, limits: LoadLimits) -> Image.Image:
     except UnidentifiedImageError as e:
         if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise ImageLoadError(name, "corrupt", "image header is invalid") from e
+        other = other_format(data)
+        if other is not None:
+            raise ImageLoadError(name, "unsupported", f"{other} images are not read: send {FORMAT_NAMES}") from e
         raise ImageLoadError(name, "unsupported", "not an image format PIL can read") from e
     except (OSError, EOFError) as e:
         text = str(e).lower()

@@ -13,8 +13,7 @@ from reranker.defaults import DEFAULT_MODEL
 from reranker.device import add_device_argument
 
 TIMEOUT_KEEP_ALIVE_S = 5  # idle connections, and request heads that take longer, are closed after this
-MAX_HEADER_BYTES = 16 * 1024  # a request line + headers larger than this: 400 (uvicorn's h11 parser)
-LIMIT_CONCURRENCY = 128  # open connections + running requests; beyond: 503 from uvicorn
+MAX_CONNECTIONS = 1024  # open connections; a new one past this closes the longest-idle one to make room
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -49,16 +48,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--timeout-keep-alive", type=int, default=TIMEOUT_KEEP_ALIVE_S,
                        help="seconds a connection may stay idle, or take to send a request head "
                             f"(default {TIMEOUT_KEEP_ALIVE_S})")
-    serve.add_argument("--limit-concurrency", type=int, default=LIMIT_CONCURRENCY,
-                       help=f"open connections + running requests before uvicorn answers 503 "
-                            f"(default {LIMIT_CONCURRENCY}; 0: no limit)")
+    serve.add_argument("--max-in-flight", type=int,
+                       help="requests answered at once before the service answers 503 with Retry-After "
+                            "(default 128; idle connections do not count)")
+    serve.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                       help=f"open connections; past this a new one closes the longest-idle one, never a "
+                            f"running request's (default {MAX_CONNECTIONS})")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-progress", action="store_true", help="no progress bar while indexing the demo")
     serve.set_defaults(handler=run_serve)
 
 
 _FLAGS = ("index", "host", "port", "model", "weights", "device", "api_key", *SEARCH_PARAMS,
-          "max_upload_bytes", "queue_size", "max_batch", "batch_wait_ms", "torch_threads")
+          "max_upload_bytes", "queue_size", "max_in_flight", "max_batch", "batch_wait_ms", "torch_threads")
 
 
 def _fail(message: str) -> int:
@@ -107,35 +109,58 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"index": index})  # weights: the index's own
     if settings.index is None:
         return _fail("nothing to serve: give --index DIR (or VIT_RERANK_INDEX), or --demo")
-    if args.timeout_keep_alive < 1 or args.limit_concurrency < 0:
-        return _fail("--timeout-keep-alive must be >= 1 and --limit-concurrency >= 0")
-    options = uvicorn_options(args.timeout_keep_alive, args.limit_concurrency or None)
+    if args.timeout_keep_alive < 1 or args.max_connections < 1:
+        return _fail("--timeout-keep-alive and --max-connections must be >= 1")
+    options = uvicorn_options(args.timeout_keep_alive, args.max_connections)
     return _serve(settings, args.log_level, options)
 
 
 def uvicorn_options(timeout_keep_alive: int = TIMEOUT_KEEP_ALIVE_S,
-                    limit_concurrency: int | None = LIMIT_CONCURRENCY) -> dict[str, Any]:
+                    max_connections: int = MAX_CONNECTIONS) -> dict[str, Any]:
     """The connection limits ``serve`` gives uvicorn (keyword arguments of ``uvicorn.Config``).
 
     uvicorn's own keep-alive timeout only starts after a response, and any byte received stops it: a
     connection that never sends a request, or sends its head a byte at a time, was never closed. The
     protocol here also runs it from the moment of connecting until a whole request head has arrived.
-    A request body that stops arriving is the app's to time out (``app.BODY_READ_TIMEOUT_S``).
+    uvicorn's ``limit_concurrency`` is not used: it counts idle connections, so silent sockets could
+    take every place (and its 503 is plain text). Running requests are bounded by the app
+    (``ServiceSettings.max_in_flight``, a JSON 503); open connections by the protocol, which makes room
+    for a new one by closing the longest-idle one. A request body that stops arriving is the app's to
+    time out (``app.BODY_READ_TIMEOUT_S``); a head over ``app.MAX_HEADER_BYTES`` is refused here while
+    incomplete and by the app once complete.
     """
-    return {"http": _head_timeout_protocol(), "timeout_keep_alive": timeout_keep_alive,
-            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "limit_concurrency": limit_concurrency}
+    from .app import MAX_HEADER_BYTES
+
+    return {"http": _head_timeout_protocol(max_connections), "timeout_keep_alive": timeout_keep_alive,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "limit_concurrency": None}
 
 
 @functools.cache
-def _head_timeout_protocol() -> type:
-    """uvicorn's h11 protocol, with its keep-alive timer also covering the wait for a request head."""
+def _head_timeout_protocol(max_connections: int = MAX_CONNECTIONS) -> type:
+    """uvicorn's h11 protocol, with its keep-alive timer also covering the wait for a request head, and
+    at most ``max_connections`` connections open (the longest-idle one is closed to make room)."""
+    import time
+
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutH11Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self.idle_since = time.monotonic()
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
+            if len(self.connections) > max_connections:
+                idle = [c for c in self.connections if c is not self and c.is_idle()]
+                victim = min(idle, key=lambda c: c.idle_since, default=self)
+                victim.transport.close()  # no place left and none idle: the new one goes
+
+        def is_idle(self) -> bool:
+            """No request running on this connection."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.idle_since = time.monotonic()
 
         def data_received(self, data: bytes) -> None:
             # As H11Protocol's, but a byte does not stop the timer: a whole request head does.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import math
 import sys
 import threading
@@ -183,7 +182,7 @@ def _refused_from_header(width: int, height: int, limits: Any) -> bool:
 
 def _decode(data: bytes, declared_type: str | None, limits: Any, gate: DecodeGate, side: int) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: only the header is read
+        img = loading.open_image(data)  # lazy: only the header is read; only the accepted formats
     except Exception:  # noqa: BLE001 - not an image, or refused at the header: decode_upload says why, at once
         img = None
     if img is None:

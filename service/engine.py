@@ -28,7 +28,7 @@ from reranker.device import resolve_device
 from reranker.threads import run_on_own_thread, use_torch_threads
 
 from .decoding import DecodeGate, model_side, release_memory
-from .errors import DuplicateIdError, ImageRejectedError, NotImplementedHere, QueueFullError
+from .errors import DuplicateIdError, ImageRejectedError, NotImplementedHere, QueueFullError, shown
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
 
@@ -281,7 +281,7 @@ class Engine:
         index_dir = self._writable()
         with self._lock:
             if index_dir.row(image_id) is not None:
-                raise DuplicateIdError(f"an image with id {image_id!r} is already indexed")
+                raise DuplicateIdError(f"an image with id {shown(image_id)} is already indexed")
             self.uploads.mkdir(exist_ok=True)
             created = not path.exists()  # else an orphan of a crash, with these very bytes: left as it is
             write_bytes(path, data)

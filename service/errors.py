@@ -24,6 +24,16 @@ from indexer.shards import ShardUnavailableError
 log = logging.getLogger("vit_rerank.service")
 
 
+SHOWN_CHARS = 80  # a client's value echoed in a message is cut to this many characters
+
+
+def shown(value: str) -> str:
+    """``repr(value)`` for a message, cut to :data:`SHOWN_CHARS` characters (an error never echoes a
+    100 KB id back)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(value)} characters)"
+
+
 class ServiceError(Exception):
     """A failed request: ``status`` is its HTTP status, ``detail`` the message the client reads."""
 
@@ -57,6 +67,10 @@ class Conflict(ServiceError):
 
 class PayloadTooLarge(ServiceError):
     status = 413
+
+
+class HeadersTooLarge(ServiceError):
+    status = 431
 
 
 class UnsupportedMediaType(ServiceError):

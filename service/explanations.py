@@ -22,7 +22,8 @@ from indexer.loading import load_image
 from reranker.views import model_view
 from reranker.visualize import DEFAULT_PANEL, render_match, strongest_links
 
-from .errors import ExplanationNotFound
+from .errors import ExplanationNotFound, Unavailable, shown
+from .schemas import renderable
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,22 @@ def numbers(entry: QueryExplanations, match: Match, top: int) -> dict[str, Any]:
     }
 
 
-class ExplanationCache:
-    """Thread-safe LRU + TTL cache of :class:`QueryExplanations`, bounded in bytes."""
+MAX_RENDERS = 2  # pictures drawn at once (each holds two photos at up to 1024 px and a figure)
+RENDER_WAIT_S = 10.0  # a picture that cannot start drawing within this: 503 with Retry-After
+EXPLAIN_PICTURES = 10  # a search with explain=true draws at most this many (the best reranked hits)
 
-    def __init__(self, max_bytes: int, ttl_s: float, transform: Callable, timer: Callable[[], float] | None = None):
+
+class ExplanationCache:
+    """Thread-safe LRU + TTL cache of :class:`QueryExplanations`, bounded in bytes; at most
+    ``max_renders`` pictures are drawn at once."""
+
+    def __init__(self, max_bytes: int, ttl_s: float, transform: Callable, timer: Callable[[], float] | None = None,
+                 max_renders: int = MAX_RENDERS, render_wait_s: float = RENDER_WAIT_S):
         kwargs = {"timer": timer} if timer is not None else {}
         self._cache: TTLCache = TTLCache(maxsize=max_bytes, ttl=ttl_s, getsizeof=lambda e: e.nbytes(), **kwargs)
         self._lock = threading.Lock()
+        self._renders = threading.BoundedSemaphore(max_renders)
+        self.render_wait_s = render_wait_s
         self.transform = transform
         self.ttl_s = ttl_s
 
@@ -192,12 +202,12 @@ class ExplanationCache:
             entry = self._cache.get(query_id)
         if entry is None:
             raise ExplanationNotFound(
-                f"no cached query {query_id!r}: explanations expire {self.ttl_s:.0f} s after the search "
+                f"no cached query {shown(query_id)}: explanations expire {self.ttl_s:.0f} s after the search "
                 "(or sooner when many queries arrive); search again"
             )
         match = entry.matches.get(gallery_id)
         if match is None:
-            raise ExplanationNotFound(f"{gallery_id!r} is not among the reranked results of query {query_id!r}")
+            raise ExplanationNotFound(f"{shown(gallery_id)} is not among the reranked results of query {shown(query_id)}")
         return entry, match
 
     def numbers(self, query_id: str, gallery_id: str, top: int = 10) -> dict[str, Any]:
@@ -208,14 +218,42 @@ class ExplanationCache:
     def picture(self, query_id: str, gallery_id: str, options: PictureOptions = PictureOptions()) -> bytes:
         """The PNG for one hit of one query (rendered once per options, then kept with the query)."""
         entry, match = self._lookup(query_id, gallery_id)
+        return self._picture(query_id, entry, gallery_id, match, options)
+
+    def render_all(self, query_id: str, entry: QueryExplanations, limit: int = EXPLAIN_PICTURES) -> None:
+        """Draw the default picture of the first ``limit`` explained hits of ``entry`` (best first) from the
+        entry itself: a cache that evicts the query meanwhile takes nothing from this request."""
+        hits = sorted(entry.matches.items(), key=lambda item: item[1].rank_after)[:limit]
+        for gallery_id, match in hits:
+            self._picture(query_id, entry, gallery_id, match, PictureOptions())
+
+    def _picture(self, query_id: str, entry: QueryExplanations, gallery_id: str, match: Match,
+                 options: PictureOptions) -> bytes:
         key = (gallery_id, options)
         if key in entry.pictures:
             return entry.pictures[key]
+        if not self._renders.acquire(timeout=self.render_wait_s):
+            raise Unavailable(f"{MAX_RENDERS} explanation pictures are being drawn already; retry shortly",
+                              retry_after=max(1, round(self.render_wait_s / 2)))
+        try:
+            png = self._render(entry, gallery_id, match, options)
+        finally:
+            self._renders.release()
+        with self._lock:
+            entry.pictures[key] = png
+            if query_id in self._cache:  # re-insert: the cache re-counts the entry's size
+                try:
+                    self._cache[query_id] = entry
+                except ValueError:
+                    del self._cache[query_id]
+        return png
+
+    def _render(self, entry: QueryExplanations, gallery_id: str, match: Match, options: PictureOptions) -> bytes:
         unmatched = options.unmatched and entry.scorer == "ot"  # the dummy's share exists for partial OT only
         try:
             candidate = sharp_view(load_image(match.path), self.transform, options.size)
         except (OSError, ValueError) as err:
-            raise ExplanationNotFound(f"the gallery image {gallery_id!r} can no longer be read: {err}") from None
+            raise ExplanationNotFound(f"the gallery image {shown(gallery_id)} can no longer be read: {err}") from None
         png = render_match(
             entry.view(self.transform, options.size), candidate, match.plan, grid=entry.grid,
             # the heat map shows the OT marginals this pair used (else the stored per-image weights)
@@ -226,13 +264,6 @@ class ExplanationCache:
             query_unmatched=unmatched_share(match.plan, match.query_marginal, 1) if unmatched else None,
             candidate_unmatched=unmatched_share(match.plan, match.candidate_marginal, 0) if unmatched else None,
         )
-        with self._lock:
-            entry.pictures[key] = png
-            if query_id in self._cache:  # re-insert: the cache re-counts the entry's size
-                try:
-                    self._cache[query_id] = entry
-                except ValueError:
-                    del self._cache[query_id]
         return png
 
     def __len__(self) -> int:
@@ -259,8 +290,8 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
         matches[h.id] = Match(
             path=h.path, plan=pair.plan.float().numpy(), candidate_weights=weights[i],
             # ranks shown 1-based, as on the page
-            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}",
-            label=h.label, global_score=h.global_score, structural_score=float(h.structural_score),
+            title=renderable(f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}"),
+            label=renderable(h.label), global_score=h.global_score, structural_score=float(h.structural_score),
             final_score=h.final_score, rank_before=h.rank_before, rank_after=h.rank_after,
             candidate_patches=cands.patch_features[i].to(torch.float16).numpy(),
             query_marginal=pair.query_mass.double().numpy(), candidate_marginal=pair.candidate_mass.double().numpy(),

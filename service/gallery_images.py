@@ -7,7 +7,7 @@ import io
 from fastapi.responses import Response
 from PIL import Image
 
-from indexer.loading import ImageLoadError, load_image
+from indexer.loading import ImageLoadError, load_image, open_image
 from indexer.metadata import ImageRow
 
 from .errors import NotFound
@@ -36,7 +36,7 @@ def gallery_image(row: ImageRow) -> Response:
     try:
         with open(row.path, "rb") as fh:
             data = fh.read()
-        with Image.open(io.BytesIO(data)) as probe:
+        with open_image(data) as probe:
             media = _DIRECT.get(probe.format or "")
     except Exception:  # unreadable or not JPEG/PNG: decoded (and refused clearly) below
         media = None

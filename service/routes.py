@@ -19,14 +19,15 @@ from indexer.search_params import SEARCH_PARAMS
 from reranker.threads import single_threaded
 
 from .engine import Engine, SearchOutcome
-from .errors import Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable, error_response
-from .explanations import PictureOptions, build_entry
+from .errors import Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable, error_response, shown
+from .explanations import PictureOptions, QueryExplanations, build_entry
 from .gallery_images import gallery_image, thumbnail
 from .settings import Marginals, Scorer
-from .schemas import ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status
+from .schemas import (ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status,
+                      renderable)
 from .state import ServiceState
 from .decoding import decode_bounded  # 503 + Retry-After when too many images are being decoded
-from .uploads import check_image_id, file_suffix, parse_metadata, read_upload, single_valued_form
+from .uploads import MAX_ID_CHARS, MAX_LABEL_CHARS, check_image_id, check_label, file_suffix, parse_metadata, read_upload, single_valued_form
 
 T = TypeVar("T")
 
@@ -41,6 +42,11 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     thread keeps the only OpenMP pool (reranker.threads)."""
     return await run_in_threadpool(_single_threaded_call, fn, *args)
 
+
+NON_EMPTY = {"minLength": 1}  # an upload of no bytes is refused (400): the schema says so
+#: a JSON object as text: the server parses it (and refuses anything else with 422)
+JSON_OBJECT = {"pattern": r"^\s*\{[\s\S]*\}\s*$", "contentMediaType": "application/json",
+               "contentSchema": {"type": "object"}}
 
 router = APIRouter()
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has a key")
@@ -77,7 +83,7 @@ def check_api_key(expected: SecretStr | None, key: str | None) -> None:
 
 
 def _url_id(image_id: str) -> str:
-    return quote(image_id, safe="")
+    return quote(renderable(image_id), safe="")
 
 
 # --- health -------------------------------------------------------------------------------
@@ -121,7 +127,8 @@ def _param(name: str) -> dict[str, Any]:
 async def search(
     state: State,
     engine: ReadyEngine,
-    image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
+    image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, GIF, BMP or TIFF)",
+                                      json_schema_extra=NON_EMPTY)],
     top_k: Annotated[int | None, Form(**_param("top_k"))] = None,
     rerank_k: Annotated[int | None, Form(**_param("rerank_k"))] = None,
     scorer: Annotated[Scorer | None, Form(description=SEARCH_PARAMS["scorer"].help)] = None,
@@ -131,7 +138,8 @@ async def search(
     eps: Annotated[float | None, Form(**_param("eps"), allow_inf_nan=False)] = None,
     lam: Annotated[float | None, Form(alias=SEARCH_PARAMS["lam"].public_name, **_param("lam"),
                                       allow_inf_nan=False)] = None,
-    explain: Annotated[bool, Form(description="render every explanation picture now")] = False,
+    explain: Annotated[bool, Form(description="draw the explanation pictures now (the best 10 reranked hits; the "
+                                              "others are drawn when first fetched)")] = False,
 ) -> Any:
     """Search the index with one image: top K by global cosine, reranked by their patch structure."""
     cfg = state.settings
@@ -146,9 +154,9 @@ async def search(
     query = await off_loop(decode_bounded, data, image.content_type, engine)
     outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, settings))  # 503 when the queue is full
     query_id = secrets.token_hex(12)
-    await off_loop(_remember, state, query_id, query, outcome)
-    if explain:
-        await off_loop(_render_all, state, query_id, outcome)
+    entry = await off_loop(_remember, state, query_id, query, outcome)
+    if explain and entry is not None:  # drawn from this request's own entry, at most EXPLAIN_PICTURES of them
+        await off_loop(state.explanations.render_all, query_id, entry)
     return _response(state, query_id, settings, resolved, outcome)
 
 
@@ -157,16 +165,11 @@ def _near_threshold(state: ServiceState) -> float | None:
     return threshold_for(engine.model, engine.random_weights)
 
 
-def _remember(state: ServiceState, query_id: str, query: Any, outcome: SearchOutcome) -> None:
+def _remember(state: ServiceState, query_id: str, query: Any, outcome: SearchOutcome) -> QueryExplanations | None:
     entry = build_entry(query, outcome, state.engine, _near_threshold(state))
     if entry is not None:
         state.explanations.put(query_id, entry)
-
-
-def _render_all(state: ServiceState, query_id: str, outcome: SearchOutcome) -> None:
-    for h in outcome.result.hits:
-        if h.id in outcome.result.plans:
-            state.explanations.picture(query_id, h.id)
+    return entry
 
 
 def _response(state: ServiceState, query_id: str, settings: SearchSettings, marginals: str,
@@ -178,7 +181,7 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
         uid = _url_id(h.id)
         explained = h.id in result.plans
         results.append(Result(
-            id=h.id, label=h.label, metadata=h.metadata, global_score=h.global_score,
+            id=renderable(h.id), label=renderable(h.label), metadata=renderable(h.metadata), global_score=h.global_score,
             structural_score=h.structural_score, final_score=h.final_score, rank_before=h.rank_before,
             rank_after=h.rank_after, image_url=f"/images/{uid}", thumbnail_url=f"/images/{uid}?size=thumb",
             explanation_url=f"/explanations/{query_id}/{uid}.png" if explained else None,
@@ -234,7 +237,7 @@ async def image(state: State, engine: ReadyEngine, image_id: str,
     """A gallery image by id (only images the index knows; no client path reaches the disk)."""
     row = await off_loop(engine.catalog.row, image_id)
     if row is None:
-        raise NotFound(f"no image with id {image_id!r} in the index")
+        raise NotFound(f"no image with id {shown(image_id)} in the index")
     if size == "thumb":
         return await off_loop(thumbnail, state, row)
     return await off_loop(gallery_image, row)
@@ -252,17 +255,19 @@ async def index_info(engine: ReadyEngine) -> Any:
 async def add_image(
     state: State,
     engine: ReadyEngine,
-    image: Annotated[UploadFile, File(description="the image to index")],
-    id: Annotated[str | None, Form(description="its id (default: upload-<content hash>)")] = None,
-    label: Annotated[str | None, Form()] = None,
-    metadata: Annotated[str | None, Form(description="a JSON object")] = None,
+    image: Annotated[UploadFile, File(description="the image to index", json_schema_extra=NON_EMPTY)],
+    id: Annotated[str | None, Form(description="its id (default: upload-<content hash>)",
+                                   max_length=MAX_ID_CHARS)] = None,
+    label: Annotated[str | None, Form(max_length=MAX_LABEL_CHARS)] = None,
+    metadata: Annotated[str | None, Form(description="a JSON object (at most 64 KiB, 32 levels deep)",
+                                         json_schema_extra=JSON_OBJECT)] = None,
 ) -> Added:
     """Index one more image; it is stored in the index directory and survives restarts."""
-    image_id, meta = check_image_id(id), parse_metadata(metadata)
+    image_id, label, meta = check_image_id(id), check_label(label), parse_metadata(metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
     await off_loop(decode_bounded, data, image.content_type, engine)  # validated, through the decode gate
     # 409 for a known id, 400 when the indexer refuses the image (service.errors)
-    added = await off_loop(engine.add_image, data, file_suffix(data), image_id, label or None, meta)
+    added = await off_loop(engine.add_image, data, file_suffix(data), image_id, label, meta)
     return Added(id=added, added=True)
 
 
@@ -271,5 +276,5 @@ async def add_image(
 async def remove_image(engine: ReadyEngine, image_id: str) -> Removed:
     """Remove one image from the index."""
     if not await off_loop(engine.remove_image, image_id):
-        raise NotFound(f"no image with id {image_id!r} in the index")
+        raise NotFound(f"no image with id {shown(image_id)} in the index")
     return Removed(id=image_id, removed=True)

@@ -33,6 +33,23 @@ class Timings(BaseModel):
     total: float
 
 
+def renderable(value: Any) -> Any:
+    """``value`` (a string, or JSON of strings, numbers, lists and objects) with every lone surrogate
+    replaced by U+FFFD: a stored id, label or metadata value that no response could serialise (e.g. an id
+    from a file name with a non-UTF-8 byte) degrades that one field instead of failing the answer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    if isinstance(value, dict):
+        return {renderable(k): renderable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [renderable(v) for v in value]
+    return value
+
+
 class Result(BaseModel):
     id: str
     label: str | None

@@ -52,6 +52,8 @@ class ServiceSettings(BaseSettings):
     max_upload_bytes: int = Field(16 * 2**20, ge=1024, description="largest accepted upload")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
     queue_size: int = Field(64, ge=1, description="queries waiting for inference; beyond: 503")
+    max_in_flight: int = Field(128, ge=1, description="requests answered at once (idle connections do not "
+                               "count); beyond: 503 with Retry-After")
     max_batch: int = Field(16, ge=1, description="queries embedded and reranked together")
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of torch (default: torch's, one per core); 1 where other work "

@@ -3,15 +3,15 @@ HTTP status of each way they can fail."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 from fastapi import HTTPException, Request, UploadFile
 from PIL import Image
 
-from indexer.loading import ImageLoadError, LoadLimits, load_image
+from indexer.loading import FORMAT_NAMES, ImageLoadError, LoadLimits, load_image, open_image, other_format
 
 from .errors import IMAGE_REFUSALS, BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
@@ -30,6 +30,7 @@ _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP":
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 32
+MAX_LABEL_CHARS = 256
 
 
 # These two are raised while FastAPI itself reads the body (inside its form parser), which turns any
@@ -67,6 +68,9 @@ def _unsupported_kind(data: bytes, declared: str | None) -> str | None:
             return name
     if data[4:8] == b"ftyp":  # ISO media: HEIC / AVIF
         return "HEIC/AVIF"
+    other = other_format(data)
+    if other is not None:
+        return other
     if declared and declared.startswith("image/") and declared not in _READABLE_TYPES:
         return declared  # e.g. image/heic: an image, of a type we do not read
     return None
@@ -88,7 +92,7 @@ def decode_upload(data: bytes, declared_type: str | None, limits: LoadLimits) ->
                 raise UnsupportedMediaType(f"unsupported image: {err.message}") from None
             if kind is not None:
                 raise UnsupportedMediaType(
-                    f"unsupported image type ({kind}): send JPEG, PNG, WebP, GIF, BMP or TIFF"
+                    f"unsupported image type ({kind}): send {FORMAT_NAMES}"
                 ) from None
             raise BadRequest("not an image: the upload is no image format this service reads") from None
         raise BadRequest(f"bad image ({err.reason}): {err.message}") from None
@@ -96,7 +100,7 @@ def decode_upload(data: bytes, declared_type: str | None, limits: LoadLimits) ->
 
 def file_suffix(data: bytes) -> str:
     """The file name suffix of the (already decoded) image's format."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         return _SUFFIX.get(img.format or "", ".img")
 
 
@@ -112,6 +116,25 @@ async def single_valued_form(request: Request) -> None:
             raise Unprocessable(f"{name}: give this form field once, not {len(form.getlist(name))} times")
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (JSON and UTF-8 can carry it): no lone surrogate such as
+    ``\\ud800``, which ``json.loads`` and form decoding let through but no response can serialise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_label(label: str | None) -> str | None:
+    """A new image's label (None for none), or 422: at most ``MAX_LABEL_CHARS`` printable characters."""
+    if label is None or label == "":
+        return None
+    if len(label) > MAX_LABEL_CHARS or not label.isprintable() or not is_unicode(label):
+        raise Unprocessable(f"label: 1 to {MAX_LABEL_CHARS} printable characters")
+    return label
+
+
 def check_image_id(image_id: str | None) -> str | None:
     """A client's id for a new image (None: let the service name it), or 422.
 
@@ -120,7 +143,8 @@ def check_image_id(image_id: str | None) -> str | None:
     """
     if image_id is None or image_id == "":
         return None
-    if len(image_id) > MAX_ID_CHARS or image_id != image_id.strip() or not image_id.isprintable():
+    if (len(image_id) > MAX_ID_CHARS or image_id != image_id.strip() or not image_id.isprintable()
+            or not is_unicode(image_id)):
         raise Unprocessable(f"id: 1 to {MAX_ID_CHARS} printable characters, no surrounding spaces")
     if any(segment in ("", ".", "..") for segment in image_id.split("/")):
         raise Unprocessable(
@@ -170,10 +194,27 @@ def parse_metadata(text: str | None) -> dict[str, Any]:
         raise Unprocessable(f"metadata: numbers must be finite, not {err}") from None
     except RecursionError:
         raise Unprocessable(f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)") from None
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise Unprocessable(f"metadata: {err}") from None
+    except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise Unprocessable(f"metadata: integers may have at most {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(value, dict):
         raise Unprocessable("metadata: must be a JSON object")
     if _depth(value) > MAX_METADATA_DEPTH:
         raise Unprocessable(f"metadata: nested too deep (at most {MAX_METADATA_DEPTH} levels)")
+    if not all(is_unicode(text) for text in _texts(value)):
+        raise Unprocessable("metadata: every key and string must be valid Unicode (no lone surrogates "
+                            "such as \\ud800)")
     return value
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every key and string in a parsed JSON value, without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            yield from item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)

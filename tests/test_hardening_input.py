@@ -306,7 +306,7 @@ def test_serve_passes_the_connection_limits_to_uvicorn(monkeypatch):
 
     options = uvicorn_options()
     assert options["timeout_keep_alive"] == 5 and options["h11_max_incomplete_event_size"] == 16 * 1024
-    assert options["limit_concurrency"] >= 32
+    assert options["limit_concurrency"] is None  # idle sockets must not take places: the app bounds requests
     config = uvicorn.Config(lambda *_: None, **options)  # every option is one uvicorn knows
     assert config.timeout_keep_alive == 5
 
@@ -327,13 +327,15 @@ def test_serve_flags_reach_uvicorn(index_dir, monkeypatch):
     parser = argparse.ArgumentParser()
     add_serve_command(parser.add_subparsers())
     args = parser.parse_args(["serve", "--index", str(index_dir), "--device", "cpu", "--log-level", "warning",
-                              "--timeout-keep-alive", "7", "--limit-concurrency", "0"])
+                              "--timeout-keep-alive", "7", "--max-connections", "64",
+                              "--max-in-flight", "9"])
     try:
         assert args.handler(args) == 0
     finally:
         for engine in opened:
             engine.close()
     assert seen["timeout_keep_alive"] == 7 and seen["limit_concurrency"] is None
+    assert opened[0] is not None and args.max_in_flight == 9
     assert seen["h11_max_incomplete_event_size"] == 16 * 1024 and seen["http"].__name__ == "HeadTimeoutH11Protocol"
 
 
