@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, weights
 from reranker.features import StoredFeatures
 
 from .atomic import write_json
-from .embedding import Failure, embed_records
+from .embedding import Failure, PreDecoded, embed_records
 from .index_dir import IndexDir, NewImages
 from .loading import LoadLimits
 from .manifest import IndexMismatchError, Manifest
@@ -165,11 +165,13 @@ def add_records(
     limits: LoadLimits = LoadLimits(),
     progress: bool = True,
     save_report: bool = True,
+    decoded: Mapping[str, PreDecoded] | None = None,
 ) -> BuildReport:
     """Embed and commit every record whose id the index does not hold yet.
 
     With ``save_report`` the report is also written to ``DIR/reports/`` (a build's record;
-    single-image adds, such as the service's, pass False).
+    single-image adds, such as the service's, pass False). ``decoded``: images decoded already, by path
+    (:data:`indexer.embedding.PreDecoded`; the service's adds: it decoded the upload within its bounds).
     """
     start = time.perf_counter()
     report = BuildReport(duplicates_skipped=skip_duplicates)
@@ -199,7 +201,7 @@ def add_records(
     kind = index_dir.manifest.patch_weights
     for batch in embed_records(
         backbone, todo, kinds=(kind,), batch_size=batch_size,
-        workers=workers, limits=limits, progress=progress,
+        workers=workers, limits=limits, progress=progress, decoded=decoded,
     ):
         report.failures += batch.failures
         keep = []

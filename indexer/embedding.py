@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -47,11 +47,18 @@ class EmbeddedBatch:
     failures: list[Failure] = field(default_factory=list)
 
 
+#: A record's image decoded already by the caller (e.g. a service that decoded an upload within its own
+#: bounds): the image, possibly reduced, and the original's size. Its file is then read, not decoded.
+PreDecoded = tuple[Image.Image, tuple[int, int]]
+
+
 class _GalleryDataset(Dataset):
     """Decodes one record in a worker: (position, tensor | None, hash, size, bytes, error)."""
 
-    def __init__(self, records: Sequence[ImageRecord], transform: Callable, limits: LoadLimits) -> None:
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable, limits: LoadLimits,
+                 decoded: Mapping[str, PreDecoded] | None = None) -> None:
         self.records, self.transform, self.limits = records, transform, limits
+        self.decoded = decoded or {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -60,8 +67,12 @@ class _GalleryDataset(Dataset):
         rec = self.records[i]
         try:
             data = read_bytes(rec.path, self.limits)
-            image = load_image(data, self.limits)
-            return i, self.transform(image), content_hash(data), image.size, len(data), None
+            if rec.path in self.decoded:
+                image, size = self.decoded[rec.path]
+            else:
+                image = load_image(data, self.limits)
+                size = image.size
+            return i, self.transform(image), content_hash(data), size, len(data), None
         except ImageLoadError as err:
             return i, None, None, None, None, (err.reason, err.message)
         except Exception as err:  # noqa: BLE001 - a transform failure must not abort a build
@@ -110,12 +121,14 @@ def embed_records(
     limits: LoadLimits = LoadLimits(),
     progress: bool = True,
     description: str = "embedding",
+    decoded: Mapping[str, PreDecoded] | None = None,
 ) -> Iterator[EmbeddedBatch]:
-    """Embed ``records`` in order, yielding one :class:`EmbeddedBatch` per batch.
+    """Embed ``records`` in order, yielding one :class:`EmbeddedBatch` per batch (``decoded``: images of
+    some records' paths that are decoded already, see :data:`PreDecoded`).
 
     Bad files never stop the iteration: they come back in ``failures`` with a reason.
     """
-    dataset = _GalleryDataset(records, backbone.transform, limits)
+    dataset = _GalleryDataset(records, backbone.transform, limits, decoded)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -86,7 +86,8 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
                        read_timeout_s=BODY_READ_TIMEOUT_S)
     app.add_middleware(HeadMiddleware)
-    app.add_middleware(ApiKeyMiddleware, routes=_key_routes(), expected=settings.api_key)
+    app.add_middleware(ApiKeyMiddleware, routes=_key_routes(), expected=settings.api_key,
+                       allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(InFlightLimitMiddleware, limit=settings.max_in_flight)
     app.add_middleware(HeaderLimitMiddleware, limit=MAX_HEADER_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

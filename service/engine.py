@@ -54,6 +54,11 @@ class _Job:
     enqueued: float
 
 
+
+def stored_thumbnail(upload: Path) -> Path:
+    """Where the thumbnail of a large upload is kept, beside it."""
+    return upload.with_name(upload.name + ".thumb.jpg")
+
 class Engine:
     """Owns the searcher of one index; ``start()`` runs its inference thread."""
 
@@ -267,12 +272,16 @@ class Engine:
     # --- changing the index ----------------------------------------------------------
     def add_image(
         self, data: bytes, suffix: str, image_id: str | None = None, label: str | None = None,
-        metadata: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None, decoded: tuple[Any, tuple[int, int]] | None = None,
+        thumbnail: bytes | None = None,
     ) -> str:
         """Store the upload under ``<index>/uploads/`` and index it; all or nothing. Returns the id.
 
         The file is written and indexed under the same lock as :meth:`remove_image` removes an image and
         then its file, so an indexed image always has its file. A failed add removes only a file it wrote.
+        ``decoded``: the upload decoded already (the image, reduced, and the original's size), so the
+        indexer does not decode it again under the lock; ``thumbnail``: a JPEG stored beside the upload
+        (``<upload>.thumb.jpg``, for large originals), so that it is never decoded again for one.
         """
         digest = content_hash(data)
         image_id = image_id or f"upload-{digest[:16]}"
@@ -285,11 +294,14 @@ class Engine:
             self.uploads.mkdir(exist_ok=True)
             created = not path.exists()  # else an orphan of a crash, with these very bytes: left as it is
             write_bytes(path, data)
+            if thumbnail is not None:
+                write_bytes(stored_thumbnail(path), thumbnail)
             try:
                 report = add_records(
                     index_dir, self.searcher.backbone,
                     [ImageRecord(str(path), image_id, label, dict(metadata or {}))],
                     workers=0, limits=self.limits, progress=False, save_report=False,
+                    decoded=None if decoded is None else {str(path): decoded},
                 )
                 if report.failures:
                     failure = report.failures[0]
@@ -298,8 +310,9 @@ class Engine:
                     raise RuntimeError(f"the indexer added {report.added} images instead of 1")
             except BaseException:
                 if created and image_id not in index_dir.ids():
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                    for file in (path, stored_thumbnail(path)):
+                        with contextlib.suppress(FileNotFoundError):
+                            file.unlink()
                 raise
             finally:
                 self.searcher.refresh()
@@ -326,8 +339,9 @@ class Engine:
                 self._info = self.index_dir.info()
             path = Path(row.path)
             if path.parent == self.uploads:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                for file in (path, stored_thumbnail(path)):
+                    with contextlib.suppress(FileNotFoundError):
+                        file.unlink()
         return True
 
     def _writable(self) -> IndexDir:
@@ -341,6 +355,7 @@ class Engine:
         if not self.uploads.is_dir():
             return
         live = self.catalog.referenced_paths()
+        live |= {str(stored_thumbnail(Path(p))) for p in live}
         for path in self.uploads.iterdir():
             if path.is_file() and str(path) not in live:
                 with contextlib.suppress(FileNotFoundError):

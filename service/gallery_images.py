@@ -1,59 +1,75 @@
-"""Serving indexed images: the stored file when it is a JPEG or PNG, else a re-encoded copy."""
+"""Serving indexed images: the stored file when it is a JPEG or PNG, else a reduced re-encoded copy; and
+thumbnails. Every decode goes through the service's decode gate (:mod:`service.decoding`)."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from fastapi.responses import Response
 from PIL import Image
 
-from indexer.loading import ImageLoadError, load_image, open_image
+from indexer.loading import ImageLoadError, open_image, read_bytes
 from indexer.metadata import ImageRow
 
-from .errors import NotFound
+from .decoding import KEEP_FACTOR, decode_stored
+from .engine import Engine, stored_thumbnail
+from .errors import NotFound, ServiceError, Unavailable
 from .state import ServiceState
 
 THUMBNAIL_PX = 256
+SERVED_SHORT_SIDE = 2048  # a re-encoded copy (an original that is not JPEG or PNG) keeps at most this short side
+STORED_THUMBNAIL_PIXELS = 4_000_000  # an added image this large keeps its thumbnail beside it
 _DIRECT = {"JPEG": "image/jpeg", "PNG": "image/png"}
 _CACHE = "private, max-age=3600"
 
 
-def _load(row: ImageRow) -> Image.Image:
+def _decoded(engine: Engine, row: ImageRow, short_side: int) -> Image.Image:
+    """The image of ``row``, decoded through the gate and reduced to at most about ``short_side``."""
     try:
-        return load_image(row.path)
-    except ImageLoadError as err:
-        raise NotFound(f"the image {row.id!r} is indexed but its file cannot be read ({err.reason})") from None
+        return decode_stored(row.path, engine, max(1, short_side // KEEP_FACTOR)).image
+    except Unavailable:
+        raise  # the gate is full: 503 with Retry-After
+    except (ImageLoadError, ServiceError) as err:
+        reason = getattr(err, "reason", None) or getattr(err, "detail", "unreadable")
+        raise NotFound(f"the image {row.id!r} is indexed but its file cannot be read ({reason})") from None
 
 
-def _jpeg(image: Image.Image, quality: int = 85) -> bytes:
+def jpeg(image: Image.Image, quality: int = 85) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def gallery_image(row: ImageRow) -> Response:
-    """The image file as stored (JPEG/PNG), or converted to JPEG."""
+def thumbnail_of(image: Image.Image) -> bytes:
+    """The JPEG thumbnail (at most :data:`THUMBNAIL_PX` on its longer side) of a decoded image."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return jpeg(small, 80)
+
+
+def gallery_image(engine: Engine, row: ImageRow) -> Response:
+    """The image file as stored (JPEG/PNG: never decoded), or a reduced copy converted to JPEG."""
     try:
-        with open(row.path, "rb") as fh:
-            data = fh.read()
+        data = read_bytes(row.path, engine.limits)
         with open_image(data) as probe:
             media = _DIRECT.get(probe.format or "")
-    except Exception:  # unreadable or not JPEG/PNG: decoded (and refused clearly) below
+    except Exception:  # unreadable, too large or not JPEG/PNG: decoded (and refused clearly) below
         media = None
     if media is None:
-        data, media = _jpeg(_load(row)), "image/jpeg"
+        data, media = jpeg(_decoded(engine, row, SERVED_SHORT_SIDE)), "image/jpeg"
     return Response(data, media_type=media, headers={"Cache-Control": _CACHE})
 
 
 def thumbnail(state: ServiceState, row: ImageRow) -> Response:
-    """A JPEG at most 256 px on its longer side, cached by content."""
+    """A JPEG at most 256 px on its longer side: the one stored at add time, else made once (through the
+    decode gate) and cached by content."""
     key = (row.id, row.content_hash)
     with state.thumbnail_lock:
         data = state.thumbnails.get(key)
     if data is None:
-        image = _load(row)
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        data = _jpeg(image, 80)
+        stored = stored_thumbnail(Path(row.path))
+        data = stored.read_bytes() if stored.is_file() else thumbnail_of(_decoded(state.engine, row, THUMBNAIL_PX))
         with state.thumbnail_lock:
             state.thumbnails[key] = data
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": _CACHE})

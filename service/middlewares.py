@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi.routing import APIRoute
 from pydantic import SecretStr
@@ -14,7 +15,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from .errors import BadRequest, HeadersTooLarge, PayloadTooLarge, ServiceError, Unavailable, error_response
+from .errors import (BadRequest, Forbidden, HeadersTooLarge, PayloadTooLarge, ServiceError, Unavailable,
+                     error_response, shown)
 from .routes import check_api_key
 from .uploads import BodyStalled, BodyTooLarge
 
@@ -136,24 +138,44 @@ class HeadMiddleware:
             scope["method"] = "HEAD"
 
 
+def check_origin(headers: Headers, allowed: tuple[str, ...]) -> None:
+    """Refuse (403) a browser's request from another site: an ``Origin`` that is neither this service's
+    own (its ``Host``) nor among ``allowed``. A multipart POST needs no CORS preflight, so without this
+    any web page could change an index that has no API key. Requests without ``Origin`` (not from a
+    browser page) pass."""
+    origin = headers.get("origin")
+    if origin is None or origin in allowed:
+        return
+    if origin != "null" and urlsplit(origin).netloc == headers.get("host"):
+        return
+    raise Forbidden(f"index changes from another site ({shown(origin)}) are refused; allow its origin with "
+                    "VIT_RERANK_ALLOWED_ORIGINS")
+
+
 class ApiKeyMiddleware:
-    """The API key check of the routes that depend on ``require_api_key``, made before the body is read.
+    """The checks of the routes that change the index (those that depend on ``require_api_key``), made
+    before the body is read: the request's origin (:func:`check_origin`), then the API key when one is set.
 
     FastAPI parses a form before it runs the route's dependencies: without this, a request without the
     key would have its whole upload read (up to the body limit) only to be answered 401. The refusal
-    closes the connection, so the unread body is not drained either. The routes keep their own check.
+    closes the connection, so the unread body is not drained either. The routes keep their own key check.
     """
 
-    def __init__(self, app: Any, routes: list[APIRoute], expected: SecretStr | None) -> None:
+    def __init__(self, app: Any, routes: list[APIRoute], expected: SecretStr | None,
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.routes = routes
         self.expected = expected
+        self.allowed_origins = tuple(allowed_origins)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         route = self._protected(scope)
         if route is not None:
+            headers = Headers(scope=scope)
             try:
-                check_api_key(self.expected, Headers(scope=scope).get("x-api-key"))
+                check_origin(headers, self.allowed_origins)
+                if self.expected is not None:
+                    check_api_key(self.expected, headers.get("x-api-key"))
             except (ServiceError, StarletteHTTPException) as err:
                 scope["route"] = route  # counted under its route in the metrics
                 await error_response(err, headers={"Connection": "close"})(scope, receive, send)
@@ -161,6 +183,6 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _protected(self, scope: dict) -> APIRoute | None:
-        if scope["type"] != "http" or self.expected is None:
+        if scope["type"] != "http":
             return None
         return next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)

@@ -21,12 +21,12 @@ from reranker.threads import single_threaded
 from .engine import Engine, SearchOutcome
 from .errors import Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable, error_response, shown
 from .explanations import PictureOptions, QueryExplanations, build_entry
-from .gallery_images import gallery_image, thumbnail
+from .gallery_images import STORED_THUMBNAIL_PIXELS, gallery_image, thumbnail, thumbnail_of
 from .settings import Marginals, Scorer
 from .schemas import (ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status,
                       renderable)
 from .state import ServiceState
-from .decoding import decode_bounded  # 503 + Retry-After when too many images are being decoded
+from .decoding import decode_bounded, decode_sized  # 503 + Retry-After when too many images are being decoded
 from .uploads import MAX_ID_CHARS, MAX_LABEL_CHARS, check_image_id, check_label, file_suffix, parse_metadata, read_upload, single_valued_form
 
 T = TypeVar("T")
@@ -231,7 +231,7 @@ async def explanation(
 
 # --- gallery images -----------------------------------------------------------------------
 @router.get("/images/{image_id:path}", response_class=Response, tags=["index"],
-            responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, 404: ERRORS[404]})
+            responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, 404: ERRORS[404], 503: ERRORS[503]})
 async def image(state: State, engine: ReadyEngine, image_id: str,
                 size: Annotated[Literal["full", "thumb"], Query(description="thumb: at most 256 px")] = "full") -> Response:
     """A gallery image by id (only images the index knows; no client path reaches the disk)."""
@@ -240,7 +240,7 @@ async def image(state: State, engine: ReadyEngine, image_id: str,
         raise NotFound(f"no image with id {shown(image_id)} in the index")
     if size == "thumb":
         return await off_loop(thumbnail, state, row)
-    return await off_loop(gallery_image, row)
+    return await off_loop(gallery_image, engine, row)
 
 
 # --- the index ----------------------------------------------------------------------------
@@ -265,9 +265,13 @@ async def add_image(
     """Index one more image; it is stored in the index directory and survives restarts."""
     image_id, label, meta = check_image_id(id), check_label(label), parse_metadata(metadata)
     data = await read_upload(image, state.settings.max_upload_bytes)
-    await off_loop(decode_bounded, data, image.content_type, engine)  # validated, through the decode gate
+    # decoded once, through the decode gate; the indexer embeds this decode (no second one under the lock)
+    decoded = await off_loop(decode_sized, data, image.content_type, engine)
+    width, height = decoded.size
+    thumb = thumbnail_of(decoded.image) if width * height >= STORED_THUMBNAIL_PIXELS else None
     # 409 for a known id, 400 when the indexer refuses the image (service.errors)
-    added = await off_loop(engine.add_image, data, file_suffix(data), image_id, label, meta)
+    added = await off_loop(engine.add_image, data, file_suffix(decoded.format), image_id, label, meta,
+                           (decoded.image, decoded.size), thumb)
     return Added(id=added, added=True)
 
 

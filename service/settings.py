@@ -66,6 +66,9 @@ class ServiceSettings(BaseSettings):
     explanation_ttl_s: float = Field(600.0, gt=0, description="how long a query's explanations stay available")
 
     api_key: SecretStr | None = Field(None, description="required in X-API-Key for index changes when set")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="web origins (scheme://host:port) besides the service's own whose "
+        "pages may change the index (JSON list); any other Origin on an index change: 403")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     load_in_background: bool = Field(

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from fastapi import HTTPException, Request, UploadFile
 from PIL import Image
 
-from indexer.loading import FORMAT_NAMES, ImageLoadError, LoadLimits, load_image, open_image, other_format
+from indexer.loading import FORMAT_NAMES, ImageLoadError, LoadLimits, load_image, other_format
 
 from .errors import IMAGE_REFUSALS, BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
@@ -98,10 +98,9 @@ def decode_upload(data: bytes, declared_type: str | None, limits: LoadLimits) ->
         raise BadRequest(f"bad image ({err.reason}): {err.message}") from None
 
 
-def file_suffix(data: bytes) -> str:
-    """The file name suffix of the (already decoded) image's format."""
-    with open_image(data) as img:
-        return _SUFFIX.get(img.format or "", ".img")
+def file_suffix(image_format: str | None) -> str:
+    """The file name suffix of an image format (as Pillow names it)."""
+    return _SUFFIX.get(image_format or "", ".img")
 
 
 # --- the form fields ------------------------------------------------------------------------------

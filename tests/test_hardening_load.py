@@ -144,15 +144,15 @@ def test_concurrent_huge_jpegs_keep_memory_bounded(index_dir, tmp_path):
         assert stop_server(proc) in GRACEFUL
 
 
-def test_decode_gate_bounds_decodes_and_pixels():
+def test_decode_gate_bounds_decodes_and_bytes():
     from service.decoding import DecodeBusyError, DecodeGate
 
-    gate = DecodeGate(max_decodes=2, max_pixels=80_000_000, wait_s=10)
+    gate = DecodeGate(max_decodes=2, max_bytes=80_000_000, wait_s=10)
     seen: list[tuple[int, int]] = []
 
     def decode(pixels: int) -> None:
         with gate.admit(pixels):
-            seen.append((gate.active, gate.pixels))
+            seen.append((gate.active, gate.bytes))
             time.sleep(0.02)
 
     for pixels in (30_000_000, 50_000_000, 200_000_000):  # 2 fit together; 50 + 50 do not; over the budget: alone
@@ -164,14 +164,14 @@ def test_decode_gate_bounds_decodes_and_pixels():
         assert max(a for a, _ in seen) == (2 if pixels == 30_000_000 else 1), (pixels, seen)
         assert max(p for _, p in seen) <= 80_000_000
         seen.clear()
-    assert (gate.active, gate.pixels) == (0, 0)
+    assert (gate.active, gate.bytes) == (0, 0)
 
     with gate.admit(80_000_000):  # full: the next one waits, then gives up with a hint
         started = time.monotonic()
         with pytest.raises(DecodeBusyError) as err, gate.admit(1, wait_s=0.1):
             pass
         assert 0.09 <= time.monotonic() - started < 2 and err.value.retry_after >= 1
-    assert (gate.active, gate.pixels) == (0, 0)
+    assert (gate.active, gate.bytes) == (0, 0)
     with gate.admit(1):  # and it is usable again
         assert gate.active == 1
 

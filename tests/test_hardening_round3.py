@@ -276,3 +276,94 @@ def test_pictures_drawn_at_once_are_bounded_and_the_rest_wait_or_get_503():
     busy = [o for o in outcomes if isinstance(o, Unavailable)]
     assert len(busy) == 3 and all(o.status == 503 and o.headers["Retry-After"] for o in busy)
     assert outcomes.count(b"png") == 2
+
+
+def test_index_changes_from_another_site_are_refused_unless_allowed(index_dir, tmp_path):
+    """A multipart POST needs no CORS preflight: without a key, any page could add images."""
+    folder = copy_index(index_dir, tmp_path / "index")
+    with make_client(folder) as c:
+        foreign = {"Origin": "https://evil.example"}
+        r = c.post("/index/images", files={"image": ("a.png", png_bytes(), "image/png")}, headers=foreign)
+        assert_error(r, 403, "evil.example", "VIT_RERANK_ALLOWED_ORIGINS")
+        assert_error(c.delete("/index/images/x", headers={"Origin": "null"}), 403)
+        own = {"Origin": "http://testserver"}  # the page the service serves itself
+        assert c.post("/index/images", files={"image": ("a.png", png_bytes(), "image/png")}, data={"id": "own"},
+                      headers=own).status_code == 201
+        assert c.post("/index/images", files={"image": ("b.png", png_bytes(color=(1, 2, 3)), "image/png")},
+                      data={"id": "no-origin"}).status_code == 201  # not a browser page
+        assert c.post("/search", files={"image": ("q.png", png_bytes(), "image/png")},
+                      headers=foreign).status_code == 200  # searching changes nothing
+    with make_client(folder, allowed_origins=["https://app.example"]) as c:
+        r = c.post("/index/images", files={"image": ("c.png", png_bytes(color=(9, 9, 9)), "image/png")},
+                   data={"id": "allowed"}, headers={"Origin": "https://app.example"})
+        assert r.status_code == 201, r.text
+
+
+# --- 2 and 3. every decode through the gate, once, budgeted by the decoded mode's bytes --------------------
+def _png(size, mode="RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def _tiff(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (40, 90, 160)).save(buf, format="TIFF", compression="tiff_deflate")
+    return buf.getvalue()
+
+
+def test_served_copies_and_thumbnails_decode_through_the_gate(writer):
+    from service.decoding import DecodeGate
+
+    r = add(writer, _tiff((600, 400)), id="tiff")
+    assert r.status_code == 201, r.text
+    engine = writer.app.state.service.engine
+    engine.decode_gate = DecodeGate(max_decodes=1, wait_s=0.05)
+    with engine.decode_gate.admit(1):  # the gate is full: a decode of a stored image must wait, then 503
+        for url in ("/images/tiff", "/images/tiff?size=thumb"):
+            assert_error(writer.get(url), 503)
+            assert writer.get(url).headers["retry-after"]
+    full = writer.get("/images/tiff")
+    assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(full.content)).size == (600, 400)
+    assert writer.get("/images/tiff?size=thumb").status_code == 200
+
+
+def test_an_add_is_decoded_once_and_a_large_one_keeps_its_thumbnail(writer, monkeypatch):
+    import indexer.embedding
+    from pathlib import Path
+
+    decodes = []
+    real = indexer.embedding.load_image
+    monkeypatch.setattr(indexer.embedding, "load_image", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    big = Image.new("RGB", (2400, 1800), (200, 120, 40))
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=80)
+    r = add(writer, buf.getvalue(), id="big")
+    assert r.status_code == 201, r.text
+    assert decodes == []  # the indexer embedded the route's own (gated) decode
+    engine = writer.app.state.service.engine
+    row = engine.catalog.row("big")
+    assert (row.width, row.height) == (2400, 1800)  # the original's size, not the reduced decode's
+    thumb = Path(row.path + ".thumb.jpg")
+    assert thumb.is_file() and max(Image.open(thumb).size) == 256
+    import service.gallery_images
+
+    monkeypatch.setattr(service.gallery_images, "decode_stored", lambda *a: pytest.fail("decoded again"))
+    assert writer.get("/images/big?size=thumb").content == thumb.read_bytes()
+    assert writer.delete("/index/images/big").status_code == 200
+    assert not thumb.exists() and not Path(row.path).exists()
+
+
+def test_the_budget_counts_the_decoded_modes_bytes(monkeypatch):
+    """An RGBA PNG costs over three times the bytes of a grey one of the same pixels (before: the same)."""
+    from indexer.loading import LoadLimits
+    from service.decoding import DecodeGate, _decode
+
+    gate = DecodeGate()
+    costs = []
+    real = gate.admit
+    monkeypatch.setattr(gate, "admit", lambda cost, wait_s=None: costs.append(cost) or real(cost, wait_s))
+    for data in (_png((400, 300), "L"), _png((400, 300), "RGB"), _png((400, 300), "RGBA")):
+        _decode(data, "image/png", LoadLimits(), gate, side=10_000)
+    assert costs == [400 * 300 * 6, 400 * 300 * 12, 400 * 300 * 20], costs
