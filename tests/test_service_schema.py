@@ -19,6 +19,26 @@ from service_support import copy_index, session_index
 EXAMPLES = 15  # per operation and mode: the whole run stays well under a minute
 
 
+def _load_schemathesis_now() -> None:
+    """Import what loading a schema and building its strategies needs, at collection.
+
+    schemathesis imports most of itself lazily. Imported late in a long run, after other tests, pytest's
+    assertion rewriting of one of those modules failed once on CPython 3.11.7 ("SystemError: AST
+    constructor recursion depth mismatch", a CPython bug fixed in later 3.11 releases) and this module
+    errored at setup. A one-operation schema loaded here brings those modules in first.
+    """
+    tiny = {"openapi": "3.1.0", "info": {"title": "t", "version": "1"},
+            "paths": {"/x": {"post": {"requestBody": {"content": {"multipart/form-data": {"schema": {
+                "type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}}}}},
+                "responses": {"200": {"description": "ok"}}}}}}
+    for result in schemathesis.openapi.from_dict(tiny).get_all_operations():
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            result.ok().as_strategy(generation_mode=mode)
+
+
+_load_schemathesis_now()
+
+
 @pytest.fixture(scope="module")
 def api_schema(shared_data, tmp_path_factory):
     index = copy_index(session_index(tmp_path_factory, shared_data), tmp_path_factory.mktemp("schema") / "index")
