@@ -153,6 +153,45 @@ def backbone_for(manifest: Manifest, device: torch.device, weights: str | None =
     return backbone.to(device)
 
 
+def _is_text(value: Any) -> bool:
+    """Whether ``value`` (a string, or JSON of them) is valid Unicode, which the metadata database stores."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_text(k) and _is_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_text(v) for v in value)
+    return True
+
+
+def _printable(text: str) -> str:
+    """``text`` with what is not valid Unicode written as escapes: a file name's bytes as ``\\xff``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte of a file name gives
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[Failure]]:
+    """The records the metadata database can store, and a failure for each other: an id, path, label or
+    metadata value that is not valid Unicode (a file name with a non-UTF-8 byte reads as one) would stop
+    the whole build at its commit."""
+    keep, failures = [], []
+    for position, rec in enumerate(records):
+        if _is_text([rec.id, rec.path, rec.label or "", rec.metadata]):
+            keep.append(rec)
+            continue
+        shown_id, shown_path = _printable(rec.id), _printable(rec.path)
+        failures.append(Failure(position, shown_id, shown_path, "invalid_text",
+                                "the id, path, label or metadata is not valid UTF-8 text (a file name with a "
+                                "byte that is not UTF-8?): rename the file or give the record a valid id"))
+    return keep, failures
+
+
 def add_records(
     index_dir: IndexDir,
     backbone: Backbone,
@@ -180,6 +219,8 @@ def add_records(
     existing = index_dir.ids()
     todo = [r for r in records if r.id not in existing]
     report.already_indexed = len(records) - len(todo)
+    todo, unstorable = _storable(todo)
+    report.failures += unstorable
     seen = index_dir.content_hashes()
     pending_rows: list[ImageRow] = []
     pending: list[StoredFeatures] = []  # the pending rows' features, a part per batch

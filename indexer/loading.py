@@ -42,6 +42,7 @@ Reason = Literal[
     "unsupported",
     "truncated",
     "corrupt",
+    "invalid_text",  # an id, path or label that is not valid Unicode (e.g. a file name with a non-UTF-8 byte)
 ]
 
 # Signatures of the gallery formats: a file that starts like one of these but that

@@ -136,3 +136,26 @@ def test_search_flags_are_checked_against_their_declared_bounds(small_gallery, t
                               ("--rerank-k", "5000", "rerank_k must be at most 1000")):
         out = run_cli("search", str(photos[0]), "--index", str(index), flag, value, check=False)
         assert out.returncode == 1 and word in out.stderr, out.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(small_gallery, tmp_path):
+    """Such a name reads as a lone surrogate, which the metadata database cannot store: before, the whole
+    build stopped at its first commit."""
+    import os
+    import shutil
+
+    _, photos = small_gallery
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos[:4]:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(photos[4], os.path.join(os.fsencode(folder), b"bad-\xff-name.jpg"))
+    index = tmp_path / "index"
+    out = run_cli("index", "build", str(index), "--from", str(folder), "--model", "test_vit", "--weights", "random",
+                  "--no-progress", "--workers", "0", in_process=False, check=False)
+    assert "added 4 images" in out.stdout, out.stdout + out.stderr
+    assert "invalid_text" in out.stdout + out.stderr and "bad-\\xff-name.jpg" in out.stdout + out.stderr
+    assert "OK" in run_cli("index", "verify", str(index)).stdout
+    (report,) = (index / "reports").glob("*.json")
+    failures = json.loads(report.read_text())["failures"]
+    assert [f["reason"] for f in failures] == ["invalid_text"]
