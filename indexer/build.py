@@ -20,6 +20,7 @@ from reranker.features import StoredFeatures
 
 from .atomic import write_json
 from .embedding import Failure, PreDecoded, embed_records
+from .image_copies import DEFAULT_SIDE as DEFAULT_COPY_SIDE, parse as parse_copies, write as write_copies
 from .index_dir import IndexDir, NewImages
 from .loading import LoadLimits
 from .manifest import IndexMismatchError, Manifest
@@ -69,6 +70,7 @@ def new_manifest(
     patch_codes: str | None = None,
     max_index_memory: int | None = None,
     target_recall: float = 0.95,
+    image_copies: int | str | None = None,
 ) -> Manifest:
     """The manifest of a new index made with ``backbone`` (its weights source and preprocessing)."""
     return Manifest(
@@ -87,6 +89,7 @@ def new_manifest(
         patch_codes=patch_codes,
         max_index_memory=max_index_memory,
         target_recall=target_recall,
+        image_copies=image_copies,
     )
 
 
@@ -101,6 +104,7 @@ class IndexSpec:
     patch_codes: str | None = None
     max_index_memory: int | None = None
     target_recall: float = 0.95
+    image_copies: int | str | None = DEFAULT_COPY_SIDE  # kept in DIR/images: px, "original" or None
 
 
 def plan_index(backbone: Backbone, spec: IndexSpec = IndexSpec(), model_kwargs: dict[str, Any] | None = None) -> Manifest:
@@ -122,7 +126,8 @@ def plan_index(backbone: Backbone, spec: IndexSpec = IndexSpec(), model_kwargs: 
         raise ValueError("--target-recall must be in (0, 1]")
     return new_manifest(backbone, patch_weights=kind, factory=spec.factory, pca_dim=spec.pca_dim,
                         model_kwargs=model_kwargs, patch_codes=spec.patch_codes,
-                        max_index_memory=spec.max_index_memory, target_recall=spec.target_recall)
+                        max_index_memory=spec.max_index_memory, target_recall=spec.target_recall,
+                        image_copies=parse_copies(spec.image_copies))
 
 
 def create_index(folder: Any, backbone: Backbone, spec: IndexSpec = IndexSpec(),
@@ -224,6 +229,7 @@ def add_records(
     seen = index_dir.content_hashes()
     pending_rows: list[ImageRow] = []
     pending: list[StoredFeatures] = []  # the pending rows' features, a part per batch
+    pending_copies: dict[str, tuple[bytes, str]] = {}  # their images' copies, by content hash
 
     def flush() -> None:
         if not pending_rows:
@@ -232,17 +238,19 @@ def add_records(
         index_dir.fit_pca(feats.patch_features)  # an index of reduced patches fits its PCA on its first chunk
         feats.patch_features = index_dir.reduce_patches(feats.patch_features)
         index_dir.fit_codes(feats.patch_features)  # an index of patch codes trains them on its first chunk, like the PCA
-        index_dir.commit_new(NewImages(rows=list(pending_rows), features=feats))
+        index_dir.commit_new(NewImages(rows=list(pending_rows), features=feats, copies=dict(pending_copies)))
         report.added += len(pending_rows)
         if near:
             near.add([row.id for row in pending_rows], feats.global_features)
         pending_rows.clear()
         pending.clear()
+        pending_copies.clear()
 
     kind = index_dir.manifest.patch_weights
     for batch in embed_records(
         backbone, todo, kinds=(kind,), batch_size=batch_size,
         workers=workers, limits=limits, progress=progress, decoded=decoded,
+        copies=index_dir.manifest.image_copies,
     ):
         report.failures += batch.failures
         keep = []
@@ -260,6 +268,8 @@ def add_records(
                 metadata=rec.metadata, added_at=now_iso(),
             ))
             keep.append(k)
+            if batch.copies and batch.copies[k] is not None:
+                pending_copies.setdefault(digest, batch.copies[k])
         if keep:
             pending.append(batch.features.select(kind).take(keep))
         if len(pending_rows) >= commit_every:

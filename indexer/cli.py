@@ -110,6 +110,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--target-recall", type=float, default=0.95,
                        help="recall@100 against exact search that auto tunes nprobe/efSearch for (default 0.95)")
     build.add_argument("--pca-dim", type=int, default=None, help="reduce stored patch vectors to this size")
+    build.add_argument("--image-copies", default="1024", metavar="PX|original|none",
+                       help="keep a copy of each image in DIR/images, so that the index shows its images without "
+                            "the source folder: reduced to PX on the longer side (JPEG; default 1024, about 0.1 MB a "
+                            "photo), the original files (original), or none (the index points at the sources)")
     build.add_argument("--patch-codes", default=None,
                        help="store patches as product-quantizer codes, e.g. pq32 (32 bytes a patch) or opq32 "
                             "(a learned rotation first; slow to train); trained on the first committed chunk")
@@ -277,7 +281,8 @@ def _index_spec(args):
 
     memory = parse_bytes(args.max_index_memory) if args.max_index_memory else None
     return IndexSpec(patch_weights=args.patch_weights, factory=args.factory, pca_dim=args.pca_dim,
-                     patch_codes=args.patch_codes, max_index_memory=memory, target_recall=args.target_recall)
+                     patch_codes=args.patch_codes, max_index_memory=memory, target_recall=args.target_recall,
+                     image_copies=args.image_copies)
 
 
 def _add(args) -> int:
@@ -380,7 +385,7 @@ def _write_explanations(folder: Path, query, result, index_dir, transform) -> No
         if pair is None:
             continue
         # the same picture as the service's: the pair's correspondences, heat map of the masses the scorer used
-        png = render_match(model_view(query, transform), model_view(load_image(h.path), transform),
+        png = render_match(model_view(query, transform), model_view(load_image(h.image_file or h.path), transform),
                            pair.plan, grid=grid, query_weights=pair.query_mass, candidate_weights=pair.candidate_mass,
                            title=f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}")
         write_bytes(folder / f"{h.rank_after + 1:03d}-{_safe_name(h.id)}.png", png)

@@ -95,10 +95,11 @@ class _Embedder:
             "message": [""] * n, "global": np.zeros((n, m.global_dim), np.float32),
             "patches": np.zeros((n, m.grid * m.grid, m.global_dim), np.float32),
             "weights": np.zeros((n, m.grid * m.grid), np.float32),
+            "copy": [b""] * n, "copy_suffix": [""] * n,  # the image's copy for the index (image_copies)
         }
         kind = m.patch_weights
         for eb in embed_records(self.backbone, records, kinds=(kind,), batch_size=max(n, 1), workers=0,
-                                limits=self.limits, progress=False):
+                                limits=self.limits, progress=False, copies=m.image_copies):
             for f in eb.failures:
                 out["reason"][f.position], out["message"][f.position] = f.reason, f.message
             for k, pos in enumerate(eb.positions):
@@ -108,7 +109,9 @@ class _Embedder:
                 out["global"][pos] = eb.features.global_features[k]
                 out["patches"][pos] = eb.features.patch_features[k]
                 out["weights"][pos] = eb.features.weights(kind)[k]
-        for name in ("hash", "reason", "message"):
+                if eb.copies and eb.copies[k] is not None:
+                    out["copy"][pos], out["copy_suffix"][pos] = eb.copies[k]
+        for name in ("hash", "reason", "message", "copy", "copy_suffix"):
             out[name] = np.array(out[name], dtype=object)
         return {**batch, **out}
 
@@ -194,11 +197,14 @@ class _ShardWriter:
         self.index_dir, self.commit_every = index_dir, commit_every
         self.rows: list[ImageRow] = []
         self.features: list[StoredFeatures] = []  # the pending rows' features, one part per image
+        self.copies: dict[str, tuple[bytes, str]] = {}  # their images' copies, by content hash
         self.added = 0
 
-    def add(self, row: ImageRow, features: StoredFeatures) -> None:
+    def add(self, row: ImageRow, features: StoredFeatures, copy: tuple[bytes, str] | None = None) -> None:
         self.rows.append(row)
         self.features.append(features)
+        if copy is not None:
+            self.copies.setdefault(row.content_hash, copy)
         if len(self.rows) >= self.commit_every:
             self.flush()
 
@@ -207,10 +213,11 @@ class _ShardWriter:
             return
         feats = StoredFeatures.concat(self.features)
         feats.patch_features = self.index_dir.reduce_patches(feats.patch_features)
-        self.index_dir.commit_new(NewImages(rows=list(self.rows), features=feats))
+        self.index_dir.commit_new(NewImages(rows=list(self.rows), features=feats, copies=dict(self.copies)))
         self.added += len(self.rows)
         self.rows.clear()
         self.features.clear()
+        self.copies.clear()
 
 
 def build_sharded(
@@ -333,5 +340,6 @@ def _take(batch: dict[str, np.ndarray], i: int, writers: list[_ShardWriter], see
                    metadata=rec["metadata"], added_at=now_iso())
     writer = writers[int(batch["shard"][i])]
     kind = writer.index_dir.manifest.patch_weights
-    writer.add(row, StoredFeatures(batch["global"], batch["patches"], {kind: batch["weights"]}).take([i]))
+    copy = (bytes(batch["copy"][i]), str(batch["copy_suffix"][i])) if "copy" in batch and batch["copy"][i] else None
+    writer.add(row, StoredFeatures(batch["global"], batch["patches"], {kind: batch["weights"]}).take([i]), copy)
 

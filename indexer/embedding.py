@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from reranker.backbones import Backbone, BackboneOutput
 from reranker.features import Features, StoredFeatures
 from reranker.marginals import PerImageWeights
 
+from .image_copies import copy_of
 from .loading import ImageLoadError, LoadLimits, content_hash, load_image, read_bytes
 from .sources import ImageRecord
 
@@ -45,6 +47,7 @@ class EmbeddedBatch:
     nbytes: list[int]
     features: StoredFeatures | None  # float32, every kind asked for; None when no image loaded
     failures: list[Failure] = field(default_factory=list)
+    copies: list[tuple[bytes, str] | None] = field(default_factory=list)  # the kept copy of each (image_copies)
 
 
 #: A record's image decoded already by the caller (e.g. a service that decoded an upload within its own
@@ -53,12 +56,13 @@ PreDecoded = tuple[Image.Image, tuple[int, int]]
 
 
 class _GalleryDataset(Dataset):
-    """Decodes one record in a worker: (position, tensor | None, hash, size, bytes, error)."""
+    """Decodes one record in a worker: (position, tensor | None, hash, size, bytes, error, copy | None)."""
 
     def __init__(self, records: Sequence[ImageRecord], transform: Callable, limits: LoadLimits,
-                 decoded: Mapping[str, PreDecoded] | None = None) -> None:
+                 decoded: Mapping[str, PreDecoded] | None = None, copies: int | str | None = None) -> None:
         self.records, self.transform, self.limits = records, transform, limits
         self.decoded = decoded or {}
+        self.copies = copies
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,11 +76,12 @@ class _GalleryDataset(Dataset):
             else:
                 image = load_image(data, self.limits)
                 size = image.size
-            return i, self.transform(image), content_hash(data), size, len(data), None
+            kept = None if self.copies is None else copy_of(data, image, self.copies, Path(rec.path).suffix, size)
+            return i, self.transform(image), content_hash(data), size, len(data), None, kept
         except ImageLoadError as err:
-            return i, None, None, None, None, (err.reason, err.message)
+            return i, None, None, None, None, (err.reason, err.message), None
         except Exception as err:  # noqa: BLE001 - a transform failure must not abort a build
-            return i, None, None, None, None, ("corrupt", f"{type(err).__name__}: {err}")
+            return i, None, None, None, None, ("corrupt", f"{type(err).__name__}: {err}"), None
 
 
 def _collate(items: list) -> list:
@@ -122,13 +127,15 @@ def embed_records(
     progress: bool = True,
     description: str = "embedding",
     decoded: Mapping[str, PreDecoded] | None = None,
+    copies: int | str | None = None,
 ) -> Iterator[EmbeddedBatch]:
     """Embed ``records`` in order, yielding one :class:`EmbeddedBatch` per batch (``decoded``: images of
-    some records' paths that are decoded already, see :data:`PreDecoded`).
+    some records' paths that are decoded already, see :data:`PreDecoded`; ``copies``: make each image's
+    copy for the index, see :mod:`indexer.image_copies`, in the decode workers).
 
     Bad files never stop the iteration: they come back in ``failures`` with a reason.
     """
-    dataset = _GalleryDataset(records, backbone.transform, limits, decoded)
+    dataset = _GalleryDataset(records, backbone.transform, limits, decoded, copies)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -143,7 +150,7 @@ def embed_records(
         for items in loader:
             good = [it for it in items if it[5] is None]
             failures = [
-                Failure(i, records[i].id, records[i].path, err[0], err[1]) for i, *_, err in items if err is not None
+                Failure(i, records[i].id, records[i].path, err[0], err[1]) for i, *_, err, _ in items if err is not None
             ]
             skipped += len(failures)
             features = forward_features(backbone, torch.stack([it[1] for it in good]), kinds).stored() if good else None
@@ -154,6 +161,7 @@ def embed_records(
                 nbytes=[it[4] for it in good],
                 features=features,
                 failures=failures,
+                copies=[it[6] for it in good],
             )
             bar.update(len(items))
             if skipped:

@@ -61,6 +61,10 @@ class Gallery(Protocol):
     def row(self, image_id: str) -> "ImageRow | None":
         ...
 
+    def image_file(self, row: "ImageRow") -> str:
+        """The file that shows ``row``'s image (the index's own copy, or the original's path)."""
+        ...
+
     def info(self) -> dict[str, Any]:
         ...
 

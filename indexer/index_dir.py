@@ -8,6 +8,7 @@ Layout of ``DIR``::
     segments/                immutable feature segments (see patch_store)
     pca.npz                  the patch PCA, when the patches are reduced
     codes.npz                the patch product quantizer, when patches are stored as codes
+    images/                  a copy of each distinct image, by content hash (indexer.image_copies)
 
 Every change writes new files first (atomically), then commits one SQLite transaction
 that makes them current; files of older generations and half-written ones are removed
@@ -43,6 +44,8 @@ from .global_index import GlobalIndexUpkeep
 from .manifest import Manifest
 from .metadata import ImageRow, MetadataDB, now_iso
 from .patch_store import PatchStore
+from .image_copies import bytes_on_disk as copies_bytes, find as find_copy
+from .image_copies import remove_unreferenced as remove_unreferenced_copies, write as write_copies
 from .index_plan import IndexPlan
 from .patch_codes import PatchCodec
 from .pca import PatchPCA
@@ -61,6 +64,8 @@ class NewImages:
 
     rows: list[ImageRow]
     features: StoredFeatures
+    #: content hash -> (bytes, suffix) of the images' copies to keep (indexer.image_copies), written before the commit
+    copies: dict[str, tuple[bytes, str]] = dataclasses.field(default_factory=dict)
 
 
 class IndexDir:
@@ -143,6 +148,8 @@ class IndexDir:
                     path.unlink()
         live = set(self.segments)
         self.store.remove_segments(self.store.segment_ids_on_disk() - live)
+        if self.manifest.image_copies:
+            remove_unreferenced_copies(self.folder, self.db.hashes())
 
     # --- reads ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -180,6 +187,14 @@ class IndexDir:
         if decode and self.codec is not None:
             gathered.patch_features = self.codec.decode(gathered.patch_features).astype(np.float16)
         return ordered, gathered
+
+    def image_file(self, row: ImageRow) -> str:
+        """The file that shows ``row``'s image: the index's own copy when it keeps one, else the original."""
+        if self.manifest.image_copies:
+            copy = find_copy(self.folder, row.content_hash)
+            if copy is not None:
+                return str(copy)
+        return row.path
 
     def vector_search(self, device: Any = "cpu", backend: str = "auto") -> VectorSearcher:
         """The global search over the FAISS index as it is now (a new one after each add or remove)."""
@@ -252,6 +267,8 @@ class IndexDir:
         ids = np.arange(first, first + len(new.rows), dtype=np.int64)
         for k, row in enumerate(new.rows):
             row.row, row.segment, row.offset = int(ids[k]), segment, k
+        if new.copies and self.manifest.image_copies:
+            write_copies(self.folder, new.copies)  # before the commit; an orphan is removed by the next open
         features = new.features
         if self.manifest.patch_codes and np.asarray(features.patch_features).dtype != np.uint8:
             if self.codec is None:
@@ -308,6 +325,8 @@ class IndexDir:
         for seg in emptied:
             counts.pop(seg, None)
         self.store.remove_segments(emptied)
+        if self.manifest.image_copies:
+            remove_unreferenced_copies(self.folder, self.db.hashes())
         self.compaction.after_commit()
         return unknown
 
@@ -409,6 +428,8 @@ class IndexDir:
             "faiss_vectors": int(self.faiss.ntotal),
             "segments": len(self.segments),
             "patch_store_bytes": store_bytes,
+            "image_copies": self.manifest.image_copies,
+            "image_copies_bytes": copies_bytes(self.folder),
             "bytes_per_image": (store_bytes / n) if n else 0.0,
             "format_version": self.manifest.format_version,
             "weights_source": self.manifest.weights_source,

@@ -37,6 +37,9 @@ class Manifest:
     target_recall: float = 0.95  # recall@100 against exact that nprobe / efSearch are tuned for
     index_plan: dict[str, Any] | None = None  # a copy of the committed choice of index (the database holds it)
     patch_layer: int | None = None  # the block the patch grid is read from (None: the final output, after the norm)
+    #: copies of the images kept in DIR/images (indexer.image_copies): a side in px, "original", or None (none:
+    #: indexes made before copies existed, or built with --image-copies none)
+    image_copies: int | str | None = None
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 

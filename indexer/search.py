@@ -66,6 +66,7 @@ class Hit:
     rank_before: int
     rank_after: int
     faiss_id: int
+    image_file: str = ""  # the file that shows the image: the index's own copy when it keeps one, else ``path``
 
 
 @dataclass
@@ -299,7 +300,7 @@ class Searcher:
         for after, i in enumerate(order[: settings.top_k]):
             r = c.rows[i]
             hits.append(Hit(r.id, r.label, r.path, r.metadata, float(c.scores[i]), structural[i], final[i], i, after,
-                            int(c.ids[i])))
+                            int(c.ids[i]), self.index_dir.image_file(r)))
         return QueryResult(
             hits=hits, timings_ms={}, random_weights=self.backbone.random_weights, marginals=marginals,
             query=query,

@@ -30,6 +30,7 @@ from reranker.features import StoredFeatures
 
 from .build import backbone_for
 from .calibration import Calibration
+from .image_copies import find as find_copy
 from .index_dir import IndexDir
 from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow
@@ -114,6 +115,15 @@ class ShardedIndex:
 
     def decode_patches(self, codes: np.ndarray, device: Any = "cpu") -> torch.Tensor:
         raise ValueError("a sharded index returns decoded patches")
+
+    def image_file(self, row: ImageRow) -> str:
+        """The copy in the shard that holds ``row`` (each shard keeps its own), else the original."""
+        if self.manifest.image_copies:
+            for shard in self.shards:
+                copy = find_copy(Path(shard.folder), row.content_hash)
+                if copy is not None:
+                    return str(copy)
+        return row.path
 
     # --- fan-out ---------------------------------------------------------------------
     def _get(self, refs: dict[int, Any], timeout: float | None = None) -> dict[int, Any]:

@@ -288,7 +288,7 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
     for i, h in enumerate(hits):
         pair = result.pairs[h.id]
         matches[h.id] = Match(
-            path=h.path, plan=pair.plan.float().numpy(), candidate_weights=weights[i],
+            path=h.image_file or h.path, plan=pair.plan.float().numpy(), candidate_weights=weights[i],
             # ranks shown 1-based, as on the page
             title=renderable(f"#{h.rank_after + 1} (was #{h.rank_before + 1})  {h.id}  final {h.final_score:.3f}"),
             label=renderable(h.label), global_score=h.global_score, structural_score=float(h.structural_score),

@@ -27,7 +27,7 @@ _CACHE = "private, max-age=3600"
 def _decoded(engine: Engine, row: ImageRow, short_side: int) -> Image.Image:
     """The image of ``row``, decoded through the gate and reduced to at most about ``short_side``."""
     try:
-        return decode_stored(row.path, engine, max(1, short_side // KEEP_FACTOR)).image
+        return decode_stored(engine.index_dir.image_file(row), engine, max(1, short_side // KEEP_FACTOR)).image
     except Unavailable:
         raise  # the gate is full: 503 with Retry-After
     except (ImageLoadError, ServiceError) as err:
@@ -51,7 +51,7 @@ def thumbnail_of(image: Image.Image) -> bytes:
 def gallery_image(engine: Engine, row: ImageRow) -> Response:
     """The image file as stored (JPEG/PNG: never decoded), or a reduced copy converted to JPEG."""
     try:
-        data = read_bytes(row.path, engine.limits)
+        data = read_bytes(engine.index_dir.image_file(row), engine.limits)
         with open_image(data) as probe:
             media = _DIRECT.get(probe.format or "")
     except Exception:  # unreadable, too large or not JPEG/PNG: decoded (and refused clearly) below
