@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reranker.defaults import AUTO, DEFAULT_MODEL, DEFAULT_PATCH_LAYER, METHOD_GRID, default_model_kwargs
 from reranker.device import add_device_argument
@@ -205,11 +205,40 @@ def _print_report(report) -> None:
             print(f"  {f.path}: {f.reason}: {f.message}")
 
 
+def _index_labels_by_parent(index_dir) -> bool | None:
+    """How the index's images are labelled: True when every labelled one is labelled by its parent folder,
+    False when otherwise, None when none has a label."""
+    labelled = [r for r in index_dir.rows() if r.label is not None]
+    if not labelled:
+        return None
+    return all(r.label == Path(r.path).parent.name for r in labelled)
+
+
+def _records_for(index_dir, args):
+    """The records to add, labelled the way the index's images are: a folder added to an index labelled by
+    parent folders is labelled the same way without ``--label-from-parent``; unlabelled records going into a
+    labelled index are warned about."""
+    records = _records(args)
+    if args.label_from_parent or not len(index_dir) or not records:
+        return records
+    by_parent = _index_labels_by_parent(index_dir)
+    if by_parent and Path(args.source).is_dir():
+        print("labelling the new images by their parent folders, as the index's images are "
+              "(pass --label-from-parent to say so)", file=sys.stderr)
+        args.label_from_parent = True
+        return _records(args)
+    unlabelled = sum(r.label is None for r in records)
+    if by_parent is not None and unlabelled:
+        print(f"warning: {unlabelled} of the {len(records)} new images have no label, in an index whose images "
+              "have labels (give them in the manifest's label column)", file=sys.stderr)
+    return records
+
+
 def _run_add(index_dir, backbone, args) -> int:
     from .build import add_records
 
     report = add_records(
-        index_dir, backbone, _records(args), batch_size=args.batch_size, workers=args.workers,
+        index_dir, backbone, _records_for(index_dir, args), batch_size=args.batch_size, workers=args.workers,
         commit_every=args.commit_every, skip_duplicates=args.skip_duplicates, progress=not args.no_progress,
     )
     _print_report(report)
@@ -316,8 +345,25 @@ def _info(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key:>18}: {value}")
+            print(f"{key:>22}: {shown_value(value)}")
     return 0
+
+
+def shown_value(value: Any) -> str:
+    """A value of ``index info`` for a person: no Python reprs (``None``, dicts, 14-decimal floats)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {shown_value(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(shown_value(v) for v in value) or "-"
+    return str(value)
 
 
 def _verify(args) -> int:

@@ -47,6 +47,17 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
+def route_name(scope: dict) -> str:
+    """The label of a request: its route's template (never the raw path), a mount's prefix for the files it
+    serves (``/static``), else ``unmatched`` (a 404 of routing)."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    if scope.get("endpoint") is not None and scope.get("root_path"):  # a mounted app, e.g. the static files
+        return scope["root_path"]
+    return "unmatched"
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware: counts and times every HTTP request by its route template."""
 
@@ -70,8 +81,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"  # the template, never the raw path
+            name = route_name(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(method, name, str(status)).inc()
             self.metrics.latency.labels(method, name).observe(time.perf_counter() - start)

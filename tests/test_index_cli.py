@@ -159,3 +159,39 @@ def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(small_gallery, tmp_pa
     (report,) = (index / "reports").glob("*.json")
     failures = json.loads(report.read_text())["failures"]
     assert [f["reason"] for f in failures] == ["invalid_text"]
+
+
+def test_index_info_reads_as_text_not_python_reprs(small_gallery, tmp_path):
+    manifest, _ = small_gallery
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    text = run_cli("index", "info", str(index)).stdout
+    assert "images: 30" in text and "model: test_vit" in text
+    assert "None" not in text and "{" not in text and "True" not in text and "False" not in text
+    floats = [w for w in text.replace(",", " ").split() if "." in w and w.replace(".", "").isdigit()]
+    assert all(len(w.split(".")[1]) <= 4 for w in floats), floats
+
+
+def test_index_add_keeps_the_indexs_labelling_rule(small_gallery, tmp_path):
+    import shutil
+
+    _, photos = small_gallery
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, chosen in ((first, photos[:3] + photos[10:13]), (second, photos[3:5] + photos[13:15])):
+        for p in chosen:
+            (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, folder / p.parent.name / p.name)
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(first), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0", "--label-from-parent")
+    out = run_cli("index", "add", str(index), "--from", str(second), "--no-progress", "--workers", "0")
+    assert "parent folders" in out.stderr and "added 4 images" in out.stdout
+    from indexer import open_index
+
+    with open_index(index) as gallery:
+        assert all(r.label == Path(r.path).parent.name for r in gallery.rows()) and len(gallery) == 10
+    unlabelled = tmp_path / "more.csv"
+    unlabelled.write_text("path\n" + "".join(f"{p}\n" for p in photos[20:22]))
+    out = run_cli("index", "add", str(index), "--from", str(unlabelled), "--no-progress", "--workers", "0")
+    assert "warning: 2 of the 2 new images have no label" in out.stderr

@@ -59,6 +59,14 @@ def test_metrics_count_requests_and_stages(client, photos):
     assert "vit_rerank_queue_depth" in text and "vit_rerank_request_seconds_bucket" in text
 
 
+def test_metrics_label_static_files_by_their_mount_and_unknown_paths_as_unmatched(client):
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/no/such/page").status_code == 404
+    text = client.get("/metrics").text
+    assert 'vit_rerank_requests_total{method="GET",route="/static",status="200"}' in text
+    assert 'route="unmatched",status="404"' in text and "/no/such/page" not in text
+
+
 # --- search ----------------------------------------------------------------------------------------
 def test_search_matches_the_library(client, index_dir, photos):
     """The answer is the library's Searcher's answer (an independent in-process run), shaped by the contract."""
