@@ -1,23 +1,35 @@
 # The two commands that matter on a fresh machine:
-#   make demo   installs everything and runs the service on the built-in demo gallery
-#   make test   installs everything and runs the tests
+#   make demo   installs the service and runs it on the built-in demo gallery
+#   make test   installs everything (the test, CvT and Ray extras too) and runs the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install demo test bench-ot bench-quality clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
 # Plain `torch`/`torchvision` from the registry (the CUDA builds also run on the CPU);
 # pyproject.toml excludes the CPU-only wheel that does not work with torchvision.
-$(STAMP): pyproject.toml
+# The service alone (make demo): the package and its runtime, without the test, CvT and Ray extras.
+$(SERVE_STAMP): pyproject.toml
+	@echo "installing vit-rerank into $(VENV): torch with its CUDA libraries, torchvision, timm, FAISS,"
+	@echo "FastAPI... about 6.5 GB, a few minutes; pip lists each package as it goes"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,cvt,ray]'
-	touch $(STAMP)
+	$(PY) -m pip install -e .
+	touch $@
 
-demo: install
+# Everything (make test): the service plus the test tools, transformers (CvT) and Ray (about 0.7 GB more).
+$(TEST_STAMP): pyproject.toml
+	@echo "installing vit-rerank with its test, cvt and ray extras into $(VENV): about 7 GB, a few minutes;"
+	@echo "pip lists each package as it goes"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[test,cvt,ray]'
+	touch $@ $(SERVE_STAMP)
+
+demo: $(SERVE_STAMP)
 	$(VENV)/bin/vit-rerank serve --demo
 
 test: install

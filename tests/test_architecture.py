@@ -115,3 +115,18 @@ def test_pure_maths_imports_torch_only():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_service_runs_without_the_extras():
+    """`make demo` installs no extras: serving an index must not import Ray, transformers or the test tools."""
+    code = (
+        "import sys\n"
+        "from service import ServiceSettings, create_app\n"
+        "from service.cli import uvicorn_options\n"
+        "create_app(ServiceSettings(index='/nonexistent', device='cpu')).openapi()\n"
+        "uvicorn_options()\n"
+        "extras = {'ray', 'transformers', 'pytest', 'schemathesis', 'psutil', 'playwright', 'pytorch_metric_learning'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in extras))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
