@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from indexer.search_params import SEARCH_PARAMS, add_search_arguments
@@ -109,10 +110,36 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"index": index})  # weights: the index's own
     if settings.index is None:
         return _fail("nothing to serve: give --index DIR (or VIT_RERANK_INDEX), or --demo")
+    if args.ray is None and not args.demo:
+        try:
+            run_on_own_thread(lambda: ensure_index(Path(settings.index), settings.model,
+                                                   settings.weights or "pretrained", model_kwargs))
+        except WeightsUnavailableError as err:
+            return _fail(f"{err}\nTo start an empty index, give --weights /path/to/checkpoint (or build one with "
+                         "`vit-rerank index build`).")
+        except (ValueError, OSError) as err:
+            return _fail(f"cannot start an empty index in {settings.index}: {err}")
     if args.timeout_keep_alive < 1 or args.max_connections < 1:
         return _fail("--timeout-keep-alive and --max-connections must be >= 1")
     options = uvicorn_options(args.timeout_keep_alive, args.max_connections)
     return _serve(settings, args.log_level, options)
+
+
+def ensure_index(folder: Path, model: str, weights: str, model_kwargs: dict[str, Any]) -> bool:
+    """Make ``folder`` an empty index of ``model`` when it is missing or empty (a new volume), so that the
+    service starts and takes adds instead of exiting (a container restarting in a loop); True if it did.
+    A folder that holds anything else is left alone (``serve`` then says it is not an index)."""
+    from indexer.build import create_index
+    from reranker.backbones import create_index_backbone
+
+    if (folder / "manifest.json").exists() or (folder.exists() and any(folder.iterdir())):
+        return False
+    backbone = create_index_backbone(model, weights, model_kwargs=model_kwargs)
+    create_index(folder, backbone, model_kwargs=model_kwargs).close()
+    print(f"note: {folder} held no index: serving a new, empty one ({model}, weights {backbone.weights_id}); add "
+          "images with POST /index/images, or build it with `vit-rerank index build DIR --from PHOTOS`",
+          file=sys.stderr)
+    return True
 
 
 def uvicorn_options(timeout_keep_alive: int = TIMEOUT_KEEP_ALIVE_S,

@@ -141,3 +141,27 @@ def test_serve_demo_with_random_weights(tmp_path):
     finally:
         assert stop_server(proc) in GRACEFUL
     assert any((tmp_path / "home").glob("demo-test_vit-random-*/manifest.json"))
+
+
+def test_an_empty_index_folder_is_served_as_a_new_index_that_takes_adds(tmp_path, photos):
+    """A new, empty volume used to make `serve` exit 2 (a container then restarts in a loop)."""
+    from service.cli import ensure_index
+    from service_support import make_client
+
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    assert ensure_index(folder, "test_vit", "random", {}) is True
+    assert ensure_index(folder, "test_vit", "random", {}) is False  # an index now: left as it is
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.txt").write_text("not an index")
+    assert ensure_index(other, "test_vit", "random", {}) is False and not (other / "manifest.json").exists()
+    with make_client(folder) as client:
+        assert client.get("/readyz").status_code == 200
+        query = photos[0].read_bytes()
+        r = client.post("/search", files={"image": ("q.jpg", query, "image/jpeg")})
+        assert r.status_code == 200 and r.json()["results"] == [], r.text
+        assert client.post("/index/images", files={"image": ("a.jpg", query, "image/jpeg")},
+                           data={"id": "first"}).status_code == 201
+        r = client.post("/search", files={"image": ("q.jpg", query, "image/jpeg")})
+        assert [h["id"] for h in r.json()["results"]] == ["first"]
