@@ -155,6 +155,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_search_arguments(search)
     search.add_argument("--json", action="store_true")
     search.add_argument("--explain", type=Path, default=None, help="write each result's matching picture here")
+    search.add_argument("--where", default=None, metavar="JSON",
+                        help='only images that match: {"label": "hat"}, {"label": ["hat", "shoes"], "color": "red"} '
+                             "(other keys: metadata fields)")
     _embed_options(search, with_model=False)
     search.set_defaults(handler=_search)
 
@@ -380,16 +383,18 @@ def _verify(args) -> int:
 def _search(args) -> int:
     from .build import backbone_for
     from .index_dir import IndexDir
+    from .filters import parse as parse_filter
     from .loading import load_image
     from .search import Searcher, SearchSettings
 
+    where = parse_filter(args.where)
     image = load_image(args.image)
     device = _device(args.device)
     with IndexDir.open(args.index) as index_dir:
         searcher = Searcher(index_dir, backbone_for(index_dir.manifest, device, args.weights), device)
         values = settings_from_args(args)
         settings = SearchSettings(**{**values, "marginals": values["marginals"] or "auto"})
-        result = searcher.search([image], settings, keep_plans=args.explain is not None)[0]
+        result = searcher.search([image], settings, keep_plans=args.explain is not None, where=where)[0]
         if args.explain is not None:
             _write_explanations(args.explain, image, result, index_dir, searcher.backbone.transform)
     if args.json:

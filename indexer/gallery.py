@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from reranker.features import StoredFeatures
 
     from .calibration import Calibration
+    from .filters import Filter
     from .manifest import Manifest
     from .metadata import ImageRow
     from .patch_codes import PatchCodec
@@ -59,6 +60,14 @@ class Gallery(Protocol):
         ...
 
     def row(self, image_id: str) -> "ImageRow | None":
+        ...
+
+    def ids_where(self, where: "Filter") -> np.ndarray:
+        """The FAISS ids of the images a filter allows (ValueError where filters are not supported)."""
+        ...
+
+    def global_vectors(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """The stored global vectors of these images, in that order."""
         ...
 
     def image_file(self, row: "ImageRow") -> str:

@@ -38,6 +38,7 @@ from reranker.features import StoredFeatures
 
 from .atomic import remove_temporaries
 from .calibration import Calibration
+from .filters import Filter
 from .catalog import DB_NAME
 from .compaction import SegmentCompaction
 from .global_index import GlobalIndexUpkeep
@@ -187,6 +188,17 @@ class IndexDir:
         if decode and self.codec is not None:
             gathered.patch_features = self.codec.decode(gathered.patch_features).astype(np.float16)
         return ordered, gathered
+
+    def ids_where(self, where: Filter) -> np.ndarray:
+        """The FAISS ids of the images ``where`` allows (:mod:`indexer.filters`)."""
+        return self.db.rows_where(where)
+
+    def global_vectors(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """The stored global vectors ``(len(faiss_ids), D)`` of these images, in that order."""
+        if len(faiss_ids) == 0:
+            return np.zeros((0, self.manifest.global_dim), np.float32)
+        located = self.db.rows_by_faiss_id(faiss_ids.tolist())
+        return self.store.gather([(located[int(i)].segment, located[int(i)].offset) for i in faiss_ids]).global_features
 
     def image_file(self, row: ImageRow) -> str:
         """The file that shows ``row``'s image: the index's own copy when it keeps one, else the original."""

@@ -13,7 +13,12 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .filters import Filter
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -111,6 +116,12 @@ class MetadataDB:
         marks = ",".join("?" * len(ids))
         cur = self.conn.execute(f"SELECT * FROM images WHERE id IN ({marks})", list(ids))
         return {r.id: r for r in map(ImageRow.from_record, cur)}
+
+    def rows_where(self, where: "Filter") -> np.ndarray:
+        """The FAISS ids of the images that ``where`` allows, in id order."""
+        clause, params = where.sql()
+        found = self.conn.execute(f"SELECT row FROM images WHERE {clause} ORDER BY row", params).fetchall()
+        return np.array([r for (r,) in found], np.int64)
 
     def all_rows(self) -> list[ImageRow]:
         return [ImageRow.from_record(r) for r in self.conn.execute("SELECT * FROM images ORDER BY row")]

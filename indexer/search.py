@@ -17,6 +17,7 @@ from reranker.rerank import rerank_batch
 
 from .embedding import embed_pil_images
 from .calibration import Calibration
+from .filters import Filter
 from .gallery import Gallery
 from .search_params import DEFAULT_MARGINALS, PRESETS, SEARCH_PARAMS, features_preset, rerank_options, resolve
 
@@ -191,9 +192,11 @@ class Searcher:
         return "uniform" if marginals == "uniform" else None
 
     def search(
-        self, images: Sequence[Image.Image], settings: SearchSettings = SearchSettings(), keep_plans: bool = False
+        self, images: Sequence[Image.Image], settings: SearchSettings = SearchSettings(), keep_plans: bool = False,
+        where: Filter | None = None,
     ) -> list[QueryResult]:
-        """Search every image; results are sorted best first.
+        """Search every image; results are sorted best first. ``where``: only the images a filter allows
+        (:mod:`indexer.filters`) are searched, exactly, before the structural stage.
 
         The batch is embedded in one forward, searched in one FAISS call and reranked in one
         batched OT solve (the candidates' stored features go to the device together). Each
@@ -215,7 +218,11 @@ class Searcher:
         if self.index_dir.pca is not None:  # on the device
             query.patch_features = self.index_dir.pca.transform_tensor(query.patch_features)
         t1 = time.perf_counter()
-        scores, ids = self.vectors.search(query.global_features, max(settings.top_k, settings.rerank_k))
+        k = max(settings.top_k, settings.rerank_k)
+        if where is None:
+            scores, ids = self.vectors.search(query.global_features, k)
+        else:
+            scores, ids = self._search_within(query.global_features, k, self.index_dir.ids_where(where))
         t2 = time.perf_counter()
         candidates = [self._candidates(scores[q], ids[q], settings.rerank_k) for q in range(len(images))]
         reranked = self._rerank(query, candidates, settings, marginals, keep_plans)
@@ -229,6 +236,26 @@ class Searcher:
             r.timings_ms = dict(timings)
             r.settings = settings
         return results
+
+    def _search_within(self, queries: torch.Tensor, k: int, allowed: np.ndarray,
+                       chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``k`` by cosine among the ``allowed`` FAISS ids (their stored vectors, ``chunk`` at a time):
+        scores and ids ``(Q, k)``, best first, padded with -inf / -1 as FAISS pads."""
+        Q = queries.shape[0]
+        best_s = torch.full((Q, 0), -float("inf"))
+        best_i = torch.zeros((Q, 0), dtype=torch.long)
+        q = queries.detach().float().cpu()
+        for start in range(0, len(allowed), chunk):
+            ids = allowed[start:start + chunk]
+            sims = q @ torch.from_numpy(self.index_dir.global_vectors(ids)).T  # (Q, c)
+            s = torch.cat([best_s, sims], dim=1)
+            i = torch.cat([best_i, torch.from_numpy(ids)[None].expand(Q, -1)], dim=1)
+            top = torch.topk(s, min(k, s.shape[1]), dim=1)
+            best_s, best_i = top.values, i.gather(1, top.indices)
+        pad = k - best_s.shape[1]
+        scores = torch.nn.functional.pad(best_s, (0, pad), value=-float("inf")).numpy()
+        ids = torch.nn.functional.pad(best_i, (0, pad), value=-1).numpy()
+        return scores.astype(np.float32), ids
 
     def _candidates(self, scores: np.ndarray, ids: np.ndarray, rerank_k: int) -> "_Candidates":
         valid = ids >= 0  # FAISS pads with -1 when it finds fewer than asked

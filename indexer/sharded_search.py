@@ -116,6 +116,12 @@ class ShardedIndex:
     def decode_patches(self, codes: np.ndarray, device: Any = "cpu") -> torch.Tensor:
         raise ValueError("a sharded index returns decoded patches")
 
+    def ids_where(self, where: Any) -> np.ndarray:
+        raise ValueError("filters (where) are not supported on a sharded index yet")
+
+    def global_vectors(self, faiss_ids: np.ndarray) -> np.ndarray:
+        raise ValueError("filters (where) are not supported on a sharded index yet")
+
     def image_file(self, row: ImageRow) -> str:
         """The copy in the shard that holds ``row`` (each shard keeps its own), else the original."""
         if self.manifest.image_copies:

@@ -23,6 +23,7 @@ from PIL import Image
 from indexer import (Catalog, Gallery, IndexDir, ImageRecord, QueryResult, Searcher, SearchSettings, add_records,
                      backbone_for)
 from indexer.atomic import write_bytes
+from indexer.filters import Filter
 from indexer.loading import LoadLimits, content_hash
 from reranker.device import resolve_device
 from reranker.threads import run_on_own_thread, use_torch_threads
@@ -52,6 +53,7 @@ class _Job:
     settings: SearchSettings
     future: Future
     enqueued: float
+    where: Filter | None = None  # which gallery images may be returned (indexer.filters)
 
 
 
@@ -193,11 +195,11 @@ class Engine:
             self.index_dir.close()
 
     # --- searching -----------------------------------------------------------------
-    def submit(self, image: Image.Image, settings: SearchSettings) -> Future:
+    def submit(self, image: Image.Image, settings: SearchSettings, where: Filter | None = None) -> Future:
         """Queue one query; the future gives a :class:`SearchOutcome`. Raises :class:`QueueFullError`."""
         if self._thread is None:
             raise RuntimeError("the engine is not started")
-        job = _Job(image, settings, Future(), time.perf_counter())
+        job = _Job(image, settings, Future(), time.perf_counter(), where)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -242,12 +244,13 @@ class Engine:
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
         groups: dict[tuple, list[_Job]] = defaultdict(list)
         for job in live:
-            groups[dataclasses.astuple(job.settings)].append(job)
+            groups[dataclasses.astuple(job.settings), job.where].append(job)
         for jobs in groups.values():
             start = time.perf_counter()
             try:
                 with self._lock:
-                    results = self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True)
+                    results = self.searcher.search([j.image for j in jobs], jobs[0].settings, keep_plans=True,
+                                                   where=jobs[0].where)
             except BaseException as err:  # noqa: BLE001 - the worker must survive any query
                 log.exception("search failed")
                 for j in jobs:

@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
+from indexer.filters import parse as parse_filter
 from indexer.near_duplicates import threshold_for
 from indexer.search import SearchSettings
 from indexer.search_params import SEARCH_PARAMS
@@ -27,7 +28,7 @@ from .schemas import (ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Re
                       renderable)
 from .state import ServiceState
 from .decoding import decode_bounded, decode_sized  # 503 + Retry-After when too many images are being decoded
-from .uploads import MAX_ID_CHARS, MAX_LABEL_CHARS, check_image_id, check_label, file_suffix, parse_metadata, read_upload, single_valued_form
+from .uploads import CROP_PATTERN, MAX_ID_CHARS, MAX_LABEL_CHARS, check_image_id, check_label, crop_to, parse_crop, file_suffix, parse_metadata, read_upload, single_valued_form
 
 T = TypeVar("T")
 
@@ -140,9 +141,21 @@ async def search(
                                       allow_inf_nan=False)] = None,
     explain: Annotated[bool, Form(description="draw the explanation pictures now (the best 10 reranked hits; the "
                                               "others are drawn when first fetched)")] = False,
+    where: Annotated[str | None, Form(description="only images that match, a JSON object: {\"label\": \"hat\"}, "
+                                                  "{\"label\": [\"hat\", \"shoes\"], \"color\": \"red\"} (other keys: "
+                                                  "metadata fields)", max_length=16_384,
+                                      json_schema_extra=JSON_OBJECT)] = None,
+    crop: Annotated[str | None, Form(description="search with a region of the photo: x0,y0,x1,y1 as fractions of "
+                                                 "its width and height, e.g. 0.25,0.1,0.75,0.9",
+                                     pattern=CROP_PATTERN)] = None,
 ) -> Any:
-    """Search the index with one image: top K by global cosine, reranked by their patch structure."""
+    """Search the index with one image (or a region of it, ``crop``), among the images ``where`` allows: top K
+    by global cosine, reranked by their patch structure."""
     cfg = state.settings
+    try:
+        allowed, region = parse_filter(where), parse_crop(crop)
+    except ValueError as err:
+        raise Unprocessable(str(err)) from None
     asked = SearchSettings(top_k=top_k, rerank_k=rerank_k, scorer=scorer, threshold=threshold, s=s, lam=lam,
                            marginals=marginals or "auto", eps=eps)
     try:
@@ -152,7 +165,13 @@ async def search(
     resolved = settings.marginals
     data = await read_upload(image, cfg.max_upload_bytes)
     query = await off_loop(decode_bounded, data, image.content_type, engine)
-    outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, settings))  # 503 when the queue is full
+    if region is not None:
+        query = crop_to(query, region)
+    # 503 when the queue is full; 422 where filters are not supported (a sharded index)
+    try:
+        outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, settings, allowed))
+    except ValueError as err:
+        raise Unprocessable(str(err)) from None
     query_id = secrets.token_hex(12)
     entry = await off_loop(_remember, state, query_id, query, outcome)
     if explain and entry is not None:  # drawn from this request's own entry, at most EXPLAIN_PICTURES of them

@@ -125,6 +125,32 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+CROP_PATTERN = r"^\s*[0-9.]+\s*,\s*[0-9.]+\s*,\s*[0-9.]+\s*,\s*[0-9.]+\s*$"
+MIN_CROP_PX = 16
+
+
+def parse_crop(text: str | None) -> tuple[float, float, float, float] | None:
+    """``x0,y0,x1,y1`` as fractions of the width and height (0 <= x0 < x1 <= 1, the same for y); ValueError."""
+    if text is None or text.strip() == "":
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError("crop: four numbers x0,y0,x1,y1 (fractions of the width and height)") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError("crop: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the width and height)")
+    return x0, y0, x1, y1
+
+
+def crop_to(image: Image.Image, region: tuple[float, float, float, float]) -> Image.Image:
+    """The region of ``image`` (at least 16 px a side; 422 for a smaller one)."""
+    w, h = image.size
+    box = (round(region[0] * w), round(region[1] * h), round(region[2] * w), round(region[3] * h))
+    if box[2] - box[0] < MIN_CROP_PX or box[3] - box[1] < MIN_CROP_PX:
+        raise Unprocessable(f"crop: the region is under {MIN_CROP_PX} px on a side of this {w}x{h} image")
+    return image.crop(box)
+
+
 def check_label(label: str | None) -> str | None:
     """A new image's label (None for none), or 422: at most ``MAX_LABEL_CHARS`` printable characters."""
     if label is None or label == "":
