@@ -150,7 +150,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     verify.set_defaults(handler=_verify)
 
     search = sub.add_parser("search", help="search an index with a query image")
-    search.add_argument("image", type=Path)
+    search.add_argument("image", type=Path, help="the query image; or a folder or manifest (.csv, .jsonl): each "
+                                                 "of its images as a query (with --json: one JSON line each)")
+    search.add_argument("--batch-size", type=int, default=16, help="queries embedded together (a folder)")
     search.add_argument("--index", type=Path, required=True)
     add_search_arguments(search)
     search.add_argument("--json", action="store_true")
@@ -388,24 +390,82 @@ def _search(args) -> int:
     from .search import Searcher, SearchSettings
 
     where = parse_filter(args.where)
-    image = load_image(args.image)
+    many = args.image.is_dir() or args.image.suffix.lower() in (".csv", ".jsonl", ".ndjson")
+    image = None if many else load_image(args.image)
     device = _device(args.device)
     with IndexDir.open(args.index) as index_dir:
         searcher = Searcher(index_dir, backbone_for(index_dir.manifest, device, args.weights), device)
         values = settings_from_args(args)
         settings = SearchSettings(**{**values, "marginals": values["marginals"] or "auto"})
+        if many:
+            return _search_many(args, searcher, settings, where, index_dir)
         result = searcher.search([image], settings, keep_plans=args.explain is not None, where=where)[0]
         if args.explain is not None:
             _write_explanations(args.explain, image, result, index_dir, searcher.backbone.transform)
     if args.json:
-        print(json.dumps({
-            "results": [h.__dict__ for h in result.hits],
-            "timings_ms": result.timings_ms,
-            "settings": {SEARCH_PARAMS[k].public_name: v for k, v in result.settings.values().items()},
-            "marginals": result.marginals,
-            "random_weights": result.random_weights,
-        }, indent=2))
+        print(json.dumps(_result_json(result), indent=2))
         return 0
+    _print_result(result, searcher)
+    return 0
+
+
+def _result_json(result) -> dict:
+    return {
+        "results": [h.__dict__ for h in result.hits],
+        "timings_ms": result.timings_ms,
+        "settings": {SEARCH_PARAMS[k].public_name: v for k, v in result.settings.values().items()},
+        "marginals": result.marginals,
+        "random_weights": result.random_weights,
+    }
+
+
+def _search_many(args, searcher, settings, where, index_dir) -> int:
+    """``search FOLDER|MANIFEST``: every image of a source as a query, ``--batch-size`` at a time; with
+    ``--json`` one JSON line per query (``query``, ``path``, and the results, or ``error``)."""
+    from tqdm.auto import tqdm
+
+    from .loading import ImageLoadError, load_image
+    from .sources import from_source
+
+    records = from_source(args.image)
+    failed = 0
+    bar = tqdm(total=len(records), unit="query", desc="searching", disable=None,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for start in range(0, len(records), args.batch_size):
+            batch, images = [], []
+            for rec in records[start:start + args.batch_size]:
+                try:
+                    images.append(load_image(rec.path))
+                    batch.append(rec)
+                except ImageLoadError as err:
+                    failed += 1
+                    _emit(args, {"query": rec.id, "path": rec.path, "error": f"{err.reason}: {err.message}"})
+            results = searcher.search(images, settings, keep_plans=args.explain is not None, where=where) if images else []
+            for rec, image, result in zip(batch, images, results):
+                if args.explain is not None:
+                    _write_explanations(args.explain / _safe_name(rec.id), image, result, index_dir,
+                                        searcher.backbone.transform)
+                if args.json:
+                    _emit(args, {"query": rec.id, "path": rec.path, **_result_json(result)})
+                else:
+                    print(f"\n== {rec.id}")
+                    _print_result(result, searcher)
+            bar.update(len(records[start:start + args.batch_size]))
+    finally:
+        bar.close()
+    print(f"searched {len(records) - failed} images; {failed} could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _emit(args, line: dict) -> None:
+    if args.json:
+        print(json.dumps(line), flush=True)
+    else:
+        print(f"{line['query']}: {line.get('error')}", file=sys.stderr)
+
+
+def _print_result(result, searcher) -> None:
     if result.random_weights:
         print("note: random weights: results are meaningless except for testing")
     st = result.settings
@@ -418,7 +478,6 @@ def _search(args) -> int:
               f"{h.id} ({h.label})")
     t = result.timings_ms
     print(f"embed {t['embed']:.1f} ms, search {t['search']:.1f} ms, rerank {t['rerank']:.1f} ms, total {t['total']:.1f} ms")
-    return 0
 
 
 def _write_explanations(folder: Path, query, result, index_dir, transform) -> None:

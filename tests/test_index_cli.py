@@ -195,3 +195,29 @@ def test_index_add_keeps_the_indexs_labelling_rule(small_gallery, tmp_path):
     unlabelled.write_text("path\n" + "".join(f"{p}\n" for p in photos[20:22]))
     out = run_cli("index", "add", str(index), "--from", str(unlabelled), "--no-progress", "--workers", "0")
     assert "warning: 2 of the 2 new images have no label" in out.stderr
+
+
+def test_search_a_folder_as_json_lines(small_gallery, tmp_path):
+    import shutil
+
+    manifest, photos = small_gallery
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for p in photos[:5]:
+        shutil.copy(p, queries / p.name)
+    (queries / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = run_cli("search", str(queries), "--index", str(index), "--json", "--top-k", "3", "--batch-size", "2",
+                  "--where", '{"label": "hat"}', check=False)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 1 and "searched 5 images; 1 could not be read" in out.stderr
+    by_query = {line["query"]: line for line in lines}
+    assert set(by_query) == {p.name for p in photos[:5]} | {"broken.jpg"}
+    assert "error" in by_query["broken.jpg"]
+    for p in photos[:5]:
+        hits = by_query[p.name]["results"]
+        assert len(hits) == 3 and all(h["label"] == "hat" for h in hits)
+    first = by_query[photos[0].name]["results"]
+    assert any(h["path"] == str(photos[0]) and h["rank_before"] == 0 for h in first)  # itself (a hat), first by cosine
