@@ -76,7 +76,7 @@ def _params(*params: SearchParam) -> dict[str, SearchParam]:
 
 
 SEARCH_PARAMS: dict[str, SearchParam] = _params(
-    SearchParam("top_k", int, 10, "results returned per query", ge=1, le=100),
+    SearchParam("top_k", int, 10, "results returned per query", ge=1, le=1000),
     SearchParam("rerank_k", int, 100, "global candidates reranked by their patch structure (0: no reranking)",
                 ge=0, le=1000),
     SearchParam("scorer", str, "ot", "structural scorer: ot (partial optimal transport) or mnn (mutual nearest "

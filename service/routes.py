@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from typing import Annotated, Any, Callable, Literal, TypeVar
 from urllib.parse import quote
@@ -44,6 +45,8 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     return await run_in_threadpool(_single_threaded_call, fn, *args)
 
 
+MAX_PAGE = 100  # results per answer
+MAX_OFFSET = 900  # results skipped: pages reach the 1,000th result
 NON_EMPTY = {"minLength": 1}  # an upload of no bytes is refused (400): the schema says so
 #: a JSON object as text: the server parses it (and refuses anything else with 422)
 JSON_OBJECT = {"pattern": r"^\s*\{[\s\S]*\}\s*$", "contentMediaType": "application/json",
@@ -130,7 +133,9 @@ async def search(
     engine: ReadyEngine,
     image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, GIF, BMP or TIFF)",
                                       json_schema_extra=NON_EMPTY)],
-    top_k: Annotated[int | None, Form(**_param("top_k"))] = None,
+    top_k: Annotated[int | None, Form(**{**_param("top_k"), "le": MAX_PAGE})] = None,
+    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET, description="results to skip: the page after the first "
+                                                                 f"(offset + top_k at most {MAX_OFFSET + MAX_PAGE})")] = 0,
     rerank_k: Annotated[int | None, Form(**_param("rerank_k"))] = None,
     scorer: Annotated[Scorer | None, Form(description=SEARCH_PARAMS["scorer"].help)] = None,
     threshold: Annotated[float | None, Form(**_param("threshold"), allow_inf_nan=False)] = None,
@@ -167,16 +172,18 @@ async def search(
     query = await off_loop(decode_bounded, data, image.content_type, engine)
     if region is not None:
         query = crop_to(query, region)
+    # the first offset + top_k results are searched; the page is the last top_k of them
+    fetch = dataclasses.replace(settings, top_k=settings.top_k + offset)
     # 503 when the queue is full; 422 where filters are not supported (a sharded index)
     try:
-        outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, settings, allowed))
+        outcome: SearchOutcome = await asyncio.wrap_future(engine.submit(query, fetch, allowed))
     except ValueError as err:
         raise Unprocessable(str(err)) from None
     query_id = secrets.token_hex(12)
     entry = await off_loop(_remember, state, query_id, query, outcome)
     if explain and entry is not None:  # drawn from this request's own entry, at most EXPLAIN_PICTURES of them
         await off_loop(state.explanations.render_all, query_id, entry)
-    return _response(state, query_id, settings, resolved, outcome)
+    return _response(state, query_id, settings, resolved, outcome, offset)
 
 
 def _near_threshold(state: ServiceState) -> float | None:
@@ -192,11 +199,13 @@ def _remember(state: ServiceState, query_id: str, query: Any, outcome: SearchOut
 
 
 def _response(state: ServiceState, query_id: str, settings: SearchSettings, marginals: str,
-              outcome: SearchOutcome) -> SearchResponse:
+              outcome: SearchOutcome, offset: int = 0) -> SearchResponse:
     result = outcome.result
     results = []
     near = _near_threshold(state)
-    for h in result.hits:
+    page = result.hits[offset:offset + settings.top_k]
+    full = len(page) == settings.top_k and offset + settings.top_k < MAX_OFFSET + MAX_PAGE
+    for h in page:
         uid = _url_id(h.id)
         explained = h.id in result.plans
         results.append(Result(
@@ -211,7 +220,8 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
     return SearchResponse(
         query_id=query_id, model=state.engine.model, random_weights=result.random_weights, marginals=marginals,
         settings=AppliedSettings(**settings.values(), calibrated=state.engine.calibration is not None),
-        timings_ms=outcome.timings_ms, results=results,
+        timings_ms=outcome.timings_ms, results=results, offset=offset,
+        next_offset=offset + settings.top_k if full else None,
     )
 
 

@@ -78,6 +78,8 @@ class SearchResponse(BaseModel):
     settings: AppliedSettings
     timings_ms: Timings
     results: list[Result]
+    offset: int = Field(0, description="how many better results came before this page")
+    next_offset: int | None = Field(None, description="the offset of the next page (null: no more results)")
 
 
 class PatchCell(BaseModel):

@@ -93,3 +93,25 @@ def test_search_over_http_with_a_filter_and_a_region(tagged, photos):
         assert_error(search(crop="0.5,0.5,0.2,1"), 422, "crop")
         assert_error(search(crop="0,0,0.01,0.01"), 422, "16 px")
         assert search(crop="a,b,c,d").status_code == 422
+
+
+def test_results_past_the_first_page(index_dir, photos):
+    with make_client(index_dir) as client:
+        data = photos[7].read_bytes()
+
+        def search(**form):
+            r = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}, data=form)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        whole = search(top_k="10", rerank_k="20")
+        first, second = search(top_k="5", rerank_k="20"), search(top_k="5", offset="5", rerank_k="20")
+        assert [h["id"] for h in first["results"] + second["results"]] == [h["id"] for h in whole["results"]]
+        assert [h["rank_after"] for h in second["results"]] == [5, 6, 7, 8, 9]
+        assert first["next_offset"] == 5 and second["offset"] == 5 and second["settings"]["top_k"] == 5
+        last = search(top_k="100", offset="20")  # the session index holds 30 images: 10 left
+        assert len(last["results"]) == 10 and last["next_offset"] is None
+        assert client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                           data={"top_k": "101"}).status_code == 422
+        assert client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                           data={"offset": "901"}).status_code == 422

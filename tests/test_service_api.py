@@ -79,7 +79,8 @@ def test_search_matches_the_library(client, index_dir, photos):
     r = search(client, query.read_bytes(), top_k=8, rerank_k=12, s=0.9, **{"lambda": 0.5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results"}
+    assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results",
+                         "offset", "next_offset"}
     # an uncalibrated index: unset marginals take the measured default (cross-correlation)
     assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "crosscorr"
     # a 7 x 7 final-grid index: unset parameters take the preset measured on those features (ot-tuned)
