@@ -31,13 +31,22 @@ BODY_READ_TIMEOUT_S = 30.0  # a request body that stops arriving for this long i
 MAX_HEADER_BYTES = 16 * 1024  # a request line + headers larger than this: 431
 
 
-def _key_routes() -> list[APIRoute]:
-    """The routes that need the API key: ``require_api_key`` among their dependencies.
+#: what ``protect_search`` also puts behind the key (health, metrics and the page stay open)
+READ_ROUTES = ("/search", "/explanations", "/images", "/index")
+
+
+def _key_routes(protect_search: bool = False) -> list[APIRoute]:
+    """The routes that need the API key: ``require_api_key`` among their dependencies (index changes), and
+    with ``protect_search`` the reading ones too (:data:`READ_ROUTES`).
 
     Taken from ``routes.router``, included without a prefix, so its paths are the app's.
     """
-    return [r for r in router.routes
-            if isinstance(r, APIRoute) and any(d.dependency is require_api_key for d in r.dependencies)]
+    def needs_key(route: APIRoute) -> bool:
+        if any(d.dependency is require_api_key for d in route.dependencies):
+            return True
+        return protect_search and any(route.path == p or route.path.startswith(p + "/") for p in READ_ROUTES)
+
+    return [r for r in router.routes if isinstance(r, APIRoute) and needs_key(r)]
 
 
 def create_app(settings: ServiceSettings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -86,7 +95,7 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
                        read_timeout_s=BODY_READ_TIMEOUT_S)
     app.add_middleware(HeadMiddleware)
-    app.add_middleware(ApiKeyMiddleware, routes=_key_routes(), expected=settings.api_key,
+    app.add_middleware(ApiKeyMiddleware, routes=_key_routes(settings.protect_search), expected=settings.api_key,
                        allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(InFlightLimitMiddleware, limit=settings.max_in_flight)
     app.add_middleware(HeaderLimitMiddleware, limit=MAX_HEADER_BYTES)

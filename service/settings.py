@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from indexer.search_params import MARGINALS_CHOICES, SCORER_CHOICES, SEARCH_PARAMS
@@ -66,6 +66,9 @@ class ServiceSettings(BaseSettings):
     explanation_ttl_s: float = Field(600.0, gt=0, description="how long a query's explanations stay available")
 
     api_key: SecretStr | None = Field(None, description="required in X-API-Key for index changes when set")
+    protect_search: bool = Field(
+        False, description="require the API key for searches, explanations, images and index facts too (not only for "
+        "changes); the web page then cannot show images (a browser does not send the key): for API clients")
     allowed_origins: list[str] = Field(
         default_factory=list, description="web origins (scheme://host:port) besides the service's own whose "
         "pages may change the index (JSON list); any other Origin on an index change: 403")
@@ -74,6 +77,12 @@ class ServiceSettings(BaseSettings):
     load_in_background: bool = Field(
         True, description="load the model after the server starts (readyz answers 503 until then)"
     )
+
+    @model_validator(mode="after")
+    def _key_for_protected_search(self) -> "ServiceSettings":
+        if self.protect_search and self.api_key is None:
+            raise ValueError("protect_search needs an api_key (VIT_RERANK_API_KEY)")
+        return self
 
     def search_layer(self) -> dict[str, Any]:
         """The configured search defaults, as the layer after a request and the index's calibration

@@ -115,3 +115,28 @@ def test_results_past_the_first_page(index_dir, photos):
                            data={"top_k": "101"}).status_code == 422
         assert client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
                            data={"offset": "901"}).status_code == 422
+
+
+def test_searches_can_need_the_key_too(index_dir, photos):
+    from pydantic import ValidationError
+
+    from service import ServiceSettings
+
+    with pytest.raises(ValidationError, match="protect_search needs an api_key"):
+        ServiceSettings(index=index_dir, protect_search=True)
+    data = photos[1].read_bytes()
+    with make_client(index_dir, api_key="k", protect_search=True) as client:
+        def search(headers):
+            return client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}, headers=headers)
+
+        assert_error(search({}), 401)
+        assert_error(search({"X-API-Key": "wrong"}), 403)
+        r = search({"X-API-Key": "k"})
+        assert r.status_code == 200
+        image_url = r.json()["results"][0]["image_url"]
+        assert client.get(image_url).status_code == 401 and client.get("/index").status_code == 401
+        assert client.get(image_url, headers={"X-API-Key": "k"}).status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.get("/").status_code == 200  # the page itself
+    with make_client(index_dir, api_key="k") as client:  # by default, only changes need the key
+        assert client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}).status_code == 200
