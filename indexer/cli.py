@@ -145,6 +145,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="gallery vectors used as queries to measure recall@100 against exact search (0: skip)")
     info.set_defaults(handler=_info)
 
+    export = which.add_parser("export", help="write the images' global vectors and metadata as Parquet")
+    export.add_argument("dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="the .parquet file to write")
+    export.set_defaults(handler=_export)
+
     verify = which.add_parser("verify", help="check that FAISS, the patch store and the metadata agree")
     verify.add_argument("dir", type=Path)
     verify.set_defaults(handler=_verify)
@@ -369,6 +374,16 @@ def shown_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(shown_value(v) for v in value) or "-"
     return str(value)
+
+
+def _export(args) -> int:
+    from .export import export_parquet
+    from .index_dir import IndexDir
+
+    with IndexDir.open(args.dir) as index_dir:
+        written = export_parquet(index_dir, args.out)
+    print(f"wrote {written} images to {args.out}")
+    return 0
 
 
 def _verify(args) -> int:

@@ -221,3 +221,28 @@ def test_search_a_folder_as_json_lines(small_gallery, tmp_path):
         assert len(hits) == 3 and all(h["label"] == "hat" for h in hits)
     first = by_query[photos[0].name]["results"]
     assert any(h["path"] == str(photos[0]) and h["rank_before"] == 0 for h in first)  # itself (a hat), first by cosine
+
+
+def test_export_writes_every_image_with_its_vector_and_metadata(small_gallery, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from indexer import open_index
+
+    manifest, _ = small_gallery
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    out = tmp_path / "gallery.parquet"
+    assert "wrote 30 images" in run_cli("index", "export", str(index), "--out", str(out)).stdout
+    table = pq.read_table(out)
+    assert table.num_rows == 30 and not list(tmp_path.glob(".*.partial"))
+    with open_index(index) as gallery:
+        ids = np.array(table.column("faiss_id").to_pylist())
+        vectors = np.array(table.column("global").to_pylist(), np.float32)
+        np.testing.assert_array_equal(vectors, gallery.global_vectors(ids))
+        rows = {r.row: r for r in gallery.rows()}
+    for faiss_id, image_id, label, meta in zip(ids, table.column("id").to_pylist(), table.column("label").to_pylist(),
+                                               table.column("metadata").to_pylist()):
+        row = rows[int(faiss_id)]
+        assert (image_id, label, json.loads(meta)) == (row.id, row.label, row.metadata)
