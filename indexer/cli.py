@@ -145,6 +145,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="gallery vectors used as queries to measure recall@100 against exact search (0: skip)")
     info.set_defaults(handler=_info)
 
+    dups = which.add_parser("duplicates", help="exact and near-duplicate images, as text, JSON or CSV, with pictures")
+    dups.add_argument("dir", type=Path)
+    dups.add_argument("--threshold", type=float, default=None,
+                      help="global cosine of a near-duplicate pair (default: the backbone's measured one)")
+    dups.add_argument("--json", action="store_true")
+    dups.add_argument("--csv", type=Path, default=None, help="also write the pairs to this CSV file")
+    dups.add_argument("--pictures", type=Path, default=None, help="write a picture of each pair here")
+    dups.add_argument("--limit", type=int, default=100, help="pictures of at most this many pairs (default 100)")
+    dups.set_defaults(handler=_duplicates)
+
     export = which.add_parser("export", help="write the images' global vectors and metadata as Parquet")
     export.add_argument("dir", type=Path)
     export.add_argument("--out", type=Path, required=True, help="the .parquet file to write")
@@ -374,6 +384,38 @@ def shown_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(shown_value(v) for v in value) or "-"
     return str(value)
+
+
+def _duplicates(args) -> int:
+    from .atomic import write_bytes
+    from .duplicates import find_duplicates, pair_picture
+    from .index_dir import IndexDir
+
+    with IndexDir.open(args.dir) as index_dir:
+        report = find_duplicates(index_dir, args.threshold)
+        if args.pictures is not None:
+            args.pictures.mkdir(parents=True, exist_ok=True)
+            rows = {r.id: r for r in index_dir.rows()}
+            pairs = [(g[0], other, 1.0, "exact") for g in report.exact for other in g[1:]]
+            pairs += [(a, b, c, "near") for a, b, c in report.near]
+            for k, (a, b, c, kind) in enumerate(pairs[:args.limit], 1):
+                png = pair_picture(index_dir.image_file(rows[a]), index_dir.image_file(rows[b]),
+                                   f"{kind} {c:.4f}: {a}  ~  {b}")
+                write_bytes(args.pictures / f"{k:03d}-{kind}.png", png)
+    if args.csv is not None:
+        report.write_csv(args.csv)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    print(f"{sum(len(g) - 1 for g in report.exact)} exact duplicates in {len(report.exact)} groups; "
+          f"{len(report.near)} near-duplicate pairs (global cosine >= {report.threshold})")
+    for group in report.exact:
+        print(f"  exact: {'  = '.join(group)}")
+    for a, b, c in report.near:
+        print(f"  near {c:.4f}: {a}  ~  {b}")
+    if args.pictures is not None:
+        print(f"pictures in {args.pictures}", file=sys.stderr)
+    return 0
 
 
 def _export(args) -> int:

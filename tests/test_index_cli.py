@@ -246,3 +246,30 @@ def test_export_writes_every_image_with_its_vector_and_metadata(small_gallery, t
                                                table.column("metadata").to_pylist()):
         row = rows[int(faiss_id)]
         assert (image_id, label, json.loads(meta)) == (row.id, row.label, row.metadata)
+
+
+def test_the_duplicates_report(small_gallery, tmp_path):
+    import csv
+    import shutil
+
+    from PIL import Image
+
+    _, photos = small_gallery
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos[:6]:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(photos[0], folder / "exact-copy.jpg")
+    Image.open(photos[1]).convert("RGB").save(folder / "near-copy.png")  # the same pixels, other bytes
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(folder), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    out = run_cli("index", "duplicates", str(index), check=False)
+    assert out.returncode != 0 and "give --threshold" in out.stderr  # random weights: no measured threshold
+    report = json.loads(run_cli("index", "duplicates", str(index), "--threshold", "0.999", "--json",
+                                "--csv", str(tmp_path / "d.csv"), "--pictures", str(tmp_path / "pics")).stdout)
+    assert [sorted(g) for g in report["exact"]] == [sorted([photos[0].name, "exact-copy.jpg"])]
+    assert [sorted((p["id"], p["other"])) for p in report["near"]] == [sorted([photos[1].name, "near-copy.png"])]
+    rows = list(csv.DictReader(open(tmp_path / "d.csv")))
+    assert [r["kind"] for r in rows] == ["exact", "near"]
+    assert len(list((tmp_path / "pics").glob("*.png"))) == 2
