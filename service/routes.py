@@ -183,7 +183,9 @@ async def search(
     entry = await off_loop(_remember, state, query_id, query, outcome)
     if explain and entry is not None:  # drawn from this request's own entry, at most EXPLAIN_PICTURES of them
         await off_loop(state.explanations.render_all, query_id, entry)
-    return _response(state, query_id, settings, resolved, outcome, offset)
+    answer = _response(state, query_id, settings, resolved, outcome, offset)
+    answer.crop = None if region is None else list(region)
+    return answer
 
 
 def _near_threshold(state: ServiceState) -> float | None:

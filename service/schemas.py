@@ -79,6 +79,8 @@ class SearchResponse(BaseModel):
     timings_ms: Timings
     results: list[Result]
     offset: int = Field(0, description="how many better results came before this page")
+    crop: list[float] | None = Field(None, description="the region of the query searched (x0, y0, x1, y1 as "
+                                                       "fractions), or null: all of it")
     next_offset: int | None = Field(None, description="the offset of the next page (null: no more results)")
 
 

@@ -80,7 +80,7 @@ def test_search_matches_the_library(client, index_dir, photos):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"query_id", "model", "random_weights", "marginals", "settings", "timings_ms", "results",
-                         "offset", "next_offset"}
+                         "offset", "next_offset", "crop"}
     # an uncalibrated index: unset marginals take the measured default (cross-correlation)
     assert body["model"] == "test_vit" and body["random_weights"] is True and body["marginals"] == "crosscorr"
     # a 7 x 7 final-grid index: unset parameters take the preset measured on those features (ot-tuned)

@@ -335,3 +335,44 @@ def test_layout_is_usable_on_a_phone(chromium, server, photos):
         page.screenshot(path=str(SCREENSHOT.with_name("vit-rerank-web-phone.png")))
     finally:
         context.close()
+
+
+def test_options_filters_and_a_region_reach_the_search(page, server, photos, tmp_path):
+    """λ, rerank_k and a label filter are sent with the search; a box dragged on the photo searches that region;
+    a failed search afterwards keeps the previous results."""
+    page.goto("/")
+    page.get_by_label("Candidates reranked (rerank_k)").fill("12")
+    page.get_by_label("Structure weight (λ)").fill("0.5")
+    label = photos[0].parent.name
+    page.get_by_label("Only labels (comma-separated)").fill(f"{label}, nowhere")
+    with page.expect_response("**/search") as first:
+        page.get_by_test_id("query-image").set_input_files(str(photos[0]))
+    answer = first.value.json()
+    assert answer["settings"]["rerank_k"] == 12 and answer["settings"]["lambda"] == 0.5 and answer["crop"] is None
+    page.get_by_test_id("result").first.wait_for()
+    results = page.get_by_test_id("result")
+    assert results.count() > 0
+    assert all(label in results.nth(i).inner_text() for i in range(results.count()))
+
+    stage = page.get_by_test_id("region-stage")
+    stage.wait_for()
+    box = page.get_by_test_id("region-image").bounding_box()
+    with page.expect_response("**/search") as second:
+        page.mouse.move(box["x"] + 0.1 * box["width"], box["y"] + 0.2 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.8 * box["height"], steps=5)
+        page.mouse.up()
+    x0, y0, x1, y1 = second.value.json()["crop"]
+    assert abs(x0 - 0.1) < 0.03 and abs(y0 - 0.2) < 0.03 and abs(x1 - 0.6) < 0.03 and abs(y1 - 0.8) < 0.03
+    assert page.get_by_test_id("region-box").is_visible()
+    page.wait_for_function("document.getElementById('search-status').textContent.includes('result')")
+    shown = page.get_by_test_id("result").count()
+    assert shown > 0
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    page.get_by_test_id("query-image").set_input_files(str(bad))
+    page.get_by_test_id("error-message").wait_for(state="visible")
+    assert page.get_by_test_id("result").count() == shown  # the previous results stay
+    assert "previous search" in page.get_by_test_id("search-status").inner_text()
+    assert page.get_by_test_id("query-preview").is_hidden()  # no broken picture

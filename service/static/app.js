@@ -15,6 +15,14 @@
     preview: $("query-preview"),
     queryName: $("query-name"),
     topK: $("opt-top-k"),
+    rerankK: $("opt-rerank-k"),
+    lambda: $("opt-lambda"),
+    labels: $("opt-labels"),
+    regionPicker: $("region-picker"),
+    regionStage: $("region-stage"),
+    regionImage: $("region-image"),
+    regionBox: $("region-box"),
+    regionClear: $("region-clear"),
     s: $("opt-s"),
     marginals: $("opt-marginals"),
     searchButton: $("search-button"),
@@ -46,6 +54,7 @@
   const TIMING_STAGES = ["queue", "embed", "search", "rerank", "total"];
   let queryFile = null;
   let previewUrl = null;
+  let region = null; // [x0, y0, x1, y1] as fractions of the query's width and height, or null: all of it
   let searchSerial = 0; // answers to superseded searches are dropped
 
   // ---- messages -----------------------------------------------------------------------------
@@ -153,9 +162,71 @@
     els.preview.alt = `Query image ${file.name}`;
     els.preview.hidden = !file.type.startsWith("image/");
     els.queryName.textContent = file.name;
+    els.regionImage.src = previewUrl;
+    els.regionPicker.hidden = els.preview.hidden;
+    setRegion(null);
     els.searchButton.disabled = false;
     search();
   }
+
+  // A file the browser cannot show (not an image, or a format it does not read): no broken picture.
+  els.preview.addEventListener("error", () => {
+    if (!els.preview.getAttribute("src")) return;
+    els.preview.hidden = true;
+    els.regionPicker.hidden = true;
+    if (queryFile) els.queryName.textContent = `${queryFile.name} (no preview)`;
+  });
+
+  // ---- a region of the query ----------------------------------------------------------------
+
+  function setRegion(value) {
+    region = value;
+    els.regionBox.hidden = value === null;
+    els.regionClear.hidden = value === null;
+    if (value !== null) {
+      const [x0, y0, x1, y1] = value;
+      Object.assign(els.regionBox.style, {
+        left: `${100 * x0}%`, top: `${100 * y0}%`, width: `${100 * (x1 - x0)}%`, height: `${100 * (y1 - y0)}%`,
+      });
+    }
+  }
+
+  function fraction(event) {
+    const box = els.regionImage.getBoundingClientRect();
+    const clamp = (v) => Math.min(1, Math.max(0, v));
+    return [clamp((event.clientX - box.left) / box.width), clamp((event.clientY - box.top) / box.height)];
+  }
+
+  let dragStart = null;
+  els.regionStage.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    dragStart = fraction(event);
+    els.regionStage.setPointerCapture(event.pointerId);
+  });
+  els.regionStage.addEventListener("pointermove", (event) => {
+    if (!dragStart) return;
+    const [x, y] = fraction(event);
+    setRegion([Math.min(dragStart[0], x), Math.min(dragStart[1], y), Math.max(dragStart[0], x),
+      Math.max(dragStart[1], y)]);
+  });
+  els.regionStage.addEventListener("pointerup", (event) => {
+    if (!dragStart) return;
+    const [x, y] = fraction(event);
+    const box = [Math.min(dragStart[0], x), Math.min(dragStart[1], y), Math.max(dragStart[0], x),
+      Math.max(dragStart[1], y)];
+    dragStart = null;
+    // a click, or a sliver: not a region
+    if (box[2] - box[0] < 0.05 || box[3] - box[1] < 0.05) {
+      setRegion(null);
+      return;
+    }
+    setRegion(box);
+    search();
+  });
+  els.regionClear.addEventListener("click", () => {
+    setRegion(null);
+    search();
+  });
 
   els.fileInput.addEventListener("change", () => {
     if (els.fileInput.files && els.fileInput.files.length) setQuery(els.fileInput.files[0]);
@@ -192,6 +263,11 @@
     const data = new FormData();
     data.append("image", queryFile, queryFile.name);
     if (els.topK.value.trim()) data.append("top_k", els.topK.value.trim());
+    if (els.rerankK.value.trim()) data.append("rerank_k", els.rerankK.value.trim());
+    if (els.lambda.value.trim()) data.append("lambda", els.lambda.value.trim());
+    const labels = els.labels.value.split(",").map((x) => x.trim()).filter((x) => x);
+    if (labels.length) data.append("where", JSON.stringify({ label: labels }));
+    if (region) data.append("crop", region.map((v) => v.toFixed(4)).join(","));
     if (els.s.value.trim()) data.append("s", els.s.value.trim());
     if (els.marginals.value) data.append("marginals", els.marginals.value);
     return data;
@@ -210,8 +286,9 @@
       if (!response.ok) {
         const message = await readError(response);
         if (serial !== searchSerial) return;
-        clearResults();
-        els.status.textContent = "Search failed.";
+        // the previous results stay: a failed search takes nothing away
+        els.status.textContent = lastAnswer ? "Search failed; the results below are the previous search's." :
+          "Search failed.";
         showError(message);
         return;
       }
@@ -220,8 +297,8 @@
       renderAnswer(answer);
     } catch (err) {
       if (serial !== searchSerial) return;
-      clearResults();
-      els.status.textContent = "Search failed.";
+      els.status.textContent = lastAnswer ? "Search failed; the results below are the previous search's." :
+        "Search failed.";
       showError(`Could not reach the service: ${err.message}`);
     } finally {
       if (serial === searchSerial) {
@@ -229,17 +306,6 @@
         els.form.removeAttribute("aria-busy");
       }
     }
-  }
-
-  function clearResults() {
-    els.results.replaceChildren();
-    els.timings.replaceChildren();
-    els.timings.hidden = true;
-    els.empty.textContent = "Choose a query image to search the index.";
-    els.empty.hidden = false;
-    els.results.removeAttribute("data-query-id");
-    els.orderToggle.hidden = true;
-    lastAnswer = null;
   }
 
   function formatScore(value) {
