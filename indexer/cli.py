@@ -444,6 +444,7 @@ def _search(args) -> int:
     from .index_dir import IndexDir
     from .filters import parse as parse_filter
     from .loading import load_image
+    from .near_duplicates import near_duplicate_flags
     from .search import Searcher, SearchSettings
 
     where = parse_filter(args.where)
@@ -456,19 +457,20 @@ def _search(args) -> int:
         settings = SearchSettings(**{**values, "marginals": values["marginals"] or "auto"})
         if many:
             return _search_many(args, searcher, settings, where, index_dir)
-        result = searcher.search([image], settings, keep_plans=args.explain is not None, where=where)[0]
+        result = searcher.search([image], settings, keep_plans=True, where=where)[0]
         if args.explain is not None:
             _write_explanations(args.explain, image, result, index_dir, searcher.backbone.transform)
+        near = near_duplicate_flags(index_dir.manifest, searcher.backbone.random_weights, result)
     if args.json:
-        print(json.dumps(_result_json(result), indent=2))
+        print(json.dumps(_result_json(result, near), indent=2))
         return 0
-    _print_result(result, searcher)
+    _print_result(result, searcher, near)
     return 0
 
 
-def _result_json(result) -> dict:
+def _result_json(result, near: dict | None = None) -> dict:
     return {
-        "results": [h.__dict__ for h in result.hits],
+        "results": [{**h.__dict__, "near_duplicate": (near or {}).get(h.id)} for h in result.hits],
         "timings_ms": result.timings_ms,
         "settings": {SEARCH_PARAMS[k].public_name: v for k, v in result.settings.values().items()},
         "marginals": result.marginals,
@@ -482,6 +484,7 @@ def _search_many(args, searcher, settings, where, index_dir) -> int:
     from tqdm.auto import tqdm
 
     from .loading import ImageLoadError, load_image
+    from .near_duplicates import near_duplicate_flags
     from .sources import from_source
 
     records = from_source(args.image)
@@ -498,16 +501,17 @@ def _search_many(args, searcher, settings, where, index_dir) -> int:
                 except ImageLoadError as err:
                     failed += 1
                     _emit(args, {"query": rec.id, "path": rec.path, "error": f"{err.reason}: {err.message}"})
-            results = searcher.search(images, settings, keep_plans=args.explain is not None, where=where) if images else []
+            results = searcher.search(images, settings, keep_plans=True, where=where) if images else []
             for rec, image, result in zip(batch, images, results):
+                near = near_duplicate_flags(index_dir.manifest, searcher.backbone.random_weights, result)
                 if args.explain is not None:
                     _write_explanations(args.explain / _safe_name(rec.id), image, result, index_dir,
                                         searcher.backbone.transform)
                 if args.json:
-                    _emit(args, {"query": rec.id, "path": rec.path, **_result_json(result)})
+                    _emit(args, {"query": rec.id, "path": rec.path, **_result_json(result, near)})
                 else:
                     print(f"\n== {rec.id}")
-                    _print_result(result, searcher)
+                    _print_result(result, searcher, near)
             bar.update(len(records[start:start + args.batch_size]))
     finally:
         bar.close()
@@ -522,7 +526,7 @@ def _emit(args, line: dict) -> None:
         print(f"{line['query']}: {line.get('error')}", file=sys.stderr)
 
 
-def _print_result(result, searcher) -> None:
+def _print_result(result, searcher, near: dict | None = None) -> None:
     if result.random_weights:
         print("note: random weights: results are meaningless except for testing")
     st = result.settings
@@ -532,7 +536,7 @@ def _print_result(result, searcher) -> None:
     for h in result.hits:
         struct = "-" if h.structural_score is None else f"{h.structural_score:7.4f}"
         print(f"{h.rank_after:>5} {h.rank_before:>6}  {h.final_score:7.4f} {h.global_score:7.4f} {struct:>7}  "
-              f"{h.id} ({h.label})")
+              f"{h.id} ({h.label})" + ("  [near-duplicate]" if (near or {}).get(h.id) else ""))
     t = result.timings_ms
     print(f"embed {t['embed']:.1f} ms, search {t['search']:.1f} ms, rerank {t['rerank']:.1f} ms, total {t['total']:.1f} ms")
 

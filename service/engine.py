@@ -277,8 +277,9 @@ class Engine:
         self, data: bytes, suffix: str, image_id: str | None = None, label: str | None = None,
         metadata: dict[str, Any] | None = None, decoded: tuple[Any, tuple[int, int]] | None = None,
         thumbnail: bytes | None = None,
-    ) -> str:
-        """Store the upload under ``<index>/uploads/`` and index it; all or nothing. Returns the id.
+    ) -> tuple[str, list[tuple[str, float]]]:
+        """Store the upload under ``<index>/uploads/`` and index it; all or nothing. Returns the id, and the
+        indexed images it is a near-duplicate of (id, global cosine), best first.
 
         The file is written and indexed under the same lock as :meth:`remove_image` removes an image and
         then its file, so an indexed image always has its file. A failed add removes only a file it wrote.
@@ -311,6 +312,8 @@ class Engine:
                     raise ImageRejectedError(failure.reason, failure.message)
                 if report.added != 1:
                     raise RuntimeError(f"the indexer added {report.added} images instead of 1")
+                near = [(other, cosine) for new, other, cosine in report.near_duplicates if new == image_id]
+                near += [(first, 1.0) for dup, first in report.duplicates if dup == image_id]
             except BaseException:
                 if created and image_id not in index_dir.ids():
                     for file in (path, stored_thumbnail(path)):
@@ -321,7 +324,7 @@ class Engine:
                 self.searcher.refresh()
                 self._info = self.index_dir.info()
                 release_memory()  # the indexer decoded the image at full size
-        return image_id
+        return image_id, sorted(near, key=lambda pair: -pair[1])
 
     def remove_image(self, image_id: str) -> bool:
         """Remove one image (and its upload, if it came through the service); False if unknown.

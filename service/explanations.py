@@ -272,7 +272,7 @@ class ExplanationCache:
 
 
 def build_entry(query: Image.Image, outcome: Any, engine: Any,
-                near_threshold: float | None) -> QueryExplanations | None:
+                near: dict[str, bool | None]) -> QueryExplanations | None:
     """What the cache keeps of one search (``service.engine.SearchOutcome``); None without reranked hits."""
     result = outcome.result
     hits = [h for h in result.hits if h.id in result.plans]
@@ -295,7 +295,7 @@ def build_entry(query: Image.Image, outcome: Any, engine: Any,
             final_score=h.final_score, rank_before=h.rank_before, rank_after=h.rank_after,
             candidate_patches=cands.patch_features[i].to(torch.float16).numpy(),
             query_marginal=pair.query_mass.double().numpy(), candidate_marginal=pair.candidate_mass.double().numpy(),
-            near_duplicate=None if near_threshold is None else bool(h.global_score >= near_threshold),
+            near_duplicate=near.get(h.id),
         )
     return QueryExplanations(query, w_q, engine.grid, matches, model=engine.model, marginals=result.marginals,
                              s=settings.s, lam=settings.lam, scorer=settings.scorer, threshold=settings.threshold,

@@ -15,7 +15,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
 from indexer.filters import parse as parse_filter
-from indexer.near_duplicates import threshold_for
+from indexer.near_duplicates import near_duplicate_flags
 from indexer.search import SearchSettings
 from indexer.search_params import SEARCH_PARAMS
 from reranker.threads import single_threaded
@@ -25,7 +25,7 @@ from .errors import Forbidden, NotFound, Unauthorized, Unavailable, Unprocessabl
 from .explanations import PictureOptions, QueryExplanations, build_entry
 from .gallery_images import STORED_THUMBNAIL_PIXELS, gallery_image, thumbnail, thumbnail_of
 from .settings import Marginals, Scorer
-from .schemas import (ERRORS, Added, AppliedSettings, Explanation, IndexInfo, Removed, Result, SearchResponse, Status,
+from .schemas import (ERRORS, Added, AppliedSettings, Explanation, IndexInfo, NearDuplicate, Removed, Result, SearchResponse, Status,
                       renderable)
 from .state import ServiceState
 from .decoding import decode_bounded, decode_sized  # 503 + Retry-After when too many images are being decoded
@@ -180,31 +180,32 @@ async def search(
     except ValueError as err:
         raise Unprocessable(str(err)) from None
     query_id = secrets.token_hex(12)
-    entry = await off_loop(_remember, state, query_id, query, outcome)
+    near = await off_loop(_near_flags, engine, outcome.result)
+    entry = await off_loop(_remember, state, query_id, query, outcome, near)
     if explain and entry is not None:  # drawn from this request's own entry, at most EXPLAIN_PICTURES of them
         await off_loop(state.explanations.render_all, query_id, entry)
-    answer = _response(state, query_id, settings, resolved, outcome, offset)
+    answer = _response(state, query_id, settings, resolved, outcome, offset, near)
     answer.crop = None if region is None else list(region)
     return answer
 
 
-def _near_threshold(state: ServiceState) -> float | None:
-    engine = state.engine
-    return threshold_for(engine.model, engine.random_weights)
+def _near_flags(engine: Engine, result: Any) -> dict[str, bool | None]:
+    return near_duplicate_flags(engine.index_dir.manifest, engine.random_weights, result)
 
 
-def _remember(state: ServiceState, query_id: str, query: Any, outcome: SearchOutcome) -> QueryExplanations | None:
-    entry = build_entry(query, outcome, state.engine, _near_threshold(state))
+def _remember(state: ServiceState, query_id: str, query: Any, outcome: SearchOutcome,
+              near: dict[str, bool | None]) -> QueryExplanations | None:
+    entry = build_entry(query, outcome, state.engine, near)
     if entry is not None:
         state.explanations.put(query_id, entry)
     return entry
 
 
 def _response(state: ServiceState, query_id: str, settings: SearchSettings, marginals: str,
-              outcome: SearchOutcome, offset: int = 0) -> SearchResponse:
+              outcome: SearchOutcome, offset: int = 0, near: dict[str, bool | None] | None = None) -> SearchResponse:
     result = outcome.result
     results = []
-    near = _near_threshold(state)
+    near = near or {}
     page = result.hits[offset:offset + settings.top_k]
     full = len(page) == settings.top_k and offset + settings.top_k < MAX_OFFSET + MAX_PAGE
     for h in page:
@@ -217,7 +218,7 @@ def _response(state: ServiceState, query_id: str, settings: SearchSettings, marg
             explanation_url=f"/explanations/{query_id}/{uid}.png" if explained else None,
             explanation_json_url=f"/explanations/{query_id}/{uid}.json" if explained else None,
             structural_contribution=None if h.structural_score is None else settings.lam * h.structural_score,
-            near_duplicate=None if near is None else bool(h.global_score >= near),
+            near_duplicate=near.get(h.id),
         ))
     return SearchResponse(
         query_id=query_id, model=state.engine.model, random_weights=result.random_weights, marginals=marginals,
@@ -301,9 +302,9 @@ async def add_image(
     width, height = decoded.size
     thumb = thumbnail_of(decoded.image) if width * height >= STORED_THUMBNAIL_PIXELS else None
     # 409 for a known id, 400 when the indexer refuses the image (service.errors)
-    added = await off_loop(engine.add_image, data, file_suffix(decoded.format), image_id, label, meta,
-                           (decoded.image, decoded.size), thumb)
-    return Added(id=added, added=True)
+    added, near = await off_loop(engine.add_image, data, file_suffix(decoded.format), image_id, label, meta,
+                                 (decoded.image, decoded.size), thumb)
+    return Added(id=added, added=True, near_duplicates=[NearDuplicate(id=other, cosine=c) for other, c in near])
 
 
 @router.delete("/index/images/{image_id:path}", response_model=Removed, responses=ERRORS, tags=["index"],

@@ -66,8 +66,9 @@ class Result(BaseModel):
     structural_contribution: float | None = Field(
         None, description="lambda * structural_score: what the reranking added to the global score")
     near_duplicate: bool | None = Field(
-        None, description="global cosine above the backbone's measured near-duplicate threshold "
-                          "(null: no threshold measured for this backbone, or random weights)")
+        None, description="a near copy of the query (indexer.near_duplicates: the global cosine at the backbone's "
+                          "measured threshold, or a lower one with enough matched patches; null: nothing measured "
+                          "for this backbone, or random weights)")
 
 
 class SearchResponse(BaseModel):
@@ -145,9 +146,17 @@ class IndexInfo(BaseModel):
     bytes_per_image: float
 
 
+class NearDuplicate(BaseModel):
+    id: str
+    cosine: float = Field(description="global cosine (1 for the same bytes)")
+
+
 class Added(BaseModel):
     id: str
     added: bool
+    near_duplicates: list[NearDuplicate] = Field(
+        default_factory=list, description="indexed images this one copies: the same bytes, or a near-duplicate "
+        "(indexer.near_duplicates; empty where no threshold is measured for the backbone)")
 
 
 class Removed(BaseModel):

@@ -132,3 +132,90 @@ def test_search_flags_the_near_copy_of_the_query(real_index, near_copy_folder):
         assert {family[i] for i in flagged} == {Path(near_copy_folder["original"]).stem}, body["results"]
         hit = next(h for h in body["results"] if h["id"] == near_copy_folder["original"])
         assert client.get(hit["explanation_json_url"]).json()["near_duplicate"] is True
+
+
+def test_the_structural_rule_needs_both_the_cosine_and_the_patch_matches():
+    import torch
+
+    from indexer.manifest import Manifest
+    from indexer.near_duplicates import is_near_duplicate
+
+    def manifest(**kw):
+        base = dict(model=MODEL, weights="w", weights_source="pretrained", grid=16, global_dim=8, patch_dim=8,
+                    patch_weights="rollout", patch_layer=9)
+        return Manifest(**{**base, **kw})
+
+    torch.manual_seed(0)
+    patches = torch.nn.functional.normalize(torch.randn(256, 384), dim=-1)
+    other = torch.nn.functional.normalize(torch.randn(256, 384), dim=-1)
+    m = manifest()
+    assert is_near_duplicate(m, False, 0.99) is True  # the cosine alone
+    assert is_near_duplicate(m, False, 0.90) is False  # no patches given: the cosine rule
+    assert is_near_duplicate(m, False, 0.90, patches, patches) is True  # every patch matched
+    assert is_near_duplicate(m, False, 0.90, patches, other) is False
+    assert is_near_duplicate(m, False, 0.80, patches, patches) is False  # under the rule's cosine
+    assert is_near_duplicate(manifest(patch_layer=None, grid=7), False, 0.90, patches, patches) is False
+    assert is_near_duplicate(manifest(pca_dim=4), False, 0.90, patches, patches) is False
+    assert is_near_duplicate(m, True, 0.99) is None and is_near_duplicate(manifest(model="test_vit"), False, 1.0) is None
+
+
+@pytest.fixture(scope="module")
+def cropped_index(shared_data, real_weights, tmp_path_factory):
+    """Six distinct dresses and a 6 %-cropped copy of each, indexed with the default patch features."""
+    from indexer.build import IndexSpec, add_records, create_index
+    from indexer.sources import ImageRecord
+    from reranker.backbones import create_index_backbone
+    from reranker.defaults import default_model_kwargs
+
+    folder = tmp_path_factory.mktemp("cropped") / "photos"
+    folder.mkdir()
+    originals = sorted((shared_data / "clothing-small" / "validation" / "dress").glob("*.jpg"))[:6]
+    records = []
+    for p in originals:
+        shutil.copy(p, folder / p.name)
+        near_copies(Image.open(p))["cropped"].save(folder / f"{p.stem}-cropped.png")
+        records += [ImageRecord(str(folder / p.name), p.name, "dress"),
+                    ImageRecord(str(folder / f"{p.stem}-cropped.png"), f"{p.stem}-cropped.png", "dress")]
+    kwargs = default_model_kwargs(MODEL)
+    backbone = create_index_backbone(MODEL, str(real_weights), model_kwargs=kwargs)
+    index = tmp_path_factory.mktemp("cropped-index") / "index"
+    with create_index(index, backbone, IndexSpec(), kwargs) as gallery:
+        report = add_records(gallery, backbone, records, workers=0, progress=False)
+    return index, report, originals
+
+
+@pytest.mark.real_backbone
+@pytest.mark.shared
+@pytest.mark.slow
+def test_cropped_copies_are_found_by_their_patch_matches(cropped_index):
+    """A 6 % crop falls under the 0.98 cosine about six times in ten; the patch matches find it."""
+    _, report, originals = cropped_index
+    pairs = {frozenset(p[:2]): p[2] for p in report.near_duplicates}
+    expected = {frozenset((p.name, f"{p.stem}-cropped.png")) for p in originals}
+    assert set(pairs) <= expected, report.near_duplicates  # never two distinct dresses
+    assert len(set(pairs) & expected) >= 5, report.near_duplicates
+    assert any(c < threshold_for(MODEL) for c in pairs.values()), pairs  # found by structure, not the cosine
+
+
+@pytest.mark.real_backbone
+@pytest.mark.shared
+@pytest.mark.slow
+def test_an_add_answers_with_the_images_it_copies(cropped_index, tmp_path):
+    from service_support import copy_index, make_client
+
+    index, _, originals = cropped_index
+    folder = copy_index(index, tmp_path / "index")
+    buf = io.BytesIO()
+    near_copies(Image.open(originals[0]))["all"].save(buf, format="JPEG", quality=90)
+    with make_client(folder, api_key=None) as client:
+        r = client.post("/index/images", files={"image": ("copy.jpg", buf.getvalue(), "image/jpeg")},
+                        data={"id": "another-copy"})
+        assert r.status_code == 201, r.text
+        near = {n["id"] for n in r.json()["near_duplicates"]}
+        assert near <= {originals[0].name, f"{originals[0].stem}-cropped.png"}, r.json()
+        buf2 = io.BytesIO()
+        near_copies(Image.open(originals[1]))["cropped"].save(buf2, format="JPEG", quality=95)
+        body = client.post("/search", files={"image": ("q.jpg", buf2.getvalue(), "image/jpeg")},
+                           data={"top_k": "5"}).json()
+        flagged = {h["id"] for h in body["results"] if h["near_duplicate"]}
+        assert originals[1].name in flagged and flagged <= {originals[1].name, f"{originals[1].stem}-cropped.png"}

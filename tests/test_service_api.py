@@ -273,7 +273,7 @@ def test_add_search_serve_remove(own_index):
     reports = sorted((own_index / "reports").glob("*"))
     with make_client(own_index) as c:
         r = _add(c, red, id="red square", label="red", metadata='{"colour": "red", "n": 1}')
-        assert r.status_code == 201 and r.json() == {"id": "red square", "added": True}
+        assert r.status_code == 201 and r.json() == {"id": "red square", "added": True, "near_duplicates": []}
         assert c.get("/index").json()["images"] == 31
         hits = search(c, red, "q.png", "image/png", top_k=3).json()["results"]
         top = [h for h in hits if h["rank_before"] == 0][0]
