@@ -22,6 +22,16 @@ def small_gallery(shared_data, tmp_path_factory) -> tuple[Path, list[Path]]:
     return manifest, photos
 
 
+@pytest.fixture(scope="module")
+def tiny_index(small_gallery, tmp_path_factory) -> Path:
+    """The 30-photo gallery built once with the tiny random ViT, for the tests that only read it."""
+    manifest, _ = small_gallery
+    index = tmp_path_factory.mktemp("tiny") / "index"
+    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    return index
+
+
 def test_build_search_remove_add_verify(small_gallery, tmp_path):
     manifest, photos = small_gallery
     index = tmp_path / "index"
@@ -161,12 +171,8 @@ def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(small_gallery, tmp_pa
     assert [f["reason"] for f in failures] == ["invalid_text"]
 
 
-def test_index_info_reads_as_text_not_python_reprs(small_gallery, tmp_path):
-    manifest, _ = small_gallery
-    index = tmp_path / "index"
-    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
-            "--no-progress", "--workers", "0")
-    text = run_cli("index", "info", str(index)).stdout
+def test_index_info_reads_as_text_not_python_reprs(tiny_index):
+    text = run_cli("index", "info", str(tiny_index)).stdout
     assert "images: 30" in text and "model: test_vit" in text
     assert "None" not in text and "{" not in text and "True" not in text and "False" not in text
     floats = [w for w in text.replace(",", " ").split() if "." in w and w.replace(".", "").isdigit()]
@@ -197,13 +203,11 @@ def test_index_add_keeps_the_indexs_labelling_rule(small_gallery, tmp_path):
     assert "warning: 2 of the 2 new images have no label" in out.stderr
 
 
-def test_search_a_folder_as_json_lines(small_gallery, tmp_path):
+def test_search_a_folder_as_json_lines(small_gallery, tiny_index, tmp_path):
     import shutil
 
     manifest, photos = small_gallery
-    index = tmp_path / "index"
-    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
-            "--no-progress", "--workers", "0")
+    index = tiny_index
     queries = tmp_path / "queries"
     queries.mkdir()
     for p in photos[:5]:
@@ -223,16 +227,13 @@ def test_search_a_folder_as_json_lines(small_gallery, tmp_path):
     assert any(h["path"] == str(photos[0]) and h["rank_before"] == 0 for h in first)  # itself (a hat), first by cosine
 
 
-def test_export_writes_every_image_with_its_vector_and_metadata(small_gallery, tmp_path):
+def test_export_writes_every_image_with_its_vector_and_metadata(tiny_index, tmp_path):
     import numpy as np
     import pyarrow.parquet as pq
 
     from indexer import open_index
 
-    manifest, _ = small_gallery
-    index = tmp_path / "index"
-    run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
-            "--no-progress", "--workers", "0")
+    index = tiny_index
     out = tmp_path / "gallery.parquet"
     assert "wrote 30 images" in run_cli("index", "export", str(index), "--out", str(out)).stdout
     table = pq.read_table(out)
