@@ -145,6 +145,13 @@ def search_param_of(index: faiss.Index) -> tuple[str | None, list[int]]:
 
 def exact_top_k(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
     """Ids ``(Q, k)`` of the exact inner-product top ``k``, streaming over ``(ids, vectors)`` chunks."""
+    return exact_search(queries, chunks, k)[1]
+
+
+def exact_search(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids ``(Q, k)`` of the exact inner-product top ``k``, best first, streaming over
+    ``(ids, vectors)`` chunks; id -1 where fewer than ``k`` exist."""
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for ids, vectors in chunks:
         kk = min(k, len(ids))
@@ -154,7 +161,7 @@ def exact_top_k(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarr
                                 metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(scores, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1))
     heap.finalize()
-    return heap.I
+    return heap.D, heap.I
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: int) -> float:

@@ -19,6 +19,7 @@ from .embedding import embed_pil_images
 from .calibration import Calibration
 from .filters import Filter
 from .gallery import Gallery
+from .index_plan import exact_search
 from .search_params import DEFAULT_MARGINALS, PRESETS, SEARCH_PARAMS, features_preset, rerank_options, resolve
 
 
@@ -240,21 +241,10 @@ class Searcher:
     def _search_within(self, queries: torch.Tensor, k: int, allowed: np.ndarray,
                        chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
         """Exact top ``k`` by cosine among the ``allowed`` FAISS ids (their stored vectors, ``chunk`` at a time):
-        scores and ids ``(Q, k)``, best first, padded with -inf / -1 as FAISS pads."""
-        Q = queries.shape[0]
-        best_s = torch.full((Q, 0), -float("inf"))
-        best_i = torch.zeros((Q, 0), dtype=torch.long)
-        q = queries.detach().float().cpu()
-        for start in range(0, len(allowed), chunk):
-            ids = allowed[start:start + chunk]
-            sims = q @ torch.from_numpy(self.index_dir.global_vectors(ids)).T  # (Q, c)
-            s = torch.cat([best_s, sims], dim=1)
-            i = torch.cat([best_i, torch.from_numpy(ids)[None].expand(Q, -1)], dim=1)
-            top = torch.topk(s, min(k, s.shape[1]), dim=1)
-            best_s, best_i = top.values, i.gather(1, top.indices)
-        pad = k - best_s.shape[1]
-        scores = torch.nn.functional.pad(best_s, (0, pad), value=-float("inf")).numpy()
-        ids = torch.nn.functional.pad(best_i, (0, pad), value=-1).numpy()
+        scores and ids ``(Q, k)``, best first, id -1 where fewer exist (as FAISS pads)."""
+        parts = (allowed[start:start + chunk] for start in range(0, len(allowed), chunk))
+        chunks = ((ids, self.index_dir.global_vectors(ids)) for ids in parts)
+        scores, ids = exact_search(queries.detach().float().cpu().numpy(), chunks, k)
         return scores.astype(np.float32), ids
 
     def _candidates(self, scores: np.ndarray, ids: np.ndarray, rerank_k: int) -> "_Candidates":
