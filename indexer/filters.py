@@ -47,7 +47,7 @@ class Filter:
 
 def parse(text: str | dict[str, Any] | None) -> Filter | None:
     """A filter from its JSON text (or parsed object); None for none. ValueError says what is wrong."""
-    if text is None or text == "" or text == {}:
+    if text is None or text == "":
         return None
     value = json.loads(text) if isinstance(text, str) else text
     if not isinstance(value, dict):
