@@ -86,14 +86,12 @@ def matched_share(query_patches, candidate_patches, tau: float) -> float:
 def near_duplicate_flags(manifest, random_weights: bool, result) -> dict[str, bool | None]:
     """Each hit's flag in a search result (:class:`indexer.search.QueryResult`): :func:`is_near_duplicate`
     with the patches of the query and of each hit the search kept (``keep_plans``), else by the cosine."""
-    kept = set(result.candidate_ids)
     query_patches = None if result.query is None else result.query.patch_features
-    flags = {}
-    for h in result.hits:
-        patches = (result.candidates_of([h.id]).patch_features[0]
-                   if h.id in kept and query_patches is not None else None)
-        flags[h.id] = is_near_duplicate(manifest, random_weights, h.global_score, query_patches, patches)
-    return flags
+    candidates = set(result.candidate_ids) if query_patches is not None else set()
+    kept = [h.id for h in result.hits if h.id in candidates]
+    patches = dict(zip(kept, result.candidates_of(kept).patch_features)) if kept else {}  # one gather
+    return {h.id: is_near_duplicate(manifest, random_weights, h.global_score, query_patches, patches.get(h.id))
+            for h in result.hits}
 
 
 def is_near_duplicate(manifest, random_weights: bool, cosine: float, query_patches=None,
