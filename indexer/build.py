@@ -27,6 +27,12 @@ from .manifest import IndexMismatchError, Manifest
 from .metadata import ImageRow, now_iso
 from .near_duplicates import finder_for
 from .sources import ImageRecord
+from .stages import Stages, begin, skip
+
+#: The stages of ``index build`` / ``index add``, in order (:class:`indexer.stages.Stages`); the command
+#: announces the first two, :func:`add_records` the rest.
+BUILD_STAGES = ("load the model", "list the images", "embed and store", "train the global index",
+                "find near-duplicates")
 
 
 @dataclass
@@ -210,12 +216,14 @@ def add_records(
     progress: bool = True,
     save_report: bool = True,
     decoded: Mapping[str, PreDecoded] | None = None,
+    stages: Stages | None = None,
 ) -> BuildReport:
     """Embed and commit every record whose id the index does not hold yet.
 
     With ``save_report`` the report is also written to ``DIR/reports/`` (a build's record;
     single-image adds, such as the service's, pass False). ``decoded``: images decoded already, by path
     (:data:`indexer.embedding.PreDecoded`; the service's adds: it decoded the upload within its bounds).
+    ``stages``: announces :data:`BUILD_STAGES` from "embed and store" on (a command's ``stage i of n``).
     """
     start = time.perf_counter()
     report = BuildReport(duplicates_skipped=skip_duplicates)
@@ -247,6 +255,8 @@ def add_records(
         pending_copies.clear()
 
     kind = index_dir.manifest.patch_weights
+    begin(stages, "embed and store", f"{len(todo)} new images" + (
+        f" ({report.already_indexed} indexed already)" if report.already_indexed else ""))
     for batch in embed_records(
         backbone, todo, kinds=(kind,), batch_size=batch_size,
         workers=workers, limits=limits, progress=progress, decoded=decoded,
@@ -276,13 +286,19 @@ def add_records(
             flush()
     flush()
     if not index_dir.trained and len(index_dir):
+        begin(stages, "train the global index", f"{len(index_dir)} images")
         index_dir.train()
-    elif report.added and (notice := index_dir.retrain_if_outgrown()):
-        report.notices.append(notice)
+    else:
+        begin(stages, "train the global index", "trained already; checking whether it has outgrown its training")
+        if report.added and (notice := index_dir.retrain_if_outgrown()):
+            report.notices.append(notice)
     if report.added and (notice := index_dir.codes_notice()):
         report.notices.append(notice)
     if near:
+        begin(stages, "find near-duplicates", f"among {report.added} new images")
         report.near_duplicates = near.finish()
+    else:
+        skip(stages, "find near-duplicates", "no threshold is measured for this backbone and weights")
     report.seconds = time.perf_counter() - start
     if not save_report:
         return report

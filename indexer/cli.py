@@ -254,13 +254,23 @@ def _records_for(index_dir, args):
     return records
 
 
-def _run_add(index_dir, backbone, args) -> int:
+def _stages(args):
+    from .build import BUILD_STAGES
+    from .stages import Stages
+
+    return Stages(BUILD_STAGES, enabled=not args.no_progress)
+
+
+def _run_add(index_dir, backbone, args, stages) -> int:
     from .build import add_records
 
+    stages.begin("list the images", str(args.source))
     report = add_records(
         index_dir, backbone, _records_for(index_dir, args), batch_size=args.batch_size, workers=args.workers,
         commit_every=args.commit_every, skip_duplicates=args.skip_duplicates, progress=not args.no_progress,
+        stages=stages,
     )
+    stages.finish()
     _print_report(report)
     return 0
 
@@ -274,6 +284,8 @@ def _build(args) -> int:
     if args.ray is not None or args.shards is not None:
         return _build_sharded(args)
     device = _device(args.device)
+    stages = _stages(args)
+    stages.begin("load the model", args.model if not (args.dir / "manifest.json").exists() else "the index's")
     if (args.dir / "manifest.json").exists():
         index_dir = IndexDir.open(args.dir)
         index_dir.manifest.check_compatible(args.model, None)
@@ -288,7 +300,7 @@ def _build(args) -> int:
     if backbone.random_weights:
         print("note: random weights: results are meaningless except for testing", file=sys.stderr)
     with index_dir:
-        return _run_add(index_dir, backbone, args)
+        return _run_add(index_dir, backbone, args, stages)
 
 
 def _build_sharded(args) -> int:
@@ -338,8 +350,10 @@ def _add(args) -> int:
     from .build import backbone_for
     from .index_dir import IndexDir
 
+    stages = _stages(args)
     with IndexDir.open(args.dir) as index_dir:
-        return _run_add(index_dir, backbone_for(index_dir.manifest, _device(args.device), args.weights), args)
+        stages.begin("load the model", index_dir.manifest.model)
+        return _run_add(index_dir, backbone_for(index_dir.manifest, _device(args.device), args.weights), args, stages)
 
 
 def _remove(args) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,24 @@ def test_the_duplicates_report(small_gallery, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "d.csv")))
     assert [r["kind"] for r in rows] == ["exact", "near"]
     assert len(list((tmp_path / "pics").glob("*.png"))) == 2
+
+
+def test_index_build_and_add_announce_their_stages(small_gallery, tmp_path):
+    """Issue 23: a long command says ``[i/n] stage`` (on stderr, so stdout stays the result)."""
+    from indexer.build import BUILD_STAGES
+
+    manifest, _ = small_gallery
+    index = tmp_path / "index"
+    built = run_cli("index", "build", str(index), "--from", str(manifest), "--model", "test_vit", "--weights", "random",
+                    "--workers", "0")
+    stage_lines = [line for line in built.stderr.splitlines() if re.match(r"\[\d/\d\] ", line)]
+    assert [line.split(":")[0] for line in stage_lines] == [
+        f"[{k + 1}/{len(BUILD_STAGES)}] {name}" for k, name in enumerate(BUILD_STAGES)]
+    assert "embed and store: 30 new images" in built.stderr and "done in" in built.stderr
+    assert "added 30 images" in built.stdout  # the result stays on stdout
+
+    added = run_cli("index", "add", str(index), "--from", str(manifest), "--workers", "0")
+    assert "[3/5] embed and store: 0 new images (30 indexed already)" in added.stderr
+    assert "[4/5] train the global index: trained already" in added.stderr
+    quiet = run_cli("index", "add", str(index), "--from", str(manifest), "--no-progress", "--workers", "0")
+    assert "[1/5]" not in quiet.stderr

@@ -16,7 +16,6 @@ On corridor it also measures how readable the 7 x 7 OT explanations are
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -139,14 +138,19 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
                            "weights": weights, "device": str(device),
                            "presets": {name: {**preset_patches(name), **PRESETS[name]} for name in PRESETS},
                            "sets": {}}
+    from indexer.stages import Stages
+
+    runs = feature_runs()
+    stages = Stages([f"{name}, patches {label}" for name, _, _ in SETS for label in runs]
+                    + (["corridor, spatial consistency"] if consistency else []))
     start = time.perf_counter()
     for name, loader, folder in SETS:
         root = data / folder
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is missing: bench quality needs the shared photos (--data)")
         docs = {}
-        for label, patches in feature_runs().items():
-            print(f"[bench quality] {name}, patches {label}...", file=sys.stderr)
+        for label, patches in runs.items():
+            stages.begin(f"{name}, patches {label}")
             settings = EvalSettings(
                 dataset=loader, root=str(root), model=DEFAULT_MODEL, weights=weights,
                 model_kwargs=default_model_kwargs(DEFAULT_MODEL), grids=[patches["grid"]],
@@ -159,10 +163,12 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
         out["preprocessing"] = first["settings"]["preprocessing"]
         out["sets"][name] = set_summary(docs)
         if name == "corridor" and consistency:
+            stages.begin("corridor, spatial consistency")
             t0 = time.perf_counter()
             out["spatial_consistency"] = corridor_consistency(root, weights, device, cache or default_cache_dir(),
                                                               MARGINALS, list(S_GRID))
             out["spatial_consistency"]["seconds"] = time.perf_counter() - t0
+    stages.finish()
     out["seconds"] = time.perf_counter() - start
     return out
 
