@@ -266,6 +266,7 @@ class Engine:
                     "embed": result.timings_ms["embed"],
                     "search": result.timings_ms["search"],
                     "rerank": result.timings_ms["rerank"],
+                    **{k: result.timings_ms[k] for k in ("gather", "structural", "final") if k in result.timings_ms},
                     "total": (done - job.enqueued) * 1e3,
                 }
                 if self.metrics:

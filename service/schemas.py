@@ -29,7 +29,10 @@ class Timings(BaseModel):
     queue: float
     embed: float
     search: float
-    rerank: float
+    rerank: float = Field(description="gather + structural + final")
+    gather: float | None = Field(None, description="reading the candidates' rows and stored patch features")
+    structural: float | None = Field(None, description="the structural scorer, the fusion and the sort")
+    final: float | None = Field(None, description="building the hits")
     total: float
 
 

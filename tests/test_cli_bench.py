@@ -72,3 +72,27 @@ def test_bench_sinkhorn_solvers_agree_with_pot_and_anderson_needs_fewer_iteratio
         if s == 1.0:
             classic = sinkhorn(S, a, b, eps=EPS, s=s, omega=1.0, max_iter=first, tol=0.0, check_every=first)
             assert float((classic.sigma.double() - ref).abs().max()) > 1e-4
+
+
+@pytest.mark.shared
+def test_bench_search_times_every_stage_beside_the_bare_forward(shared_data, tmp_path):
+    """Issue 25: one table of a query's stages, each a ratio of the bare forward, HTTP beside in process."""
+    photos = sorted((shared_data / "clothing-small" / "test").glob("*/*.jpg"))[::12][:24]
+    listing = tmp_path / "gallery.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in photos))
+    index = tmp_path / "index"
+    run_cli("index", "build", str(index), "--from", str(listing), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0")
+    out = run_cli("bench", "search", "--index", str(index), "--data", str(shared_data), "--queries", "3",
+                  "--rerank-k", "8", "--json")
+    r = json.loads(out.stdout)
+    assert r["images"] == 24 and r["queries"] == 3 and r["settings"]["rerank_k"] == 8
+    stages = r["stages"]
+    assert {"decode", "queue", "embed", "search", "gather", "structural", "final", "in process", "HTTP",
+            "(preprocess, in embed)"} == set(stages)
+    assert all(v["p95"] >= v["p50"] > 0 for v in stages.values())
+    bare = r["bare_forward"]["p50"]
+    assert all(abs(r["ratio_to_bare_forward_p50"][k] - v["p50"] / bare) < 1e-9 for k, v in stages.items())
+    # the end to end time holds its parts: each query's in-process time is at least its embed
+    assert stages["in process"]["p50"] >= stages["embed"]["p50"] and stages["HTTP"]["p50"] > 0
+    assert r["goals"]["http_vs_in_process_p50"] == pytest.approx(stages["HTTP"]["p50"] / stages["in process"]["p50"])

@@ -86,7 +86,9 @@ def test_search_matches_the_library(client, index_dir, photos):
     # a 7 x 7 final-grid index: unset parameters take the preset measured on those features (ot-tuned)
     assert body["settings"] == {"top_k": 8, "rerank_k": 12, "scorer": "ot", "threshold": default("threshold"),
                                 "s": 0.9, "lambda": 0.5, "marginals": "crosscorr", "eps": 0.05, "calibrated": False}
-    assert set(body["timings_ms"]) == {"queue", "embed", "search", "rerank", "total"}
+    assert set(body["timings_ms"]) == {"queue", "embed", "search", "rerank", "gather", "structural", "final", "total"}
+    t = body["timings_ms"]
+    assert t["rerank"] == pytest.approx(t["gather"] + t["structural"] + t["final"], abs=0.01)
     t = body["timings_ms"]
     assert all(v >= 0 for v in t.values()) and t["total"] >= t["embed"] + t["search"]
     hits = body["results"]

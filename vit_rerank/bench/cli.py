@@ -9,7 +9,7 @@ from pathlib import Path
 from reranker.device import add_device_argument
 
 #: Benchmark modules with their own ``add_parser``, in help order.
-BENCH_MODULES = ("serve", "quality", "structural", "ray", "scale", "codes", "sinkhorn")
+BENCH_MODULES = ("search", "serve", "quality", "structural", "ray", "scale", "codes", "sinkhorn")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
