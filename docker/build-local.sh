@@ -136,7 +136,17 @@ user=$(podman image inspect --format '{{.Config.User}}' "$TAG")
 [ -n "$user" ] && [ "$user" != root ] && [ "$user" != 0 ] || { echo "FAIL: the image runs as root" >&2; exit 1; }
 
 mnt=$(podman image mount "$TAG")
-trap 'podman image unmount "$TAG" >/dev/null 2>&1 || true' EXIT
+# The mounted image is read-only: its /tmp and the user's home get writable tmpfs (torch writes to the
+# temporary folder as soon as it is imported), as a container's own writable layer would give them.
+extra_mounts=()
+cleanup() {
+    set +e
+    if [ -n "${server_pid:-}" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    for ((i=${#extra_mounts[@]}-1; i>=0; i--)); do umount -R "${extra_mounts[$i]}" 2>/dev/null || umount -l "${extra_mounts[$i]}"; done
+    podman image unmount "$TAG" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+for d in tmp home/vitrerank; do mount -t tmpfs -o mode=1777 tmpfs "$mnt/$d"; extra_mounts+=("$mnt/$d"); done
 in_image() {  # run a command inside the mounted image as its user, with the image's PATH
     chroot --userspec="$user:$user" "$mnt" /usr/bin/env -i HOME=/home/vitrerank \
         PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin HF_HUB_OFFLINE=1 "$@"
@@ -155,22 +165,14 @@ echo "--- vit-rerank serve --help"
 in_image vit-rerank serve --help
 
 # ---- 5. smoke test: the service inside the image ----------------------------------------------
-# podman cannot start containers here (crun may not set rlimits in this sandbox), so the image's
-# own files are run with chroot: the demo gallery with random weights, on writable tmpfs folders.
+# The image's own files run with chroot, which needs no container runtime: the demo gallery with random
+# weights, on writable tmpfs folders. tests/test_container.py (make test-container) runs the image as a
+# real container (podman run, compose's volumes, the real backbone).
 if [ "$SMOKE" = 1 ]; then
     step "smoke test: vit-rerank serve --demo --weights random inside the image"
-    extra_mounts=()
-    for d in tmp home/vitrerank; do mount -t tmpfs -o mode=1777 tmpfs "$mnt/$d"; extra_mounts+=("$mnt/$d"); done
     # rslave: unmounting the copy afterwards must not propagate to this host's /dev.
     mount --rbind /dev "$mnt/dev"; mount --make-rslave "$mnt/dev"; extra_mounts+=("$mnt/dev")
     mount -t proc proc "$mnt/proc"; extra_mounts+=("$mnt/proc")
-    cleanup() {
-        set +e
-        if [ -n "${server_pid:-}" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-        for ((i=${#extra_mounts[@]}-1; i>=0; i--)); do umount -R "${extra_mounts[$i]}" 2>/dev/null || umount -l "${extra_mounts[$i]}"; done
-        podman image unmount "$TAG" >/dev/null 2>&1 || true
-    }
-    trap cleanup EXIT
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     in_image_exec vit-rerank serve --demo --weights random --device cpu --host 127.0.0.1 --port "$port" \
         --no-progress --log-level warning > "$CACHE/smoke-server.log" 2>&1 &
