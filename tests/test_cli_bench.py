@@ -96,3 +96,51 @@ def test_bench_search_times_every_stage_beside_the_bare_forward(shared_data, tmp
     # the end to end time holds its parts: each query's in-process time is at least its embed
     assert stages["in process"]["p50"] >= stages["embed"]["p50"] and stages["HTTP"]["p50"] > 0
     assert r["goals"]["http_vs_in_process_p50"] == pytest.approx(stages["HTTP"]["p50"] / stages["in process"]["p50"])
+
+
+def test_busy_processes_load_the_machine_and_end_with_the_block_or_their_parent():
+    """``bench search --load N``'s busy processes: running inside the block, gone after it, and gone by
+    themselves when the benchmark that started them is killed (no stray load left behind)."""
+    import subprocess
+    import sys
+    import time
+
+    from vit_rerank.bench.load import busy_processes
+
+    def busy_count() -> int:
+        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        return sum("os.getppid()" in line and "-c" in line for line in out.splitlines())
+
+    before = busy_count()
+    with busy_processes(2, limit_s=60):
+        time.sleep(0.5)
+        assert busy_count() == before + 2
+    assert busy_count() == before
+    orphaning = ("import sys, time\nsys.path[:0] = " + repr(sys.path) + "\nfrom vit_rerank.bench.load import busy_processes\n"
+                 "load = busy_processes(1, limit_s=60)\nload.__enter__()\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", orphaning])
+    deadline = time.monotonic() + 30
+    while busy_count() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert busy_count() == before + 1
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while busy_count() > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert busy_count() == before
+
+
+def test_commands_run_torch_with_passive_openmp_waits_unless_told():
+    """Every ``vit-rerank`` process makes torch's OpenMP workers sleep between parallel regions (libgomp's
+    spinning default collapses on a loaded machine); a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import vit_rerank, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    assert subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                          text=True, check=True).stdout.strip() == "ACTIVE"

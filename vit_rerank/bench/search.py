@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import torch
 
 from reranker.device import add_device_argument
 
+from .load import busy_processes
 from .timing import percentiles
 
 #: The issue's goals on this CPU (shipped default, K = 100).
@@ -119,14 +121,11 @@ def _http_ms(index: Path, device: str, payloads: list[bytes], form: dict[str, st
 
 
 def run(index: Path | None, data: Path, weights: str, device_name: str, queries: int, gallery: int | None,
-        rerank_k: int, http: bool, as_json: bool) -> dict:
-    """Measure every stage of ``queries`` single-image searches; print the table (or JSON)."""
-    from indexer.search import SearchSettings
+        rerank_k: int, http: bool, as_json: bool, load: int = 0) -> dict:
+    """Measure every stage of ``queries`` single-image searches; print the table (or JSON). ``load``: that
+    many busy processes run beside the measurement (:func:`vit_rerank.bench.load.busy_processes`)."""
     from reranker.device import resolve_device
     from reranker.threads import run_on_own_thread
-    from service.decoding import decode_sized
-    from service.engine import Engine
-    from service.settings import ServiceSettings
 
     device = resolve_device(device_name)
     photos = _photos(data, None)
@@ -139,36 +138,49 @@ def run(index: Path | None, data: Path, weights: str, device_name: str, queries:
             t = time.perf_counter()
             index = run_on_own_thread(lambda: _build_index(Path(tmp), chosen, weights, device.type))
             print(f"[bench search] indexed in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        engine = Engine.open(ServiceSettings(index=index, device=device.type, queue_size=8)).start()
-        settings = SearchSettings(top_k=10, rerank_k=rerank_k)
-        stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "in process")}
-        try:
-            info = engine.info()
-            for k in range(-2, len(payloads)):  # two warm-up queries
-                t0 = time.perf_counter()
-                decoded = decode_sized(payloads[k % len(payloads)], "image/jpeg", engine)
-                t1 = time.perf_counter()
-                outcome = engine.search(decoded.image, settings, timeout=120)
-                t2 = time.perf_counter()
-                if k < 0:
-                    continue
-                stages["decode"].append((t1 - t0) * 1e3)
-                for name in STAGES[1:]:
-                    stages[name].append(outcome.timings_ms.get(name, float("nan")))
-                stages["in process"].append((t2 - t0) * 1e3)
-            images = [decode_sized(p, "image/jpeg", engine).image for p in payloads]
-            backbone = engine.searcher.backbone
-            effective = engine.searcher.effective(settings)
-        finally:
-            engine.close()
-        # the peer, in the engine's conditions: a thread of its own with the engine's torch threads
-        bare = run_on_own_thread(lambda: _bare_forward_ms(backbone, images, len(images)), engine.torch_threads)
-        preprocess = _preprocess_ms(backbone, images)
-        form = {"top_k": "10", "rerank_k": str(rerank_k)}
-        http_ms = _http_ms(index, device.type, payloads, form, Path(tmp) / "server.log") if http else []
-    summary = _summary(info, device, effective, stages, bare, preprocess, http_ms)
+        with busy_processes(load):
+            summary = _measure(index, device, payloads, rerank_k, http, Path(tmp))
+    summary["busy_processes"] = load
     print(json.dumps(summary, indent=2) if as_json else format_table(summary))
     return summary
+
+
+def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k: int, http: bool, tmp: Path) -> dict:
+    """The stages in process (the engine, as the service runs it), the bare forward and the HTTP side."""
+    from indexer.search import SearchSettings
+    from reranker.threads import run_on_own_thread
+    from service.decoding import decode_sized
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine.open(ServiceSettings(index=index, device=device.type, queue_size=8)).start()
+    settings = SearchSettings(top_k=10, rerank_k=rerank_k)
+    stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "in process")}
+    try:
+        info = engine.info()
+        for k in range(-2, len(payloads)):  # two warm-up queries
+            t0 = time.perf_counter()
+            decoded = decode_sized(payloads[k % len(payloads)], "image/jpeg", engine)
+            t1 = time.perf_counter()
+            outcome = engine.search(decoded.image, settings, timeout=120)
+            t2 = time.perf_counter()
+            if k < 0:
+                continue
+            stages["decode"].append((t1 - t0) * 1e3)
+            for name in STAGES[1:]:
+                stages[name].append(outcome.timings_ms.get(name, float("nan")))
+            stages["in process"].append((t2 - t0) * 1e3)
+        images = [decode_sized(p, "image/jpeg", engine).image for p in payloads]
+        backbone = engine.searcher.backbone
+        effective = engine.searcher.effective(settings)
+    finally:
+        engine.close()
+    # the peer, in the engine's conditions: a thread of its own with the engine's torch threads
+    bare = run_on_own_thread(lambda: _bare_forward_ms(backbone, images, len(images)), engine.torch_threads)
+    preprocess = _preprocess_ms(backbone, images)
+    form = {"top_k": "10", "rerank_k": str(rerank_k)}
+    http_ms = _http_ms(index, device.type, payloads, form, tmp / "server.log") if http else []
+    return _summary(info, device, effective, stages, bare, preprocess, http_ms)
 
 
 def _summary(info, device, effective, stages, bare, preprocess, http_ms) -> dict:
@@ -183,6 +195,7 @@ def _summary(info, device, effective, stages, bare, preprocess, http_ms) -> dict
         "model": info["model"], "weights": info["weights"], "images": info["images"], "device": str(device),
         "settings": {k: v for k, v in effective.values().items() if v is not None},
         "queries": len(stages["decode"]), "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"),
         "bare_forward": percentiles(bare),
         "stages": rows,
         "ratio_to_bare_forward_p50": {name: r["p50"] / bare_p50 for name, r in rows.items()},
@@ -199,6 +212,8 @@ def format_table(summary: dict) -> str:
     bare = s["bare_forward"]
     lines = [f"one query at a time: {s['model']} ({s['weights']}), {s['images']} images, {s['device']}, "
              f"{s['queries']} queries; settings {s['settings']}",
+             f"torch threads {s['torch_threads']}, OMP_WAIT_POLICY {s['omp_wait_policy']}, "
+             f"{s['busy_processes']} busy processes beside it",
              f"{'stage':<26} {'p50 ms':>8} {'p95 ms':>8} {'÷ bare forward':>15}",
              f"{'bare forward (the peer)':<26} {bare['p50']:>8.1f} {bare['p95']:>8.1f} {1.0:>14.2f}x"]
     for name, r in rows.items():
@@ -227,6 +242,8 @@ def add_parser(which) -> None:
     p.add_argument("--queries", type=int, default=40, help="timed queries")
     p.add_argument("--rerank-k", type=int, default=100)
     p.add_argument("--no-http", action="store_true", help="skip the HTTP side")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="measure on a loaded machine: N busy processes run beside it")
     p.add_argument("--quick", action="store_true", help="CI: 150 gallery photos, 8 queries")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(handler=_run_from_args)
@@ -234,5 +251,5 @@ def add_parser(which) -> None:
 
 def _run_from_args(a) -> int:
     run(a.index, a.data, a.weights or default_weights(), a.device, 8 if a.quick else a.queries,
-        150 if a.quick else None, a.rerank_k, not a.no_http, a.json)
+        150 if a.quick else None, a.rerank_k, not a.no_http, a.json, a.load)
     return 0
