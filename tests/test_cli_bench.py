@@ -144,3 +144,25 @@ def test_commands_run_torch_with_passive_openmp_waits_unless_told():
                           check=True).stdout.strip() == "PASSIVE"
     assert subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
                           text=True, check=True).stdout.strip() == "ACTIVE"
+
+
+def test_every_bench_has_quick_and_it_keeps_what_the_user_set(monkeypatch):
+    """Issue 25: ``--quick`` on every benchmark (CI and smoke runs); it shrinks only the sizes left at their
+    defaults."""
+    import vit_rerank.bench.ot as bench_ot
+    from vit_rerank.cli import build_parser
+
+    parser = build_parser()
+    bench = next(a for a in parser._subparsers._group_actions[0].choices["bench"]._actions
+                 if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name, sub in bench.choices.items():
+        assert any("--quick" in a.option_strings for a in sub._actions), f"bench {name} has no --quick"
+    seen = {}
+    monkeypatch.setattr(bench_ot, "run", lambda *a, **k: seen.update(args=a, kwargs=k))
+    args = parser.parse_args(["bench", "ot", "--quick", "--repeats", "5"])
+    args.handler(args)
+    assert seen["args"][1] == 5  # the user's --repeats stays
+    assert seen["kwargs"]["batch_queries"] == 8 and seen["kwargs"]["per_pair_sample"] == 4
+    args = parser.parse_args(["bench", "ot"])
+    args.handler(args)
+    assert seen["args"][1] == 20 and seen["kwargs"]["batch_queries"] == 64 and seen["kwargs"]["per_pair_sample"] == 10

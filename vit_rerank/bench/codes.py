@@ -24,7 +24,7 @@ import torch
 
 from indexer.search_params import SHIPPED, preset, preset_patches
 
-from .quality import DEFAULT_DATA, SETS, preset_structural, preset_variant
+from .quality import DEFAULT_DATA, add_sets_argument, preset_structural, preset_variant, selected_sets
 from .report import report_handler
 
 SPECS = ("pq8", "pq16", "pq32")
@@ -40,6 +40,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", default=SHIPPED, help=f"comma list of presets sharing one patch configuration "
                    f"(default {SHIPPED}; e.g. ot-tuned,paper for the 7 x 7 final grid)")
     p.add_argument("--pca", default=",".join(map(str, PCA_DIMS)), help="PCA dimensions to measure, comma list")
+    add_sets_argument(p)
     p.set_defaults(handler=report_handler(measure, table))
 
 
@@ -103,7 +104,7 @@ def measure(args) -> dict[str, Any]:
                            "patches": patch_config, "grid": backbone.grid,
                            "settings": {p: preset_variant(p) for p in presets}}
     start = time.perf_counter()
-    for name, loader, folder in SETS:
+    for name, loader, folder in selected_sets(args.sets):
         print(f"[bench codes] {name}...", file=sys.stderr)
         data = load_dataset(loader, str(args.data / folder))
         records = data.records if isinstance(data, ClassSet) else data.queries + data.database

