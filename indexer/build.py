@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, weights_identity
+from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, set_runtime, weights_identity
 from reranker.features import StoredFeatures
 
 from .atomic import write_json
@@ -96,6 +96,7 @@ def new_manifest(
         max_index_memory=max_index_memory,
         target_recall=target_recall,
         image_copies=image_copies,
+        runtime=backbone.runtime,
     )
 
 
@@ -150,8 +151,10 @@ def build_index(folder: Any, backbone: Backbone, records: Sequence[ImageRecord],
         return add_records(index_dir, backbone, records, **add_options)
 
 
-def backbone_for(manifest: Manifest, device: torch.device, weights: str | None = None) -> Backbone:
-    """The backbone that made the index, checked against the manifest's weights identity."""
+def backbone_for(manifest: Manifest, device: torch.device, weights: str | None = None,
+                 runtime: str | None = None) -> Backbone:
+    """The backbone that made the index, checked against the manifest's weights identity, running with
+    ``runtime`` (default: the index's, :mod:`reranker.backbones.runtimes`)."""
     source = weights or manifest.weights_source
     if source not in NAMED_WEIGHTS and weights_identity(source) != manifest.weights:
         raise IndexMismatchError(
@@ -161,7 +164,7 @@ def backbone_for(manifest: Manifest, device: torch.device, weights: str | None =
                                patch_layer=manifest.patch_layer)
     if backbone.weights_id != manifest.weights:
         raise IndexMismatchError(f"weights {backbone.weights_id!r} differ from the index's {manifest.weights!r}")
-    return backbone.to(device)
+    return set_runtime(backbone.to(device), runtime or manifest.runtime)
 
 
 def _is_text(value: Any) -> bool:

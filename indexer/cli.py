@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reranker.defaults import AUTO, DEFAULT_MODEL, DEFAULT_PATCH_LAYER, METHOD_GRID, default_model_kwargs
+from reranker.defaults import (AUTO, DEFAULT_MODEL, DEFAULT_PATCH_LAYER, DEFAULT_RUNTIME, METHOD_GRID, RUNTIMES,
+                               default_model_kwargs)
 from reranker.device import add_device_argument
 from reranker.rollout import PER_IMAGE_KINDS
 
@@ -45,6 +46,16 @@ def _new_backbone(args: argparse.Namespace, model_kwargs: dict) -> "Backbone":
                                  patch_layer=args.patch_layer)
 
 
+def _check_runtime(args: argparse.Namespace, manifest) -> None:
+    """Refuse adding to an index with another runtime than the one that embedded its images (a search may
+    use another: the features differ by less than the rerank's resolution, docs/benchmarks.md)."""
+    from .manifest import IndexMismatchError
+
+    if args.runtime is not None and args.runtime != manifest.runtime:
+        raise IndexMismatchError(f"the index's images were embedded with the {manifest.runtime} runtime, not "
+                                 f"{args.runtime}: leave --runtime out, or build a new index")
+
+
 def _check_patches(args: argparse.Namespace, backbone: "Backbone") -> None:
     """Refuse ``--patch-layer`` / ``--grid`` flags that differ from the index's (IndexMismatchError)."""
     from .manifest import IndexMismatchError
@@ -76,6 +87,9 @@ def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                             "second-to-last); 'final': the final output after the norm, as the paper (default: "
                             f"{DEFAULT_PATCH_LAYER} on a plain ViT, final elsewhere)")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help="how the model runs: torch (float32) or int8 (CPU only: int8 linear layers, a ~1.5x faster "
+                        "forward; docs/benchmarks.md); default: torch for a new index, else the index's")
     add_device_argument(p)
 
 
@@ -276,7 +290,7 @@ def _run_add(index_dir, backbone, args, stages) -> int:
 
 
 def _build(args) -> int:
-    from reranker.backbones import create_backbone
+    from reranker.backbones import create_backbone, set_runtime
 
     from .build import backbone_for, create_index
     from .index_dir import IndexDir
@@ -289,14 +303,14 @@ def _build(args) -> int:
     if (args.dir / "manifest.json").exists():
         index_dir = IndexDir.open(args.dir)
         index_dir.manifest.check_compatible(args.model, None)
+        _check_runtime(args, index_dir.manifest)
         backbone = backbone_for(index_dir.manifest, device, args.weights)
         _check_patches(args, backbone)
         print(f"resuming the build in {args.dir} ({len(index_dir)} images already indexed)")
     else:
         model_kwargs = model_kwargs_arg(args.model, args.model_kwargs)
-        backbone = _new_backbone(args, model_kwargs)
+        backbone = set_runtime(_new_backbone(args, model_kwargs).to(device), args.runtime or DEFAULT_RUNTIME)
         index_dir = create_index(args.dir, backbone, _index_spec(args), model_kwargs)  # checked before it is written
-        backbone = backbone.to(device)
     if backbone.random_weights:
         print("note: random weights: results are meaningless except for testing", file=sys.stderr)
     with index_dir:
@@ -352,6 +366,7 @@ def _add(args) -> int:
 
     stages = _stages(args)
     with IndexDir.open(args.dir) as index_dir:
+        _check_runtime(args, index_dir.manifest)
         stages.begin("load the model", index_dir.manifest.model)
         return _run_add(index_dir, backbone_for(index_dir.manifest, _device(args.device), args.weights), args, stages)
 
@@ -466,7 +481,7 @@ def _search(args) -> int:
     image = None if many else load_image(args.image)
     device = _device(args.device)
     with IndexDir.open(args.index) as index_dir:
-        searcher = Searcher(index_dir, backbone_for(index_dir.manifest, device, args.weights), device)
+        searcher = Searcher(index_dir, backbone_for(index_dir.manifest, device, args.weights, args.runtime), device)
         values = settings_from_args(args)
         settings = SearchSettings(**{**values, "marginals": values["marginals"] or "auto"})
         if many:

@@ -41,3 +41,8 @@ def patch_defaults(supports_patch_layer: bool) -> tuple[int, int | None]:
     """``(grid, patch_layer)`` of a new index whose flags leave them to the project: the native grid of
     an intermediate block on a plain ViT, the method's pooled final grid elsewhere."""
     return (NATIVE_GRID, DEFAULT_PATCH_LAYER) if supports_patch_layer else (METHOD_GRID, None)
+
+
+#: How a backbone's forward may run (:mod:`reranker.backbones.runtimes`), and the default.
+RUNTIMES = ("torch", "int8")
+DEFAULT_RUNTIME = "torch"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.search_params import SEARCH_PARAMS, add_search_arguments
-from reranker.defaults import DEFAULT_MODEL
+from reranker.defaults import DEFAULT_MODEL, RUNTIMES
 from reranker.device import add_device_argument
 
 TIMEOUT_KEEP_ALIVE_S = 5  # idle connections, and request heads that take longer, are closed after this
@@ -37,6 +37,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", help=f"backbone of the demo index (default {DEFAULT_MODEL})")
     serve.add_argument("--model-kwargs", default=None, help="JSON of extra model arguments (demo index only)")
     serve.add_argument("--weights", help="pretrained | random | PATH (default: the index's own)")
+    serve.add_argument("--runtime", choices=RUNTIMES,
+                       help="how the model runs: torch or int8 (CPU only; VIT_RERANK_RUNTIME; default: the index's)")
     add_device_argument(serve, default=None, help="where the model and the OT run (default: auto)")
     serve.add_argument("--api-key", help="require this key in X-API-Key for index changes (VIT_RERANK_API_KEY)")
     add_search_arguments(serve)  # --top-k, --rerank-k, --scorer, --threshold, --s, --lambda, --marginals, --eps
@@ -60,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=run_serve)
 
 
-_FLAGS = ("index", "host", "port", "model", "weights", "device", "api_key", *SEARCH_PARAMS,
+_FLAGS = ("index", "host", "port", "model", "weights", "runtime", "device", "api_key", *SEARCH_PARAMS,
           "max_upload_bytes", "queue_size", "max_in_flight", "max_batch", "batch_wait_ms", "torch_threads")
 
 
@@ -113,7 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.ray is None and not args.demo:
         try:
             run_on_own_thread(lambda: ensure_index(Path(settings.index), settings.model,
-                                                   settings.weights or "pretrained", model_kwargs))
+                                                   settings.weights or "pretrained", model_kwargs,
+                                                   settings.runtime or "torch"))
         except WeightsUnavailableError as err:
             return _fail(f"{err}\nTo start an empty index, give --weights /path/to/checkpoint (or build one with "
                          "`vit-rerank index build`).")
@@ -125,16 +128,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return _serve(settings, args.log_level, options)
 
 
-def ensure_index(folder: Path, model: str, weights: str, model_kwargs: dict[str, Any]) -> bool:
+def ensure_index(folder: Path, model: str, weights: str, model_kwargs: dict[str, Any], runtime: str = "torch") -> bool:
     """Make ``folder`` an empty index of ``model`` when it is missing or empty (a new volume), so that the
     service starts and takes adds instead of exiting (a container restarting in a loop); True if it did.
     A folder that holds anything else is left alone (``serve`` then says it is not an index)."""
     from indexer.build import create_index
-    from reranker.backbones import create_index_backbone
+    from reranker.backbones import create_index_backbone, set_runtime
 
     if (folder / "manifest.json").exists() or (folder.exists() and any(folder.iterdir())):
         return False
-    backbone = create_index_backbone(model, weights, model_kwargs=model_kwargs)
+    backbone = set_runtime(create_index_backbone(model, weights, model_kwargs=model_kwargs), runtime)
     create_index(folder, backbone, model_kwargs=model_kwargs).close()
     print(f"note: {folder} held no index: serving a new, empty one ({model}, weights {backbone.weights_id}); add "
           "images with POST /index/images, or build it with `vit-rerank index build DIR --from PHOTOS`",

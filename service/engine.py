@@ -123,7 +123,7 @@ class Engine:
         else:
             index_dir = IndexDir.open(Path(settings.index).resolve())
             try:
-                backbone = backbone_for(index_dir.manifest, device, settings.weights)
+                backbone = backbone_for(index_dir.manifest, device, settings.weights, settings.runtime)
                 searcher = Searcher(index_dir, backbone, device)
             except BaseException:
                 index_dir.close()

@@ -34,6 +34,8 @@ class ServiceSettings(BaseSettings):
     shards: list[Path] = Field(default_factory=list, description="shard index directories to serve (with ray)")
     model: str = Field(DEFAULT_MODEL, description="backbone of the demo index (--demo)")
     weights: str | None = Field(None, description="pretrained | random | PATH; default: the index's own")
+    runtime: Literal["torch", "int8"] | None = Field(
+        None, description="how the model runs: torch (float32) or int8 (CPU only); default: the index's own")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Search defaults: unset means the index's calibration, else the project's defaults (indexer.search_params).

@@ -122,6 +122,8 @@ class Backbone(nn.Module):
     square_attention: bool = False
     #: True when the patch grid can be read from an intermediate block (:attr:`patch_layer`).
     supports_patch_layer: bool = False
+    #: how the forward runs (:mod:`reranker.backbones.runtimes`): torch (float32) or int8
+    runtime: str = "torch"
 
     def __init__(self, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
         super().__init__()
