@@ -95,6 +95,13 @@ def test_the_model_loads_through_weights_in_index_build_and_search(trained, labe
     top = [h for h in res["results"] if h["rank_before"] == 0][0]
     assert Path(top["id"]).name == query.name and abs(top["global_score"] - 1.0) < 1e-4
 
+    # --index: training starts from the index's backbone (model, its kwargs and weights from the manifest)
+    again = tmp_path / "from_index"
+    run_cli(*train_args(labelled, again, tmp_path / "cache", epochs=1,
+                        model=("--index", str(index), "--freeze", "1", "--lr", "1e-3")))
+    second = json.loads((again / "training.json").read_text())
+    assert second["base_weights_id"] == summary["model"]["weights_id"] and second["settings"]["model"] == "test_vit"
+
 
 def test_an_interrupted_run_resumes_from_its_last_epoch(trained, labelled, tmp_path, monkeypatch):
     from training import checkpoint
@@ -154,4 +161,6 @@ def test_bad_input_is_refused_in_one_line(labelled, trained, tmp_path):
     not_a_run.mkdir()
     (not_a_run / "file.txt").write_text("x")
     assert "not a training run folder" in error(*train_args(labelled, not_a_run, cache))
+    assert "is not an index directory" in error(*train_args(labelled, tmp_path / "o4", cache,
+                                                            model=("--index", str(tmp_path))))
     assert "no training run to resume" in error(*train_args(labelled, tmp_path / "empty", cache), "--resume")

@@ -108,9 +108,18 @@ def patch_tokens_note(freeze: int, depth: int) -> dict[str, Any]:
                         else "is frozen, so the reranking's patch tokens are the base model's"))}
 
 
+def require_metric_learning() -> None:
+    """pytorch-metric-learning is an extra (``vit-rerank[train]``): say so in one line when it is missing."""
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        raise ValueError("vit-rerank train needs pytorch-metric-learning: pip install 'vit-rerank[train]'") from None
+
+
 def run_training(settings: TrainSettings, resume: bool = False,
                  on_epoch_saved: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run ``settings`` describes; returns the ``training.json`` summary."""
+    require_metric_learning()
     out = Path(settings.out)
     data = load_labelled(settings.source)  # before any folder is made: bad input leaves nothing behind
     settings.source = data.root
