@@ -39,7 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help=f"blocks kept frozen (default {DEFAULT_FREEZE}: ViT-S/14 trains its last 2)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW learning rate (default {defaults.lr:g})")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: --m-per-class x min(8, classes))")
     p.add_argument("--m-per-class", type=int, default=defaults.m_per_class, help="images of each class in a batch")
     p.add_argument("--heldout", type=float, default=defaults.heldout,
                    help="fraction of each class held out for the per-epoch check and early stopping (0: none)")

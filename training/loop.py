@@ -26,6 +26,8 @@ from .tokens import cached_tokens, compute_token_cache, frozen_tokens, load_imag
 
 #: Blocks frozen unless told (of 12 in ViT-S/14): measured in docs/training.md.
 DEFAULT_FREEZE = 10
+#: Classes in a batch when --batch-size is not given (fewer when the folder has fewer).
+CLASSES_PER_BATCH = 8
 #: The held-out figure that picks the best epoch (less noisy than P@1 on a small held-out split).
 SELECTION_METRIC = "map_at_r"
 
@@ -41,13 +43,13 @@ class TrainSettings:
     weights: str = "pretrained"
     loss: str = DEFAULT_LOSS
     freeze: int = DEFAULT_FREEZE
-    lr: float = 1e-5
-    batch_size: int = 32
+    lr: float = 5e-5
+    batch_size: int | None = None  # None: --m-per-class images of min(8, classes) classes
     m_per_class: int = 4
     heldout: float = 0.2
     seed: int = 0
     augment: bool = False
-    epochs: int = 15
+    epochs: int = 12
     patience: int = 4
     device: str = "cpu"
     workers: int = 2
@@ -131,6 +133,8 @@ def run_training(settings: TrainSettings, resume: bool = False,
     device = torch.device(settings.device)
     ckpt.seed_everything(settings.seed)
     train_idx, held_idx = heldout_split(data.labels, settings.heldout, settings.seed)
+    if settings.batch_size is None:
+        settings.batch_size = settings.m_per_class * min(CLASSES_PER_BATCH, len(data.class_names))
     class_balanced_sampler(data.labels[train_idx], settings.m_per_class, settings.batch_size)  # bad sizes: now
 
     backbone = create_backbone(settings.model, settings.weights, model_kwargs=settings.model_kwargs)
