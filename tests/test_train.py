@@ -169,3 +169,15 @@ def test_bad_input_is_refused_in_one_line(labelled, trained, cache, tmp_path):
     assert "is not an index directory" in error(*train_args(labelled, tmp_path / "o4", cache,
                                                             model=("--index", str(tmp_path))))
     assert "no training run to resume" in error(*train_args(labelled, tmp_path / "empty", cache), "--resume")
+
+
+def test_augment_runs_the_frozen_blocks_per_batch_and_still_learns(labelled, cache, tmp_path):
+    from reranker.backbones import create_backbone
+
+    out = tmp_path / "augmented"
+    run_cli(*train_args(labelled, out, cache, epochs=1), "--augment")
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1]
+    last = torch.load(out / "checkpoint.pt", weights_only=False)["trainable"]
+    base = create_backbone("test_vit", "random").model.state_dict()
+    assert not torch.equal(last["blocks.5.mlp.fc1.weight"], base["blocks.5.mlp.fc1.weight"])
+    assert "blocks.0.mlp.fc1.weight" not in last  # frozen: not trained, not saved in the checkpoint

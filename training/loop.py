@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +88,9 @@ class TokenSource:
         for images in load_images(records, self.transform_train, batch_size, self.workers):
             idx = order[start:start + len(images)]
             start += len(images)
-            with torch.no_grad():
-                yield frozen_tokens(self.tail.model, images.to(self.device), self.tail.freeze), idx
+            with torch.no_grad():  # the frozen blocks only; the yield (and the training step) stays outside
+                tokens = frozen_tokens(self.tail.model, images.to(self.device), self.tail.freeze)
+            yield tokens, idx
 
 
 @torch.no_grad()
@@ -118,8 +119,7 @@ def require_metric_learning() -> None:
         raise ValueError("vit-rerank train needs pytorch-metric-learning: pip install 'vit-rerank[train]'") from None
 
 
-def run_training(settings: TrainSettings, resume: bool = False,
-                 on_epoch_saved: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_training(settings: TrainSettings, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) the run ``settings`` describes; returns the ``training.json`` summary."""
     require_metric_learning()
     out = Path(settings.out)
@@ -225,8 +225,6 @@ def run_training(settings: TrainSettings, resume: bool = False,
             "epoch": epoch, "trainable": tail.trainable_state(), "loss": metric.loss.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(), "history": history, "best": best,
             "train_seconds": train_seconds})
-        if on_epoch_saved is not None:
-            on_epoch_saved(epoch)
 
     ckpt.write_json(out / ckpt.HISTORY_FILE, history)
     write_plot(out / ckpt.PLOT_FILE, history)
