@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("reranker", "indexer", "service", "evaluation", "vit_rerank")
+PACKAGES = ("reranker", "indexer", "service", "evaluation", "training", "vit_rerank")
 
 #: What each package may import from the project (itself always).
 ALLOWED = {
@@ -17,7 +17,8 @@ ALLOWED = {
     "indexer": {"reranker"},
     "evaluation": {"reranker", "indexer"},
     "service": {"reranker", "indexer"},
-    "vit_rerank": {"reranker", "indexer", "evaluation", "service"},
+    "training": {"reranker", "indexer", "evaluation"},
+    "vit_rerank": {"reranker", "indexer", "evaluation", "service", "training"},
 }
 
 #: The pure maths: importable with torch alone.
@@ -130,3 +131,10 @@ def test_the_service_runs_without_the_extras():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_only_the_command_line_imports_training():
+    """Training is a leaf: the library, the service and the benchmarks never depend on it."""
+    importers = sorted(m for m, deps in import_graph().items()
+                       if not m.startswith("training") and any(d.split(".")[0] == "training" for d in deps))
+    assert importers == ["vit_rerank.cli"] or importers == [], importers

@@ -9,7 +9,7 @@ import sys
 
 
 #: The modules whose ``register(commands)`` adds their commands, in help order.
-COMMAND_MODULES = ("indexer.cli", "evaluation.cli", "vit_rerank.bench.cli", "service.cli")
+COMMAND_MODULES = ("indexer.cli", "evaluation.cli", "training.cli", "vit_rerank.bench.cli", "service.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
