@@ -27,6 +27,7 @@ net (1000), not the stopping rule.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -34,9 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from .sinkhorn_plain import sinkhorn_plain
+from .threads import torch_threads
 
 # exp(-x) stays a normal fp32 number for x below ~87; keep a margin.
 _PLAIN_DOMAIN_MAX_EXPONENT = 80.0
+#: A batch of at most this many similarities is solved on the calling thread alone: its iterations are
+#: dozens of operations on a few thousand numbers each, and with OpenMP's passive waits (vit_rerank's
+#: default) waking a second thread for each of them costs more than it brings (measured, 1 x 100 x 49 x 49
+#: on 2 cores: 13.0 ms on two threads, 8.9 ms on one).
+SINGLE_THREAD_MAX_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -284,15 +291,17 @@ def sinkhorn(
     S = similarity.float().expand(*batch_shape, n, m).reshape(-1, n, m)
     a = a.float().expand(*batch_shape, n).reshape(-1, n)
     b = b.float().expand(*batch_shape, m).reshape(-1, m)
-    if S.stride(-2) == 1 and S.stride(-1) != 1:
-        # S is a transposed view, its columns in unit stride (what reranker.rerank.similarity gives):
-        # solve the transposed problem (b, a), whose plan is the transpose, in the buffer's own order.
-        plan, sigma, err, n_iter = _solve(S.transpose(1, 2), b, a, eps, s, max_iter, tol, check_every, omega,
-                                          log_domain, has_zero_mass)
-        plan = plan.transpose(1, 2)
-    else:
-        plan, sigma, err, n_iter = _solve(S, a, b, eps, s, max_iter, tol, check_every, omega, log_domain,
-                                          has_zero_mass)
+    small = S.device.type == "cpu" and S.numel() <= SINGLE_THREAD_MAX_ELEMENTS
+    with torch_threads(1) if small else contextlib.nullcontext():
+        if S.stride(-2) == 1 and S.stride(-1) != 1:
+            # S is a transposed view, its columns in unit stride (what reranker.rerank.similarity gives):
+            # solve the transposed problem (b, a), whose plan is the transpose, in the buffer's own order.
+            plan, sigma, err, n_iter = _solve(S.transpose(1, 2), b, a, eps, s, max_iter, tol, check_every, omega,
+                                              log_domain, has_zero_mass)
+            plan = plan.transpose(1, 2)
+        else:
+            plan, sigma, err, n_iter = _solve(S, a, b, eps, s, max_iter, tol, check_every, omega, log_domain,
+                                              has_zero_mass)
     return OTResult(
         plan=plan.reshape(*batch_shape, n, m),
         sigma=sigma.reshape(batch_shape),

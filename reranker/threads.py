@@ -12,8 +12,9 @@ candidates in 8.7 ms; with no other pool, 66 ms and 5.0 ms.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -24,6 +25,22 @@ def use_torch_threads(threads: int | None) -> None:
     """Give the calling thread ``threads`` intra-op threads (None: leave torch's default)."""
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """The calling thread's intra-op threads set to ``threads`` (at most its current count) for the block,
+    restored after: for work made of many small operations, where waking workers costs more than they
+    bring."""
+    before = torch.get_num_threads()
+    if threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def single_threaded() -> None:
