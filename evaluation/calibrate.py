@@ -24,6 +24,7 @@ from indexer.calibration import Calibration
 from indexer.metadata import now_iso
 
 from indexer.search_params import sweep_values
+from reranker.defaults import OT_MAX_PATCHES  # noqa: F401 (re-exported: OT is swept only on grids this small)
 
 from .protocol import Ranking, Structural, reranked_relevance
 
@@ -35,8 +36,6 @@ S_GRID = tuple(sweep_values("s", (1.0, 0.9, 0.7, 0.5, 0.3)))
 LAMBDA_GRID = tuple(sweep_values("lam", (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)))
 K_GRID = tuple(sweep_values("rerank_k", (10, 20, 50, 100)))
 THRESHOLD_GRID = tuple(sweep_values("threshold", (0.3, 0.5, 0.6, 0.7, 0.8)))
-#: OT is swept only on grids of at most this many patches (a 16 x 16 grid costs ~25x a 7 x 7 one per pair).
-OT_MAX_PATCHES = 64
 
 
 def per_query_metric(relevant: np.ndarray, metric: str, r: np.ndarray | None = None) -> np.ndarray:

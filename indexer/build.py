@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, set_runtime, weights_identity
+from reranker.defaults import OT_MAX_PATCHES
 from reranker.features import StoredFeatures
 
 from .atomic import write_json
@@ -61,9 +62,13 @@ class BuildReport:
 
 
 def default_patch_weights(backbone: Backbone) -> str:
-    """The per-image patch weights an index stores unless told: rollout where the backbone has
-    global attention (a calibration may then choose other marginals at search time), else uniform."""
-    return "rollout" if backbone.supports_rollout else "uniform"
+    """The per-image patch weights an index stores unless told: rollout where the backbone has global
+    attention and its patch grid is small enough for OT (a calibration may then choose OT with them, or
+    other marginals), else uniform: on a larger grid (the default 16 x 16 tokens of DINOv2 ViT-S/14)
+    searches and calibration use mutual nearest neighbours, which read no weights, and the build then
+    skips the attention capture (measured: the build ran at 0.77-0.89 of the bare forward with it)."""
+    small_grid = backbone.grid ** 2 <= OT_MAX_PATCHES
+    return "rollout" if backbone.supports_rollout and small_grid else "uniform"
 
 
 def new_manifest(

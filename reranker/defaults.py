@@ -46,3 +46,8 @@ def patch_defaults(supports_patch_layer: bool) -> tuple[int, int | None]:
 #: How a backbone's forward may run (:mod:`reranker.backbones.runtimes`), and the default.
 RUNTIMES = ("torch", "int8")
 DEFAULT_RUNTIME = "torch"
+
+#: OT is calibrated (and its rollout marginals stored by default) only on grids of at most this many
+#: patches: a 16 x 16 grid costs ~25x a 7 x 7 one per pair, so on larger grids calibration picks mutual
+#: nearest neighbours, which read no patch weights.
+OT_MAX_PATCHES = 64

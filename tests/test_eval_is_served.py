@@ -12,6 +12,7 @@ from evaluation.datasets import load_dataset
 from evaluation.features import cache_key, compute_features
 from evaluation.protocol import Structural, Sweep, evaluate, reranked_order
 from indexer import build_index
+from indexer.build import IndexSpec
 from indexer.index_dir import IndexDir
 from indexer.loading import load_image
 from indexer.search import Searcher, SearchSettings
@@ -49,7 +50,9 @@ def test_eval_ranks_each_query_as_the_served_search_does(pairs_set, real_weights
     K = 16
     # served: an index of the references, searched with the same setting
     refs = from_folder(pairs_set / "ref")
-    build_index(tmp_path / "index", backbone, refs, workers=0, progress=False)
+    # the stored weights the OT reads (a native-grid index stores none unless asked: indexer.build.default_patch_weights)
+    build_index(tmp_path / "index", backbone, refs, IndexSpec(patch_weights=structural.weight_kind), workers=0,
+                progress=False)
     settings = SearchSettings(top_k=K, rerank_k=K, scorer=structural.scorer, threshold=structural.threshold,
                               s=structural.s, marginals=structural.marginals, lam=lam)
     # evaluated: the same set by the place protocol, over cached features

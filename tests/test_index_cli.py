@@ -42,7 +42,8 @@ def test_build_search_remove_add_verify(small_gallery, tmp_path):
 
     info = json.loads(run_cli("index", "info", str(index), "--json").stdout)
     assert info["images"] == 30 and info["faiss_vectors"] == 30 and info["model"] == "test_vit"
-    assert info["weights"] == "random" and info["patch_weights"] == "rollout" and info["bytes_per_image"] > 0
+    # test_vit's native 14 x 14 grid is past what OT is calibrated on: no rollout is captured or stored
+    assert info["weights"] == "random" and info["patch_weights"] == "uniform" and info["bytes_per_image"] > 0
     assert "OK" in run_cli("index", "verify", str(index)).stdout
 
     res = json.loads(run_cli("search", str(photos[0]), "--index", str(index), "--top-k", "5",
