@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test test-container bench-ot bench-quality clean
+.PHONY: install demo test test-container bench-ot bench-quality bench-quick clean
 
 install: $(TEST_STAMP)
 
@@ -41,6 +41,13 @@ bench-ot: install
 # Quality with the real backbone on the shared photos (../shared), beside the global baseline.
 bench-quality: install
 	$(VENV)/bin/vit-rerank bench quality
+
+# Every benchmark with --quick (small sizes), one after the other, each with its wall time.
+BENCHES := ot index search serve quality structural ray scale codes sinkhorn
+bench-quick: install
+	@for b in $(BENCHES); do start=$$(date +%s); \
+	    $(VENV)/bin/vit-rerank bench $$b --quick > /dev/null || exit 1; \
+	    echo "bench $$b --quick: $$(( $$(date +%s) - start )) s"; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -234,7 +234,9 @@ def test_python_search_scores_orders_and_determinism(flat_gallery, backbone, pho
         finals = [h.final_score for h in reranked]
         assert finals == sorted(finals, reverse=True)
         assert all(h.structural_score is None and h.final_score == h.global_score for h in rest)
-        assert set(res.timings_ms) == {"embed", "search", "rerank", "total"}
+        assert set(res.timings_ms) == {"embed", "search", "rerank", "gather", "structural", "final", "total"}
+        t = res.timings_ms
+        assert abs(t["rerank"] - (t["gather"] + t["structural"] + t["final"])) < 1e-6
 
 
 def test_a_batch_of_queries_gives_what_each_query_gives_alone(flat_gallery, backbone, photos):
