@@ -41,8 +41,9 @@ from .threads import torch_threads
 _PLAIN_DOMAIN_MAX_EXPONENT = 80.0
 #: A batch of at most this many similarities is solved on the calling thread alone: its iterations are
 #: dozens of operations on a few thousand numbers each, and with OpenMP's passive waits (vit_rerank's
-#: default) waking a second thread for each of them costs more than it brings (measured, 1 x 100 x 49 x 49
-#: on 2 cores: 13.0 ms on two threads, 8.9 ms on one).
+#: default) waking a second thread for them costs more than it brings. On 1 x 100 x 49 x 49 (2 cores) one
+#: thread took 8.9 ms where a bench run on two had taken 13.0 ms; a later A/B in one process stayed within
+#: the machine's noise (7.8-16 ms either way), so the gain is not proven, only never a loss.
 SINGLE_THREAD_MAX_ELEMENTS = 1 << 21
 
 
