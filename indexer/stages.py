@@ -36,25 +36,27 @@ class Stages:
             return ""
         return f" (previous stage: {time.perf_counter() - self._stage_started:.1f} s)"
 
+    def _reach(self, name: str) -> str | None:
+        """Move to stage ``name`` (announcing the ones before it as skipped) and return its ``[i/n] name``
+        prefix; None when it is not ahead in the plan (already past, or a stage the caller did not plan)."""
+        if name not in self.names[self._next:]:
+            return None
+        position = self.names.index(name, self._next)
+        self.skip_until(position)
+        self._next = position + 1
+        return f"[{position + 1}/{len(self.names)}] {name}"
+
     def begin(self, name: str, detail: str = "") -> None:
         """Start stage ``name``; stages named before it and not begun are announced as skipped.
         A name that is not in the plan (a stage of a caller that did not ask for it) is ignored."""
-        if name not in self.names[self._next:]:
-            return
-        position = self.names.index(name, self._next)
-        self.skip_until(position)
-        self._say(f"[{position + 1}/{len(self.names)}] {name}{': ' + detail if detail else ''}{self._took()}")
-        self._next = position + 1
-        self._stage_started = time.perf_counter()
+        if (prefix := self._reach(name)) is not None:
+            self._say(f"{prefix}{': ' + detail if detail else ''}{self._took()}")
+            self._stage_started = time.perf_counter()
 
     def skip(self, name: str, reason: str) -> None:
         """Announce stage ``name`` as not needed, with the reason."""
-        if name not in self.names[self._next:]:
-            return
-        position = self.names.index(name, self._next)
-        self.skip_until(position)
-        self._say(f"[{position + 1}/{len(self.names)}] {name}: skipped, {reason}")
-        self._next = position + 1
+        if (prefix := self._reach(name)) is not None:
+            self._say(f"{prefix}: skipped, {reason}")
 
     def skip_until(self, position: int) -> None:
         for k in range(self._next, position):

@@ -38,3 +38,18 @@ def run_cli(*args: str, check: bool = True, in_process: bool = True) -> subproce
     if check and code:
         raise subprocess.CalledProcessError(code, argv, result.stdout, result.stderr)
     return result
+
+
+def build_tiny_index(folder, photos, *options: str):
+    """``index build FOLDER`` of ``photos`` (labelled by their parent folders) with the tiny random ViT, through
+    the CLI; ``options`` are more build flags. Returns the index folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = folder / "gallery.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in photos))
+    index = folder / "index"
+    run_cli("index", "build", str(index), "--from", str(listing), "--model", "test_vit", "--weights", "random",
+            "--no-progress", "--workers", "0", *options)
+    return index

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import run_cli  # in this process: the same ``main`` as the console script
+from helpers import build_tiny_index, run_cli  # in this process: the same ``main`` as the console script
 
 
 def test_bench_ot_json_small():
@@ -82,11 +82,7 @@ def test_bench_sinkhorn_solvers_agree_with_pot_and_anderson_needs_fewer_iteratio
 def test_bench_search_times_every_stage_beside_the_bare_forward(shared_data, tmp_path):
     """Issue 25: one table of a query's stages, each a ratio of the bare forward, HTTP beside in process."""
     photos = sorted((shared_data / "clothing-small" / "test").glob("*/*.jpg"))[::12][:24]
-    listing = tmp_path / "gallery.csv"
-    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in photos))
-    index = tmp_path / "index"
-    run_cli("index", "build", str(index), "--from", str(listing), "--model", "test_vit", "--weights", "random",
-            "--no-progress", "--workers", "0")
+    index = build_tiny_index(tmp_path, photos)
     out = run_cli("bench", "search", "--index", str(index), "--data", str(shared_data), "--queries", "3",
                   "--rerank-k", "8", "--json")
     r = json.loads(out.stdout)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import tiny_vit_kwargs
-from helpers import run_cli
+from helpers import build_tiny_index, run_cli
 from indexer.embedding import forward_features
 from reranker.backbones import create_backbone, set_runtime
 
@@ -55,11 +55,8 @@ def test_int8_refuses_a_gpu():
 
 def test_an_index_records_its_runtime_and_searches_with_it(shared_data, tmp_path):
     photos = sorted((shared_data / "clothing-small" / "test").glob("*/*.jpg"))[::40][:8]
-    listing = tmp_path / "g.csv"
-    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in photos))
-    index = tmp_path / "index"
-    run_cli("index", "build", str(index), "--from", str(listing), "--model", "test_vit", "--weights", "random",
-            "--runtime", "int8", "--no-progress", "--workers", "0")
+    index = build_tiny_index(tmp_path, photos, "--runtime", "int8")
+    listing = tmp_path / "gallery.csv"
     assert json.loads((index / "manifest.json").read_text())["runtime"] == "int8"
     out = json.loads(run_cli("search", "--index", str(index), str(photos[3]), "--json", "--top-k", "3").stdout)
     assert out["results"][0]["id"] == str(photos[3])  # the query's own photo first, embedded the same way
