@@ -43,7 +43,7 @@ _PLAIN_DOMAIN_MAX_EXPONENT = 80.0
 #: dozens of operations on a few thousand numbers each, and with OpenMP's passive waits (vit_rerank's
 #: default) waking a second thread for them costs more than it brings. On 1 x 100 x 49 x 49 (2 cores) one
 #: thread took 8.9 ms where a bench run on two had taken 13.0 ms; a later A/B in one process stayed within
-#: the machine's noise (7.8-16 ms either way), so the gain is not proven, only never a loss.
+#: the machine's noise (7.8-16 ms either way), so the gain is not proven.
 SINGLE_THREAD_MAX_ELEMENTS = 1 << 21
 
 

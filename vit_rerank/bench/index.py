@@ -34,7 +34,7 @@ from reranker.backbones import create_index_backbone, default_model_kwargs
 from reranker.device import resolve_device
 
 from .report import print_report
-from .timing import percentiles, synchronize
+from .timing import bare_forward, percentiles, synchronize
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 
@@ -108,14 +108,14 @@ def _forward_throughput(backbone, batches: list[torch.Tensor], weights: str, dev
 
 
 def _bare_throughput(backbone, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Images per second of the timm model's own ``forward_features`` (fused attention, nothing kept)."""
-    model = getattr(backbone, "model", backbone)
+    """Images per second of the bare forward (:func:`vit_rerank.bench.timing.bare_forward`)."""
+    forward = bare_forward(backbone)
     with torch.inference_mode():
-        model.forward_features(batches[0])  # warm-up
+        forward(batches[0])  # warm-up
         synchronize(device)
         start = time.perf_counter()
         for batch in batches:
-            model.forward_features(batch)
+            forward(batch)
         synchronize(device)
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 

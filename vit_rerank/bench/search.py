@@ -74,20 +74,18 @@ def _build_index(folder: Path, photos: list[Path], weights: str, device: str) ->
 
 
 def _bare_forward_ms(backbone: Any, images: list[Any], repeats: int) -> list[float]:
-    """``forward_features`` of the timm model alone on already preprocessed single images (ms each)."""
-    from .timing import synchronize
+    """The bare forward (:func:`vit_rerank.bench.timing.bare_forward`) of single preprocessed images (ms each)."""
+    from .timing import bare_forward, synchronize
 
-    model = getattr(backbone, "model", None)
-    if model is None:
-        raise ValueError(f"{backbone.name}: bench search times the bare forward of a timm model")
+    forward = bare_forward(backbone)
     tensors = [backbone.transform(im.convert("RGB")).unsqueeze(0).to(backbone.device) for im in images]
     out = []
     with torch.inference_mode():
         for _ in range(2):
-            model.forward_features(tensors[0])
+            forward(tensors[0])
         for k in range(repeats):
             t = time.perf_counter()
-            model.forward_features(tensors[k % len(tensors)])
+            forward(tensors[k % len(tensors)])
             synchronize(backbone.device)
             out.append((time.perf_counter() - t) * 1e3)
     return out

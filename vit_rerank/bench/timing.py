@@ -17,6 +17,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bare_forward(backbone) -> Callable[[torch.Tensor], object]:
+    """The peer the speed benchmarks put the pipeline beside: the timm model's own ``forward_features``
+    (fused attention, nothing kept) when the backbone wraps one, else the backbone's forward without
+    attention capture (e.g. the Hugging Face CvT). Call it under ``torch.inference_mode()``."""
+    model = getattr(backbone, "model", None)
+    if model is not None and hasattr(model, "forward_features"):
+        return model.forward_features
+    from indexer.embedding import forward_features
+
+    return lambda batch: forward_features(backbone, batch, ())
+
+
 def time_call(fn: Callable[[], T], device: torch.device, repeats: int, warmup: int = 1) -> tuple[T, float]:
     """``fn()``'s last result and its median wall time in milliseconds, after ``warmup`` untimed calls."""
     for _ in range(warmup):
