@@ -51,6 +51,9 @@ fi
 missing=()
 command -v podman >/dev/null || missing+=(podman)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+# runc beside podman's crun: where crun cannot set rlimits or cgroups (our sandbox), tests/test_container.py
+# starts containers with --runtime runc
+command -v runc >/dev/null || missing+=(runc)
 if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
