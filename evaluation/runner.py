@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from reranker.backbones import Backbone, create_backbone, set_runtime, weights_identity
+from reranker.defaults import DEFAULT_RUNTIME
 from reranker.rollout import PER_IMAGE_KINDS
 
 from .calibrate import calibrate
@@ -32,7 +33,7 @@ class EvalSettings:
     root: str
     model: str
     weights: str = "pretrained"
-    runtime: str = "torch"  # how the backbone's forward runs (reranker.backbones.runtimes)
+    runtime: str = DEFAULT_RUNTIME  # how the backbone's forward runs (reranker.backbones.runtimes)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     head: str | None = None  # a fine-tuned linear projection head applied to global and patch vectors
     grids: list[int] = field(default_factory=lambda: [7])  # patch grid sides G (0: the native token grid)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from reranker.backbones import NAMED_WEIGHTS, Backbone, create_backbone, set_runtime, weights_identity
-from reranker.defaults import OT_MAX_PATCHES
+from reranker.defaults import DEFAULT_RUNTIME, OT_MAX_PATCHES, same_features
 from reranker.features import StoredFeatures
 
 from .atomic import write_json
@@ -169,7 +169,10 @@ def backbone_for(manifest: Manifest, device: torch.device, weights: str | None =
                                patch_layer=manifest.patch_layer)
     if backbone.weights_id != manifest.weights:
         raise IndexMismatchError(f"weights {backbone.weights_id!r} differ from the index's {manifest.weights!r}")
-    return set_runtime(backbone.to(device), runtime or manifest.runtime)
+    # float32 indexes run the fastest float32 runtime of this machine unless told otherwise (the same features)
+    if runtime is None:
+        runtime = DEFAULT_RUNTIME if same_features(manifest.runtime, DEFAULT_RUNTIME) else manifest.runtime
+    return set_runtime(backbone.to(device), runtime)
 
 
 def _is_text(value: Any) -> bool:

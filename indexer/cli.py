@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reranker.defaults import (AUTO, DEFAULT_MODEL, DEFAULT_PATCH_LAYER, DEFAULT_RUNTIME, METHOD_GRID, RUNTIMES,
-                               default_model_kwargs)
+                               RUNTIMES_HELP, default_model_kwargs, same_features)
 from reranker.device import add_device_argument
 from reranker.rollout import PER_IMAGE_KINDS
 
@@ -51,7 +51,7 @@ def _check_runtime(args: argparse.Namespace, manifest) -> None:
     use another: the features differ by less than the rerank's resolution, docs/benchmarks.md)."""
     from .manifest import IndexMismatchError
 
-    if args.runtime is not None and args.runtime != manifest.runtime:
+    if args.runtime is not None and not same_features(args.runtime, manifest.runtime):
         raise IndexMismatchError(f"the index's images were embedded with the {manifest.runtime} runtime, not "
                                  f"{args.runtime}: leave --runtime out, or build a new index")
 
@@ -88,8 +88,8 @@ def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                             f"{DEFAULT_PATCH_LAYER} on a plain ViT, final elsewhere)")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
-                   help="how the model runs: torch (float32) or int8 (CPU only: int8 linear layers, a ~1.5x faster "
-                        "forward; docs/benchmarks.md); default: torch for a new index, else the index's")
+                   help=f"how the model runs: {RUNTIMES_HELP} (docs/benchmarks.md, Runtimes); default: torch for a "
+                        "new index, else the index's")
     add_device_argument(p)
 
 

@@ -40,7 +40,7 @@ class Manifest:
     #: copies of the images kept in DIR/images (indexer.image_copies): a side in px, "original", or None (none:
     #: indexes made before copies existed, or built with --image-copies none)
     image_copies: int | str | None = None
-    runtime: str = "torch"  # how the backbone's forward ran (reranker.backbones.runtimes): torch | int8
+    runtime: str = "torch"  # how the backbone's forward ran (reranker.backbones.runtimes): torch | onnx | int8
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 

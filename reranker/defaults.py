@@ -44,8 +44,22 @@ def patch_defaults(supports_patch_layer: bool) -> tuple[int, int | None]:
 
 
 #: How a backbone's forward may run (:mod:`reranker.backbones.runtimes`), and the default.
-RUNTIMES = ("torch", "int8")
-DEFAULT_RUNTIME = "torch"
+#: ``auto`` is ``onnx`` where it runs (a plain ViT on the CPU, ONNX Runtime installed), else ``torch``.
+RUNTIMES = ("auto", "torch", "onnx", "int8")
+DEFAULT_RUNTIME = "auto"
+#: Runtimes whose features agree to float32 precision (an index made with one may be searched or added to
+#: with another); ``int8``'s differ by more than the rerank resolves.
+FLOAT32_RUNTIMES = ("auto", "torch", "onnx")
+
+
+#: What each runtime is, for the command lines' help.
+RUNTIMES_HELP = ("auto (onnx where it runs, else torch), torch (float32), onnx (float32 in ONNX Runtime: a "
+                 "faster CPU forward of a plain ViT) or int8 (CPU only, ~1.5x faster, loses quality)")
+
+
+def same_features(a: str, b: str) -> bool:
+    """Whether runtimes ``a`` and ``b`` embed images alike (to float32 precision)."""
+    return a == b or (a in FLOAT32_RUNTIMES and b in FLOAT32_RUNTIMES)
 
 #: OT is calibrated (and its rollout marginals stored by default) only on grids of at most this many
 #: patches: a 16 x 16 grid costs ~25x a 7 x 7 one per pair, so on larger grids calibration picks mutual

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.search_params import SEARCH_PARAMS, add_search_arguments
-from reranker.defaults import DEFAULT_MODEL, RUNTIMES
+from reranker.defaults import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES, RUNTIMES_HELP
 from reranker.device import add_device_argument
 
 TIMEOUT_KEEP_ALIVE_S = 5  # idle connections, and request heads that take longer, are closed after this
@@ -38,7 +38,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--model-kwargs", default=None, help="JSON of extra model arguments (demo index only)")
     serve.add_argument("--weights", help="pretrained | random | PATH (default: the index's own)")
     serve.add_argument("--runtime", choices=RUNTIMES,
-                       help="how the model runs: torch or int8 (CPU only; VIT_RERANK_RUNTIME; default: the index's)")
+                       help=f"how the model runs: {RUNTIMES_HELP} (VIT_RERANK_RUNTIME; default: the index's)")
     add_device_argument(serve, default=None, help="where the model and the OT run (default: auto)")
     serve.add_argument("--api-key", help="require this key in X-API-Key for index changes (VIT_RERANK_API_KEY)")
     add_search_arguments(serve)  # --top-k, --rerank-k, --scorer, --threshold, --s, --lambda, --marginals, --eps
@@ -116,7 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             run_on_own_thread(lambda: ensure_index(Path(settings.index), settings.model,
                                                    settings.weights or "pretrained", model_kwargs,
-                                                   settings.runtime or "torch"))
+                                                   settings.runtime or DEFAULT_RUNTIME))
         except WeightsUnavailableError as err:
             return _fail(f"{err}\nTo start an empty index, give --weights /path/to/checkpoint (or build one with "
                          "`vit-rerank index build`).")
@@ -128,7 +128,8 @@ def run_serve(args: argparse.Namespace) -> int:
     return _serve(settings, args.log_level, options)
 
 
-def ensure_index(folder: Path, model: str, weights: str, model_kwargs: dict[str, Any], runtime: str = "torch") -> bool:
+def ensure_index(folder: Path, model: str, weights: str, model_kwargs: dict[str, Any],
+                 runtime: str = DEFAULT_RUNTIME) -> bool:
     """Make ``folder`` an empty index of ``model`` when it is missing or empty (a new volume), so that the
     service starts and takes adds instead of exiting (a container restarting in a loop); True if it did.
     A folder that holds anything else is left alone (``serve`` then says it is not an index)."""

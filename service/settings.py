@@ -34,8 +34,10 @@ class ServiceSettings(BaseSettings):
     shards: list[Path] = Field(default_factory=list, description="shard index directories to serve (with ray)")
     model: str = Field(DEFAULT_MODEL, description="backbone of the demo index (--demo)")
     weights: str | None = Field(None, description="pretrained | random | PATH; default: the index's own")
-    runtime: Literal["torch", "int8"] | None = Field(
-        None, description="how the model runs: torch (float32) or int8 (CPU only); default: the index's own")
+    runtime: Literal["auto", "torch", "onnx", "int8"] | None = Field(
+        None, description="how the model runs: auto (onnx where it runs, else torch), torch (float32), onnx "
+                          "(float32 in ONNX Runtime, CPU) or int8 (CPU only); default: auto for a float32 index, "
+                          "else the index's own")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Search defaults: unset means the index's calibration, else the project's defaults (indexer.search_params).

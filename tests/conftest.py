@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported anywhere
+# The onnx runtime's exported graphs go to a folder of this run, never the user's cache.
+os.environ["VIT_RERANK_CACHE"] = tempfile.mkdtemp(prefix="vit-rerank-test-cache-")
 
 from pathlib import Path
 

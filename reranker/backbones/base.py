@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +122,12 @@ class Backbone(nn.Module):
     square_attention: bool = False
     #: True when the patch grid can be read from an intermediate block (:attr:`patch_layer`).
     supports_patch_layer: bool = False
-    #: how the forward runs (:mod:`reranker.backbones.runtimes`): torch (float32) or int8
+    #: True when the forward can be exported for the ``onnx`` runtime (:mod:`reranker.backbones.onnx_runtime`).
+    supports_onnx: bool = False
+    #: how the forward runs (:mod:`reranker.backbones.runtimes`): torch (float32), onnx or int8
     runtime: str = "torch"
+    #: the ONNX Runtime session of the ``onnx`` runtime, None otherwise
+    onnx_forward: Any = None
 
     def __init__(self, name: str, weights_id: str, grid: int = DEFAULT_GRID) -> None:
         super().__init__()

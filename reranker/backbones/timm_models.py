@@ -48,6 +48,7 @@ class TimmViT(TimmBackbone):
     supports_rollout = True
     square_attention = True
     supports_patch_layer = True
+    supports_onnx = True
 
     @property
     def depth(self) -> int:
@@ -103,6 +104,12 @@ class TimmViT(TimmBackbone):
         model = self.model
         token_grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
         num_prefix = int(model.num_prefix_tokens)
+        onnx = self.onnx_forward
+        if observe is None and onnx is not None and onnx.layer == self.patch_layer and onnx.accepts(images):
+            tokens, block = onnx(images)  # the onnx runtime (reranker.backbones.onnx_runtime)
+            global_vec = model.forward_head(tokens, pre_logits=True)
+            patches = pool_tokens(block[:, num_prefix:], token_grid, self.grid)
+            return BackboneOutput(global_vec, patches, token_grid, num_prefix)
         with ExitStack() as stack:
             if observe is not None:
                 stack.enter_context(self._observe_attention(observe, AttentionGrid(token_grid, token_grid, num_prefix)))

@@ -6,6 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from reranker.defaults import DEFAULT_RUNTIME, RUNTIMES, RUNTIMES_HELP
 from reranker.device import add_device_argument
 
 #: Benchmark modules with their own ``add_parser``, in help order.
@@ -95,6 +96,8 @@ def _add_index(which: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=int, default=20, help="timed search queries")
     p.add_argument("--rerank-k", type=int, default=100)
     p.add_argument("--workdir", type=Path, default=None, help="where the synthetic images and the index go")
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help=f"how the indexer's model runs (the peer is always torch): {RUNTIMES_HELP}")
     p.set_defaults(handler=_run_index)
 
 

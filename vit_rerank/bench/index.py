@@ -30,7 +30,8 @@ from indexer.embedding import forward_features
 from indexer.loading import load_image
 from indexer.search import Searcher, SearchSettings
 from indexer.sources import from_folder
-from reranker.backbones import create_index_backbone, default_model_kwargs
+from reranker.backbones import create_index_backbone, default_model_kwargs, set_runtime
+from reranker.defaults import DEFAULT_RUNTIME
 from reranker.device import resolve_device
 
 from .report import print_report
@@ -85,6 +86,7 @@ class IndexBenchResult:
     patch_weights: str  # what the index stores (uniform: no attention capture)
     grid: int
     patch_layer: int | None
+    runtime: str  # how the indexer's forward ran (the peer is torch's)
     forward_plain_img_s: float  # the peer: the timm forward alone (fused attention, no capture)
     forward_img_s: float  # the indexer's forward: patch layer, pooling, attention capture for rollout
     indexing_img_s: float  # decode + forward + store + commit, end to end
@@ -137,6 +139,7 @@ def run_index_bench(
     workdir: Path | None = None,
     progress: bool = True,
     weights: str = "random",
+    runtime: str = DEFAULT_RUNTIME,
 ) -> IndexBenchResult:
     device = resolve_device(device_name)
     root = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "vit-rerank-bench-index"
@@ -154,6 +157,7 @@ def run_index_bench(
     sample = [backbone.transform(load_image(r.path)) for r in gallery_records[: min(forward_images, images)]]
     batches = [torch.stack(sample[i : i + batch_size]).to(device) for i in range(0, len(sample), batch_size)]
     forward_plain_img_s = _bare_throughput(backbone, batches, device)
+    set_runtime(backbone, runtime)
     forward_img_s = _forward_throughput(backbone, batches, weights, device)
     del batches
 
@@ -178,7 +182,7 @@ def run_index_bench(
     return IndexBenchResult(
         model=model, device=str(device), images=images, batch_size=batch_size, workers=workers,
         weights=weights_id, patch_weights=weights, grid=backbone.grid, patch_layer=backbone.patch_layer,
-        forward_plain_img_s=forward_plain_img_s, forward_img_s=forward_img_s,
+        runtime=backbone.runtime, forward_plain_img_s=forward_plain_img_s, forward_img_s=forward_img_s,
         indexing_img_s=report.images_per_second,
         ratio_indexing_to_forward=report.images_per_second / forward_plain_img_s,
         bytes_per_image_patch_store=info["bytes_per_image"],
@@ -193,7 +197,7 @@ def format_index_table(r: IndexBenchResult) -> str:
     lines = [
         f"bench index: {r.images} synthetic images, {r.model} ({r.weights}), {r.device}, "
         f"batch {r.batch_size}, {r.workers} decoding workers; patches {r.grid}x{r.grid} of {layer}, "
-        f"stored weights {r.patch_weights}",
+        f"stored weights {r.patch_weights}; the indexer's runtime {r.runtime}",
         "",
         "| throughput | images/s | ratio to the bare forward |",
         "|---|---|---|",
@@ -220,6 +224,6 @@ def run(args) -> int:
     result = run_index_bench(
         images=args.images, model=args.model, device_name=args.device, batch_size=args.batch_size,
         workers=args.workers, queries=args.queries, rerank_k=args.rerank_k, workdir=args.workdir,
-        progress=not args.json, weights=args.weights,
+        progress=not args.json, weights=args.weights, runtime=args.runtime,
     )
     return print_report(asdict(result), lambda _: format_index_table(result), args.json)

