@@ -166,3 +166,18 @@ def test_every_bench_has_quick_and_it_keeps_what_the_user_set(monkeypatch):
     args = parser.parse_args(["bench", "ot"])
     args.handler(args)
     assert seen["args"][1] == 20 and seen["kwargs"]["batch_queries"] == 64 and seen["kwargs"]["per_pair_sample"] == 10
+
+
+def test_bench_quality_measures_the_shipped_preset_unless_asked_for_more():
+    """Issue 25's bound: a first ``bench quality`` computes one feature pass per set (the shipped preset's);
+    ``--presets all`` adds the 7 x 7 presets' pass, and the shipped preset is always there (calibration)."""
+    from indexer.search_params import PRESETS, SHIPPED
+    from vit_rerank.bench.quality import feature_runs, selected_presets
+    from vit_rerank.cli import build_parser
+
+    default = build_parser().parse_args(["bench", "quality"]).presets
+    assert selected_presets(default) == (SHIPPED,) and len(feature_runs(selected_presets(default))) == 1
+    assert selected_presets("all") == tuple(PRESETS) and len(feature_runs(selected_presets("all"))) == 2
+    assert selected_presets("paper") == tuple(n for n in PRESETS if n in ("paper", SHIPPED))
+    with pytest.raises(ValueError, match="unknown preset.*fast"):
+        selected_presets("fast")

@@ -69,9 +69,26 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: as for eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration's tuning/held-out split")
-    p.add_argument("--no-consistency", action="store_true", help="skip the explanation consistency table")
+    p.add_argument("--no-consistency", action="store_true",
+                   help="skip the explanation consistency table (measured with --presets all)")
+    p.add_argument("--presets", default=SHIPPED,
+                   help=f"comma list of the presets to measure beside the baseline, or all ({', '.join(PRESETS)}); "
+                        f"default {SHIPPED}: the others read other patch features (a second feature pass per set, "
+                        "rollout included), which doubles a first run")
     add_sets_argument(p)
     p.set_defaults(handler=_run)
+
+
+def selected_presets(names: str | None) -> tuple[str, ...]:
+    """The presets named in the comma list ``names`` (``all``: every one), in :data:`PRESETS` order; the
+    shipped one always (calibration reads its features). ValueError for an unknown name."""
+    if not names or names.strip() == "all":
+        return tuple(PRESETS)
+    wanted = {n.strip() for n in names.split(",") if n.strip()} | {SHIPPED}
+    unknown = sorted(wanted - set(PRESETS))
+    if unknown:
+        raise ValueError(f"unknown preset(s) {', '.join(unknown)}: choose among {', '.join(PRESETS)} or all")
+    return tuple(n for n in PRESETS if n in wanted)
 
 
 def preset_structural(name: str) -> Structural:
@@ -90,11 +107,11 @@ def patches_label_of(patches: dict[str, Any]) -> str:
     return patches_label(patches["grid"], patches["patch_layer"])
 
 
-def feature_runs() -> dict[str, dict[str, Any]]:
-    """The patch features the presets read, each with the sweep measured on it: OT on small grids,
+def feature_runs(presets: tuple[str, ...] = tuple(PRESETS)) -> dict[str, dict[str, Any]]:
+    """The patch features ``presets`` read, each with the sweep measured on it: OT on small grids,
     mutual nearest neighbours on every grid."""
     runs: dict[str, dict[str, Any]] = {}
-    for name in PRESETS:
+    for name in presets:
         patches = preset_patches(name)
         runs.setdefault(patches_label_of(patches), patches)
     return runs
@@ -106,7 +123,7 @@ def _sweep(patches: dict[str, Any]) -> dict[str, Any]:
             "thresholds": list(THRESHOLD_GRID)}
 
 
-def set_summary(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def set_summary(docs: dict[str, dict[str, Any]], names: tuple[str, ...] = tuple(PRESETS)) -> dict[str, Any]:
     """Baseline, each preset, calibrated (held out, on the shipped features) and best of one set, with costs."""
     shipped_run = patches_label_of(preset_patches(SHIPPED))
     first = next(iter(docs.values()))
@@ -127,7 +144,7 @@ def set_summary(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if cal["rerank"]:
         st = Structural(cal.get("scorer", "ot"), cal["marginals"], cal["s"], cal.get("threshold") or 0.5)
         cal_name = f"{shipped_run},{variant_name(st, cal['rerank_k'], cal['lam'])}"
-    presets = {name: preset_variant(name) for name in PRESETS}
+    presets = {name: preset_variant(name) for name in names}
     return {
         "metric": metric,
         "baseline": first["baseline"][metric],
@@ -148,20 +165,24 @@ def set_summary(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed: int,
-            consistency: bool = True, runtime: str = DEFAULT_RUNTIME, sets: str | None = None) -> dict[str, Any]:
+            consistency: bool = True, runtime: str = DEFAULT_RUNTIME, sets: str | None = None,
+            presets: str | None = None) -> dict[str, Any]:
+    """Every chosen set with the chosen presets (default: all of both); the explanation consistency table on
+    corridor only when every preset is measured (it explains the OT presets' 7 x 7 plans)."""
     from evaluation.features import default_cache_dir
     from reranker.device import resolve_device
 
     device = resolve_device(device_name)
     out: dict[str, Any] = {"model": DEFAULT_MODEL, "model_kwargs": default_model_kwargs(DEFAULT_MODEL),
                            "weights": weights, "runtime": runtime, "device": str(device),
-                           "presets": {name: {**preset_patches(name), **PRESETS[name]} for name in PRESETS},
                            "sets": {}}
     from indexer.stages import Stages
 
-    runs = feature_runs()
+    names = selected_presets(presets)
+    out["presets"] = {name: {**preset_patches(name), **PRESETS[name]} for name in names}
+    runs = feature_runs(names)
     chosen = selected_sets(sets)
-    consistency = consistency and any(name == "corridor" for name, _, _ in chosen)
+    consistency = consistency and len(names) == len(PRESETS) and any(name == "corridor" for name, _, _ in chosen)
     stages = Stages([f"{name}, patches {label}" for name, _, _ in chosen for label in runs]
                     + (["corridor, spatial consistency"] if consistency else []))
     start = time.perf_counter()
@@ -182,7 +203,7 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
         first = next(iter(docs.values()))
         out["weights_id"] = first["settings"]["weights_id"]
         out["preprocessing"] = first["settings"]["preprocessing"]
-        out["sets"][name] = set_summary(docs)
+        out["sets"][name] = set_summary(docs, names)
         if name == "corridor" and consistency:
             stages.begin("corridor, spatial consistency")
             t0 = time.perf_counter()
@@ -196,7 +217,7 @@ def measure(data: Path, weights: str, device_name: str, cache: Path | None, seed
 
 def table(result: dict[str, Any]) -> str:
     """The figures as a fixed-width table (metric x100, ratio to the baseline)."""
-    names = list(PRESETS)
+    names = list(result["presets"])
     lines = [f"model {result['model']} {result['model_kwargs']} weights {result.get('weights_id', result['weights'])}",
              "presets: " + "; ".join(f"{n} = {preset_variant(n)}" for n in names),
              f"{'set':<14} {'metric':<6} {'baseline':>8} " + " ".join(f"{n:>16}" for n in names)
@@ -245,4 +266,4 @@ def consistency_table(sc: dict[str, Any]) -> list[str]:
 
 def _run(args: argparse.Namespace) -> int:
     return print_report(measure(args.data, args.weights, args.device, args.cache, args.seed,
-                                not args.no_consistency, args.runtime, args.sets), table, args.json)
+                                not args.no_consistency, args.runtime, args.sets, args.presets), table, args.json)
