@@ -79,7 +79,7 @@ def free_port() -> int:
 
 
 def service_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIT_RERANK_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIT_RERANK_") or k == "VIT_RERANK_CACHE"}
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra})
     return env
 
