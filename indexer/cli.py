@@ -88,8 +88,8 @@ def _embed_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                             f"{DEFAULT_PATCH_LAYER} on a plain ViT, final elsewhere)")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: pretrained, or the index's)")
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
-                   help=f"how the model runs: {RUNTIMES_HELP} (docs/benchmarks.md, Runtimes); default: torch for a "
-                        "new index, else the index's")
+                   help=f"how the model runs: {RUNTIMES_HELP} (docs/benchmarks.md, Runtimes); default: auto for a "
+                        "new index, else the index's (auto for a float32 one)")
     add_device_argument(p)
 
 

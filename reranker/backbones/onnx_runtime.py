@@ -42,24 +42,15 @@ def cache_dir() -> Path:
 
 
 class _TokensAndBlock(nn.Module):
-    """``images (B, 3, H, W)`` -> final tokens ``(B, T, D)`` and block ``layer``'s output ``(B, T, D)``
-    (the final tokens again when ``layer`` is None): the graph that is exported."""
+    """``images (B, 3, H, W)`` -> the backbone's :meth:`~reranker.backbones.timm_models.TimmViT.torch_tokens`
+    (final tokens and the patch layer's, ``(B, T, D)`` each): the graph that is exported."""
 
-    def __init__(self, model: nn.Module, layer: int | None) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.model, self.layer = model, layer
+        self.backbone = backbone
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.layer is None:
-            tokens = self.model.forward_features(images)
-            return tokens, tokens
-        caught: list[torch.Tensor] = []
-        hook = self.model.blocks[self.layer].register_forward_hook(lambda _m, _i, out: caught.append(out))
-        try:
-            tokens = self.model.forward_features(images)
-        finally:
-            hook.remove()
-        return tokens, caught[0]
+        return self.backbone.torch_tokens(images)
 
 
 def graph_key(model: nn.Module, name: str, layer: int | None, input_size: tuple[int, int, int]) -> str:
@@ -77,8 +68,8 @@ def graph_key(model: nn.Module, name: str, layer: int | None, input_size: tuple[
     return h.hexdigest()[:32]
 
 
-def export_graph(model: nn.Module, layer: int | None, input_size: tuple[int, int, int], path: Path) -> None:
-    """Export :class:`_TokensAndBlock` of ``model`` (batch dimension dynamic) to ``path``, atomically: a
+def export_graph(backbone: nn.Module, input_size: tuple[int, int, int], path: Path) -> None:
+    """Export :class:`_TokensAndBlock` of ``backbone`` (batch dimension dynamic) to ``path``, atomically: a
     crash mid-export leaves no half-written file under the cached name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, *input_size)
@@ -87,7 +78,7 @@ def export_graph(model: nn.Module, layer: int | None, input_size: tuple[int, int
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in timm
-            torch.onnx.export(_TokensAndBlock(model.eval(), layer), (example,), tmp, input_names=["images"],
+            torch.onnx.export(_TokensAndBlock(backbone.eval()), (example,), tmp, input_names=["images"],
                               output_names=["tokens", "block"], opset_version=OPSET, dynamo=False,
                               dynamic_axes={"images": {0: "batch"}, "tokens": {0: "batch"}, "block": {0: "batch"}})
         os.replace(tmp, path)
@@ -132,22 +123,23 @@ class OnnxForward:
         return torch.from_numpy(tokens), torch.from_numpy(block)
 
 
-def onnx_forward_for(model: nn.Module, name: str, layer: int | None, input_size: tuple[int, int, int],
-                     directory: Path | None = None) -> OnnxForward:
-    """The cached graph of ``model`` (exported first when missing) opened in a session that uses as many
-    threads as torch does. ValueError when ONNX Runtime is not installed or the export fails."""
+def onnx_forward_for(backbone: nn.Module, directory: Path | None = None) -> OnnxForward:
+    """The cached graph of ``backbone`` (a TimmViT, at its patch layer and input size; exported first when
+    missing) opened in a session that uses as many threads as torch does. ValueError when ONNX Runtime is
+    not installed or the export fails."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError as err:
         raise ValueError("the onnx runtime needs onnxruntime (pip install onnxruntime): use --runtime torch") from err
+    name, layer, input_size = backbone.name, backbone.patch_layer, backbone.input_size
     directory = directory or cache_dir()
-    path = directory / f"{name.replace('/', '_')}-{graph_key(model, name, layer, input_size)}.onnx"
+    path = directory / f"{name.replace('/', '_')}-{graph_key(backbone.model, name, layer, input_size)}.onnx"
     if not path.exists():
         try:
-            export_graph(model, layer, input_size, path)
+            export_graph(backbone, input_size, path)
         except OSError:  # the cache cannot be written (a read-only home): export to a private temporary folder
             path = Path(tempfile.mkdtemp(prefix="vit-rerank-onnx-")) / path.name
-            export_graph(model, layer, input_size, path)
+            export_graph(backbone, input_size, path)
         except Exception as err:  # noqa: BLE001 - the exporter raises many kinds; say which model failed
             raise ValueError(f"{name} could not be exported to ONNX ({type(err).__name__}: {err}): "
                              "use --runtime torch") from err

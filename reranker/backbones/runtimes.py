@@ -102,4 +102,4 @@ def _use_onnx(backbone: Backbone) -> None:
     if backbone.device.type != "cpu":
         raise ValueError(f"the onnx runtime runs on the CPU only (this backbone is on {backbone.device}): "
                          "use --runtime torch on a GPU")
-    backbone.onnx_forward = onnx_forward_for(backbone.model, backbone.name, backbone.patch_layer, backbone.input_size)
+    backbone.onnx_forward = onnx_forward_for(backbone)

@@ -100,23 +100,28 @@ class TimmViT(TimmBackbone):
             for h in hooks:
                 h.remove()
 
+    def torch_tokens(self, images: torch.Tensor, observe: AttentionObserver | None = None,
+                     layout: AttentionGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final tokens ``(B, T, D)`` and the patch layer's ``(B, T, D)`` (the final ones when it is None) of
+        a torch forward, handing each block's attention (``layout``) to ``observe`` when given. The ``onnx``
+        runtime exports this very function."""
+        with ExitStack() as stack:
+            if observe is not None:
+                stack.enter_context(self._observe_attention(observe, layout))
+            caught = stack.enter_context(self._capture_block()) if self.patch_layer is not None else None
+            tokens = self.model.forward_features(images)
+        return tokens, tokens if caught is None else caught[0]
+
     def _features(self, images, observe):
         model = self.model
         token_grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
         num_prefix = int(model.num_prefix_tokens)
         onnx = self.onnx_forward
         if observe is None and onnx is not None and onnx.layer == self.patch_layer and onnx.accepts(images):
-            tokens, block = onnx(images)  # the onnx runtime (reranker.backbones.onnx_runtime)
-            global_vec = model.forward_head(tokens, pre_logits=True)
-            patches = pool_tokens(block[:, num_prefix:], token_grid, self.grid)
-            return BackboneOutput(global_vec, patches, token_grid, num_prefix)
-        with ExitStack() as stack:
-            if observe is not None:
-                stack.enter_context(self._observe_attention(observe, AttentionGrid(token_grid, token_grid, num_prefix)))
-            caught = stack.enter_context(self._capture_block()) if self.patch_layer is not None else None
-            tokens = model.forward_features(images)
+            tokens, grid_tokens = onnx(images)  # the onnx runtime (reranker.backbones.onnx_runtime)
+        else:
+            tokens, grid_tokens = self.torch_tokens(images, observe, AttentionGrid(token_grid, token_grid, num_prefix))
         global_vec = model.forward_head(tokens, pre_logits=True)
-        grid_tokens = tokens if caught is None else caught[0]
         patches = pool_tokens(grid_tokens[:, num_prefix:], token_grid, self.grid)
         return BackboneOutput(global_vec, patches, token_grid, num_prefix)
 
