@@ -98,7 +98,9 @@ def test_onnx_gives_torchs_features_and_caches_its_graph(tmp_path, monkeypatch):
     assert set_runtime(onnx, "onnx") is onnx and onnx.runtime == "onnx"
     graphs = list((tmp_path / "onnx").glob("*.onnx"))
     assert len(graphs) == 1  # exported once, under a key of the model
-    images = torch.rand(3, 3, 112, 112)
+    from reranker.backbones.onnx_runtime import MICRO_BATCH
+
+    images = torch.rand(MICRO_BATCH + 2, 3, 112, 112)  # two micro-batches, the second one short
     ref, out = forward_features(fp32, images, ()), forward_features(onnx, images, ())
     torch.testing.assert_close(out.global_features, ref.global_features, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.patch_features, ref.patch_features, atol=1e-5, rtol=0)  # block 1, not the last
