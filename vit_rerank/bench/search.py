@@ -13,7 +13,8 @@ user's would be; the queries are photos of it, sent one at a time. Stages, in or
 - structural: the structural scorer, the fusion and the sort, for K candidates;
 - final: the hits built;
 - in process: all of the above, end to end in this process;
-- HTTP: the same query through the service over loopback (multipart upload, JSON answer).
+- HTTP: the same query through the service over loopback (multipart upload, JSON answer), taking
+  turns with the in-process side query by query.
 
 The peer is the bare forward: ``model.forward_features`` of the timm model on the preprocessed
 tensor, on a thread with the engine's torch threads. Every stage is a ratio of it.
@@ -21,6 +22,7 @@ tensor, on a thread with the engine's torch threads. Every stage is a ratio of i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -101,23 +103,23 @@ def _preprocess_ms(backbone: Any, images: list[Any]) -> list[float]:
     return out
 
 
-def _http_ms(index: Path, device: str, payloads: list[bytes], form: dict[str, str], log: Path,
-             runtime: str | None) -> list[float]:
-    import httpx
+def _client(base: str | None) -> Any:
+    """An HTTP client of the server at ``base`` (a context manager), or a null one when there is none."""
+    if base is None:
+        return contextlib.nullcontext()
+    import httpx  # the test extra's; only the HTTP side needs it
 
-    from .serve import server_process
+    return httpx.Client(base_url=base, timeout=120)
 
-    out = []
-    with server_process(index, device, 8, log, () if runtime is None else ("--runtime", runtime)) as base, httpx.Client(base_url=base, timeout=120) as client:
-        for k in range(-2, len(payloads)):  # two warm-up requests
-            t = time.perf_counter()
-            answer = client.post("/search", files={"image": ("q.jpg", payloads[k % len(payloads)], "image/jpeg")},
-                                 data=form)
-            if answer.status_code != 200:
-                raise RuntimeError(f"/search answered {answer.status_code}: {answer.text[:300]}")
-            if k >= 0:
-                out.append((time.perf_counter() - t) * 1e3)
-    return out
+
+def _http_post_ms(client: Any, payload: bytes, form: dict[str, str]) -> float:
+    """One ``/search`` over loopback, in milliseconds (upload, answer and JSON read)."""
+    t = time.perf_counter()
+    answer = client.post("/search", files={"image": ("q.jpg", payload, "image/jpeg")}, data=form)
+    if answer.status_code != 200:
+        raise RuntimeError(f"/search answered {answer.status_code}: {answer.text[:300]}")
+    answer.json()
+    return (time.perf_counter() - t) * 1e3
 
 
 def run(index: Path | None, data: Path, weights: str, device_name: str, queries: int, gallery: int | None,
@@ -148,30 +150,53 @@ def run(index: Path | None, data: Path, weights: str, device_name: str, queries:
 
 def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k: int, http: bool, tmp: Path,
              runtime: str | None = None) -> dict:
-    """The stages in process (the engine, as the service runs it), the bare forward and the HTTP side."""
+    """The stages in process (the engine, as the service runs it), the bare forward and the HTTP side.
+
+    The HTTP side is a ``vit-rerank serve`` of the same index started beside the engine, and the two
+    sides take turns query by query (in process first on even queries, HTTP first on odd ones): the
+    ratio of their medians then compares runs made within the same second, not two phases minutes
+    apart on a host whose speed drifts (the bare forward moved from 121 to 146 ms within one run)."""
     from indexer.search import SearchSettings
     from reranker.threads import run_on_own_thread
     from service.decoding import decode_sized
     from service.engine import Engine
     from service.settings import ServiceSettings
 
+    from .serve import server_process
+
     engine = Engine.open(ServiceSettings(index=index, device=device.type, queue_size=8, runtime=runtime)).start()
     settings = SearchSettings(top_k=10, rerank_k=rerank_k)
+    form = {"top_k": "10", "rerank_k": str(rerank_k)}
     stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "in process")}
-    try:
-        info = engine.info()
-        for k in range(-2, len(payloads)):  # two warm-up queries
-            t0 = time.perf_counter()
-            decoded = decode_sized(payloads[k % len(payloads)], "image/jpeg", engine)
-            t1 = time.perf_counter()
-            outcome = engine.search(decoded.image, settings, timeout=120)
-            t2 = time.perf_counter()
-            if k < 0:
-                continue
+    http_ms: list[float] = []
+
+    def in_process(payload: bytes, keep: bool) -> None:
+        t0 = time.perf_counter()
+        decoded = decode_sized(payload, "image/jpeg", engine)
+        t1 = time.perf_counter()
+        outcome = engine.search(decoded.image, settings, timeout=120)
+        t2 = time.perf_counter()
+        if keep:
             stages["decode"].append((t1 - t0) * 1e3)
             for name in STAGES[1:]:
                 stages[name].append(outcome.timings_ms.get(name, float("nan")))
             stages["in process"].append((t2 - t0) * 1e3)
+
+    flags = () if runtime is None else ("--runtime", runtime)
+    server = server_process(index, device.type, 8, tmp / "server.log", flags) if http else contextlib.nullcontext()
+    try:
+        with server as base, _client(base) as client:
+            info = engine.info()
+            for k in range(-2, len(payloads)):  # two warm-up queries on each side
+                payload, keep = payloads[k % len(payloads)], k >= 0
+                if client is None or k % 2 == 0:
+                    in_process(payload, keep)
+                if client is not None:
+                    ms = _http_post_ms(client, payload, form)
+                    if keep:
+                        http_ms.append(ms)
+                    if k % 2 != 0:
+                        in_process(payload, keep)
         images = [decode_sized(p, "image/jpeg", engine).image for p in payloads]
         backbone = engine.searcher.backbone
         effective = engine.searcher.effective(settings)
@@ -180,8 +205,6 @@ def _measure(index: Path, device: torch.device, payloads: list[bytes], rerank_k:
     # the peer, in the engine's conditions: a thread of its own with the engine's torch threads
     bare = run_on_own_thread(lambda: _bare_forward_ms(backbone, images, len(images)), engine.torch_threads)
     preprocess = _preprocess_ms(backbone, images)
-    form = {"top_k": "10", "rerank_k": str(rerank_k)}
-    http_ms = _http_ms(index, device.type, payloads, form, tmp / "server.log", runtime) if http else []
     summary = _summary(info, device, effective, stages, bare, preprocess, http_ms)
     summary["runtime"] = backbone.runtime
     return summary
