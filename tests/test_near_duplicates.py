@@ -219,3 +219,54 @@ def test_an_add_answers_with_the_images_it_copies(cropped_index, tmp_path):
                            data={"top_k": "5"}).json()
         flagged = {h["id"] for h in body["results"] if h["near_duplicate"]}
         assert originals[1].name in flagged and flagged <= {originals[1].name, f"{originals[1].stem}-cropped.png"}
+
+
+def test_the_share_read_off_the_matches_is_the_share_matched_again():
+    """The search's MNN matches made at a lower threshold give, above ``tau``, the very share a new matching
+    at ``tau`` gives (mutuality does not depend on the threshold)."""
+    import torch
+
+    from indexer.near_duplicates import matched_share, share_of_matches
+    from reranker.mnn import correspondence_plan, mutual_nearest_neighbours
+
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(64, 32), dim=-1)
+    noise = torch.linspace(0.02, 0.35, 64)[:, None] * torch.randn(64, 32)  # cosines from ~1 down to ~0.3
+    c = torch.nn.functional.normalize(q[torch.randperm(64)] + noise, dim=-1)
+    found = mutual_nearest_neighbours((q @ c.T)[None], 0.5)
+    plan = correspondence_plan(found.match, found.similarity, 64)[0]
+    for tau in (0.5, 0.6, 0.7, 0.8):
+        share = matched_share(q, c, tau)
+        assert share_of_matches(plan, tau) == share
+    assert 0 < matched_share(q, c, 0.8) < matched_share(q, c, 0.6) < matched_share(q, c, 0.5)  # a real range
+
+
+@pytest.mark.real_backbone
+@pytest.mark.shared
+@pytest.mark.slow
+def test_search_flags_from_its_own_matches_equal_the_flags_matched_again(cropped_index, real_weights):
+    """A search reads each hit's share off its MNN matches; matching every pair again gives the same flags,
+    and the cropped copy, under the 0.98 cosine, is flagged by its structure."""
+    import dataclasses
+
+    from indexer.index_dir import IndexDir
+    from indexer.near_duplicates import near_duplicate_flags
+    from indexer.search import Searcher, SearchSettings
+    from indexer.loading import load_image
+    from reranker.backbones import create_index_backbone
+    from reranker.defaults import default_model_kwargs
+
+    index, _, originals = cropped_index
+    backbone = create_index_backbone(MODEL, str(real_weights), model_kwargs=default_model_kwargs(MODEL))
+    with IndexDir.open(index) as gallery:
+        searcher = Searcher(gallery, backbone)
+        result = searcher.search([load_image(originals[0])], SearchSettings(top_k=12, rerank_k=12),
+                                 keep_plans=True)[0]
+        assert result.settings.scorer == "mnn" and result.settings.threshold <= 0.7
+        read_off = near_duplicate_flags(gallery.manifest, False, result)
+        matched_again = near_duplicate_flags(gallery.manifest, False, dataclasses.replace(result, settings=None))
+    assert read_off == matched_again
+    copy = f"{originals[0].stem}-cropped.png"
+    hit = next(h for h in result.hits if h.id == copy)
+    assert read_off[copy] is True and hit.global_score < threshold_for(MODEL)
+    assert sum(read_off.values()) == 2  # the photo itself and its copy, no other dress
