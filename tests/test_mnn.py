@@ -108,6 +108,29 @@ def test_rerank_with_mnn_scores_counts_and_orders_by_the_final_score():
     torch.testing.assert_close(mu_q.sum(-1), torch.ones(2, 2))
 
 
+def test_mnn_in_blocks_of_candidates_equals_the_oracle_on_every_pair():
+    """More candidates than one CPU block (stored float16, as an index keeps them): each pair's matches are
+    the oracle's, whichever block it fell in, and a NaN in a later block is still named."""
+    from reranker.rerank import MNN_CPU_BLOCK
+
+    K = 2 * MNN_CPU_BLOCK + 5
+    query, cands = _features(2, K, 12, 8)
+    cands.patch_features = cands.patch_features.half()
+    for k in (1, MNN_CPU_BLOCK, K - 1):  # twins in the first, second and last block
+        cands.patch_features[1, k] = query.patch_features[1][torch.randperm(12)].half()
+    res = rerank_batch(query, cands, scorer="mnn", threshold=0.3)
+    S = torch.einsum("qnd,qkmd->qknm", query.patch_features, cands.patch_features.float())
+    for q in range(2):
+        for k in range(K):
+            pairs, count, _ = oracle(S[q, k].numpy(), 0.3)
+            assert [(i, int(j)) for i, j in enumerate(res.matches.match[q, k].tolist()) if j >= 0] == pairs
+            assert float(res.structural_scores[q, k]) == pytest.approx(count, abs=1e-6)
+    assert [float(res.structural_scores[1, k]) for k in (1, MNN_CPU_BLOCK, K - 1)] == [1.0, 1.0, 1.0]
+    cands.patch_features[0, K - 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="candidate patch features"):
+        rerank_batch(query, cands, scorer="mnn", threshold=0.3)
+
+
 def test_rerank_refuses_an_unknown_scorer_and_a_bad_threshold():
     query, cands = _features(1, 3, 4, 8)
     with pytest.raises(ValueError, match="scorer must be one of"):
