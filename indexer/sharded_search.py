@@ -226,13 +226,14 @@ def _common_calibration(calibrations: list[Calibration | None]) -> Calibration |
     return first
 
 
-def open_sharded(folders: Sequence[Path], device: torch.device, weights: str | None = None, **options: Any
-                 ) -> Searcher:
+def open_sharded(folders: Sequence[Path], device: torch.device, weights: str | None = None,
+                 runtime: str | None = None, **options: Any) -> Searcher:
     """Start one actor per shard on the connected cluster and a searcher over them (the query is
-    embedded here, with the backbone that built the shards)."""
+    embedded here, with the backbone that built the shards, running with ``runtime``: default the
+    shards')."""
     index = ShardedIndex(folders, **options)
     try:
-        return Searcher(index, backbone_for(index.manifest, device, weights), device)
+        return Searcher(index, backbone_for(index.manifest, device, weights, runtime), device)
     except BaseException:
         index.close()
         raise

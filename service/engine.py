@@ -119,7 +119,7 @@ class Engine:
             from .ray_backend import open_shards
 
             index_dir, searcher, catalog = open_shards(settings.shards or [settings.index], settings.ray, device,
-                                                     settings.weights)
+                                                     settings.weights, settings.runtime)
         else:
             index_dir = IndexDir.open(Path(settings.index).resolve())
             try:

@@ -44,14 +44,14 @@ def connect(address: str) -> None:
     join(address or None)
 
 
-def open_shards(folders: Sequence[Path], address: str, device, weights: str | None
+def open_shards(folders: Sequence[Path], address: str, device, weights: str | None, runtime: str | None = None
                 ) -> tuple[ShardedIndex, Searcher, ShardCatalog]:
     """The gallery, searcher and catalog of an engine over ``folders`` (a sharded index's directory
-    stands for its shards)."""
+    stands for its shards); the query is embedded here with ``runtime`` (default: the shards')."""
     connect(address)
     index = ShardedIndex(shard_folders([Path(f).resolve() for f in folders]))
     try:
-        searcher = Searcher(index, backbone_for(index.manifest, device, weights), device)
+        searcher = Searcher(index, backbone_for(index.manifest, device, weights, runtime), device)
     except BaseException:
         index.close()
         raise

@@ -172,10 +172,11 @@ def test_sharded_search_ranks_as_the_local_index(built):
     root, local, photos, _ = built
     queries = [load_image(p) for p in photos[::5]]
     settings = SearchSettings(top_k=10, rerank_k=10)
-    sharded = open_sharded(shard_folders([root]), "cpu")
+    sharded = open_sharded(shard_folders([root]), "cpu", runtime="torch")  # a runtime asked for is the one run
     try:
+        assert sharded.backbone.runtime == "torch"
         with IndexDir.open(local) as g:
-            want = Searcher(g, backbone_for(g.manifest, "cpu"), "cpu").search(queries, settings)
+            want = Searcher(g, backbone_for(g.manifest, "cpu", None, "torch"), "cpu").search(queries, settings)
         got = sharded.search(queries, settings)
     finally:
         sharded.index_dir.close()
