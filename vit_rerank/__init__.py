@@ -12,8 +12,3 @@ __version__ = "0.1.0"
 #: machine both take about 95 ms (docs/benchmarks.md, "A loaded machine").
 OMP_WAIT_POLICY = "PASSIVE"
 os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-
-# glibc keeps the large buffers every query allocates instead of unmapping them (vit_rerank.allocator)
-from .allocator import keep_large_buffers  # noqa: E402
-
-keep_large_buffers()
